@@ -1,0 +1,122 @@
+"""Argument parsing shared by the scripts.
+
+Importing vLLM takes seconds (7-20 s), so every check that can fail on bad
+input runs first, on an early parse of the few flags it needs with plain
+argparse. The full parse, with every vLLM engine flag, comes after."""
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Sequence
+
+from presharded.errors import UserError
+
+AddFlags = Callable[[argparse.ArgumentParser], None]
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `5000000`, `512MiB`, `5GB`, `2G`."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MiB)")
+    number, unit, binary = m.groups()
+    base = 1024 if binary or (unit and not text.lower().rstrip().endswith("b")) else 1000
+    return int(float(number) * base ** " kmgt".index(unit or " "))
+
+
+def _normalize(argv: Sequence[str]) -> list[str]:
+    # vLLM's parser accepts --tensor_parallel_size as well as --tensor-parallel-size.
+    out = []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg.partition("=")
+            arg = key.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage and exits 2
+        raise UserError(f"{message}; see --help")
+
+
+def early_parse(argv: Sequence[str], add_flags: AddFlags) -> argparse.Namespace:
+    """The script's own flags and the engine flags its checks need; the rest is
+    left for vLLM's parser."""
+    parser = _OneLineErrors(add_help=False, allow_abbrev=False)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None)
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=None)
+    parser.add_argument("--load-format", default=None)
+    add_flags(parser)
+    args, _ = parser.parse_known_args(_normalize(argv))
+    return args
+
+
+def full_parse(
+    argv: Sequence[str], add_flags: AddFlags, description: str, defaults: dict | None = None
+) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """Every vLLM engine flag plus the script's own."""
+    from vllm import EngineArgs
+
+    from presharded.vllm_compat import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(description=description)
+    EngineArgs.add_cli_args(parser)
+    add_flags(parser)
+    parser.set_defaults(**(defaults or {}))
+    parser.error = _OneLineErrors.error.__get__(parser)
+    return parser.parse_args(list(argv)), parser
+
+
+def is_default(args: argparse.Namespace, parser: argparse.ArgumentParser, dest: str) -> bool:
+    return getattr(args, dest) == parser.get_default(dest)
+
+
+def fill_unset(args: argparse.Namespace, parser: argparse.ArgumentParser, values: dict) -> None:
+    for dest, value in values.items():
+        if is_default(args, parser, dest):
+            setattr(args, dest, value)
+
+
+def cpu_binding(world_size: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND giving each rank its own cores, e.g. `0|1`."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < world_size:
+        return "nobind"
+    per_rank = len(cpus) // world_size
+    blocks = [cpus[i * per_rank : (i + 1) * per_rank] for i in range(world_size)]
+    return "|".join(",".join(map(str, block)) for block in blocks)
+
+
+# Saving serves no requests: no CUDA graphs, one short sequence, a small KV cache.
+SAVE_ENGINE_DEFAULTS = {
+    "enforce_eager": True,
+    "max_model_len": 256,
+    "max_num_seqs": 1,
+    "max_num_batched_tokens": 256,
+    "kv_cache_memory_bytes": 256 * 2**20,
+}
+
+
+def apply_engine_defaults(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, *, saving: bool
+) -> None:
+    """Workable settings where the user set none, for saving and for CPU."""
+    from presharded.vllm_compat import is_cpu
+
+    if saving:
+        fill_unset(args, parser, SAVE_ENGINE_DEFAULTS)
+    if not is_cpu():
+        return
+    if args.kv_cache_memory_bytes is None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; else 90 % of RAM
+    world_size = args.tensor_parallel_size * args.pipeline_parallel_size
+    if world_size > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(world_size))
+    if args.pipeline_parallel_size > 1 and is_default(args, parser, "compilation_config"):
+        # Pipeline stages on CPU generate only with this mode, not with enforce_eager.
+        args.compilation_config = {"mode": 2, "backend": "eager"}
+        args.enforce_eager = False

@@ -1,0 +1,159 @@
+"""The checkpoint's manifest: what was saved, for which layout, and every file
+with its size and hash. Written last: a folder without one is not finished."""
+
+import dataclasses
+import json
+import os
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from presharded.errors import UserError
+
+MANIFEST_NAME = "presharded.json"
+FORMAT_NAME = "presharded"
+FORMAT_VERSION = 1
+# vLLM's own names, so its built-in sharded_state loader reads our files too.
+TP_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
+PP_PATTERN = "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
+
+
+def default_pattern(pipeline_parallel_size: int) -> str:
+    return PP_PATTERN if pipeline_parallel_size > 1 else TP_PATTERN
+
+
+def render(pattern: str, *, pp_rank: int, tp_rank: int, part: int) -> str:
+    return pattern.format(rank=tp_rank, tp_rank=tp_rank, pp_rank=pp_rank, part=part)
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """Matches every file name `pattern` renders, whatever the ranks and part."""
+    regex = ""
+    for literal, name, _, _ in string.Formatter().parse(pattern):
+        regex += re.escape(literal) + (r"\d+" if name is not None else "")
+    return re.compile(regex)
+
+
+def check_pattern(pattern: str, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """A file pattern must name every rank that differs, or ranks overwrite
+    each other's files; vLLM's loader refuses {pp_rank} without pipeline stages."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    problem = None
+    if not pattern.endswith(".safetensors"):
+        problem = "must end in .safetensors"
+    elif fields - {"rank", "tp_rank", "pp_rank", "part"}:
+        problem = f"may only use {{rank}} {{tp_rank}} {{pp_rank}} {{part}}, not {sorted(fields)}"
+    elif "part" not in fields:
+        problem = "must contain {part}"
+    elif tensor_parallel_size > 1 and not fields & {"rank", "tp_rank"}:
+        problem = "must contain {rank} or {tp_rank} for tensor parallelism"
+    elif (pipeline_parallel_size > 1) != ("pp_rank" in fields):
+        problem = "must contain {pp_rank} exactly when --pipeline-parallel-size > 1"
+    if problem:
+        raise UserError(f"--file-pattern {pattern!r} {problem}; or leave it out for vLLM's default")
+
+
+def hash_file(path: Path) -> str:
+    return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+
+
+@dataclass
+class Shard:
+    path: str
+    pp_rank: int
+    tp_rank: int
+    part: int
+    size: int
+    blake3: str
+
+
+@dataclass
+class CopiedFile:
+    path: str
+    size: int
+    blake3: str
+
+
+@dataclass
+class Manifest:
+    vllm_version: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    enable_expert_parallel: bool
+    file_pattern: str
+    dtype: str
+    quantization: str | None
+    architecture: str
+    source: str
+    created: str
+    shards: list[Shard]
+    files: list[CopiedFile]
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    hash: str = "blake3"
+    total_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total_bytes = sum(s.size for s in self.shards)
+
+    def engine_defaults(self) -> dict:
+        """Engine settings this checkpoint was saved for, to use where the user set none."""
+        defaults = {
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "enable_expert_parallel": self.enable_expert_parallel,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+        }
+        if self.file_pattern != default_pattern(self.pipeline_parallel_size):
+            defaults["model_loader_extra_config"] = {"pattern": self.file_pattern}
+        return defaults
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} is not valid JSON ({e}); save the checkpoint again")
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+            raise UserError(f"{where} is not a presharded manifest; save the checkpoint again")
+        version = raw.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(
+                f"{where} has format version {version!r}, newer than this presharded reads "
+                f"({FORMAT_VERSION}); upgrade presharded"
+            )
+        try:
+            raw.pop("total_bytes", None)
+            raw["shards"] = [Shard(**s) for s in raw["shards"]]
+            raw["files"] = [CopiedFile(**f) for f in raw["files"]]
+            return cls(**raw)
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{where} is malformed ({e}); save the checkpoint again")
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The folder's manifest, or None when it has none."""
+    path = folder / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}); check its permissions or save again")
+    return Manifest.from_json(text, path)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    tmp = folder / (MANIFEST_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST_NAME)

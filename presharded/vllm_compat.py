@@ -1,0 +1,38 @@
+"""Every import of vLLM internals lives here: they move between releases.
+Checked against vLLM 0.26 (CUDA) and 0.32 (CPU)."""
+
+import torch
+import vllm
+from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+from vllm.platforms import current_platform
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+__all__ = [
+    "DefaultModelLoader",
+    "FlexibleArgumentParser",
+    "VLLM_VERSION",
+    "is_cpu",
+    "parallel_ranks",
+    "register_model_loader",
+    "unique_tensors",
+]
+
+VLLM_VERSION: str = vllm.__version__
+
+
+def is_cpu() -> bool:
+    return current_platform.is_cpu()
+
+
+def parallel_ranks() -> tuple[int, int]:
+    """(pipeline stage, tensor-parallel rank) of the calling worker."""
+    return get_pp_group().rank_in_group, get_tp_group().rank_in_group
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict as vLLM's sharded_state loader expects it: tensors that
+    share memory with another (tied weights, fused views) appear once."""
+    return ShardedStateLoader._filter_subtensors(state)
