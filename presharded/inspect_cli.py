@@ -1,0 +1,47 @@
+"""Print a pre-sharded checkpoint's manifest as a short summary, or as JSON."""
+
+import argparse
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+from presharded.errors import UserError, exits_cleanly
+from presharded.manifest import MANIFEST_NAME, Manifest, read_manifest
+
+
+def summary(manifest: Manifest, folder: Path) -> str:
+    per_rank = Counter((s.pp_rank, s.tp_rank) for s in manifest.shards)
+    largest = max(s.size for s in manifest.shards)
+    lines = [
+        f"{folder}",
+        f"  model         {manifest.architecture} from {manifest.source}",
+        f"  layout        TP={manifest.tensor_parallel_size} PP={manifest.pipeline_parallel_size}"
+        + (" EP" if manifest.enable_expert_parallel else ""),
+        f"  dtype         {manifest.dtype}" + (f", quantization {manifest.quantization}" if manifest.quantization else ""),
+        f"  weights       {manifest.total_bytes / 1e9:.3f} GB in {len(manifest.shards)} files "
+        f"({max(per_rank.values())} per rank at most, largest {largest / 1e6:.1f} MB)",
+        f"  files         {manifest.file_pattern}",
+        f"  also copied   {', '.join(f.path for f in manifest.files) or 'nothing'}",
+        f"  saved         {manifest.created} with vLLM {manifest.vllm_version}",
+    ]
+    return "\n".join(lines)
+
+
+@exits_cleanly
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    args = parser.parse_args()
+    manifest = read_manifest(args.checkpoint)
+    if manifest is None:
+        raise UserError(f"{args.checkpoint} has no {MANIFEST_NAME}; pass a folder written by save_sharded_state.py")
+    if args.json:
+        print(json.dumps(dataclasses.asdict(manifest)))
+    else:
+        print(summary(manifest, args.checkpoint))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny models built offline, and the two scripts run as a
+user runs them, in fresh processes, against real vLLM on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from presharded.tiny import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "The quick brown fox"
+
+
+def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+    if world_size == 1:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in-process: 2 s to start, not 15
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def save(model: Path, output: Path, *flags: str, tp: int = 1, pp: int = 1) -> Path:
+    proc = run_script("save_sharded_state.py", "--model", str(model), "--output", str(output),
+                      "-tp", str(tp), "-pp", str(pp), *flags, world_size=tp * pp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(output.resolve())
+    return output
+
+
+def generate(model: Path, *flags: str, world_size: int = 1) -> dict:
+    """Greedy tokens from load_sharded_state.py --json."""
+    proc = run_script("load_sharded_state.py", "--model", str(model), "--prompt", PROMPT,
+                      "--max-tokens", "24", "--enforce-eager", "--json", *flags, world_size=world_size)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tied_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-tied", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def reference_tokens(tiny_model):
+    """Greedy tokens of the source model loaded with load_format=auto, per (tp, pp)."""
+    cache: dict[tuple[int, int], list[int]] = {}
+
+    def tokens(tp: int = 1, pp: int = 1) -> list[int]:
+        if (tp, pp) not in cache:
+            out = generate(tiny_model, "--load-format", "auto", "-tp", str(tp), "-pp", str(pp), world_size=tp * pp)
+            cache[tp, pp] = out["token_ids"]
+        return cache[tp, pp]
+
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tiny_model, tmp_path_factory):
+    """Checkpoints of the tiny model, saved once per (tp, pp) and shared."""
+    cache: dict[tuple[int, int], Path] = {}
+    root = tmp_path_factory.mktemp("checkpoints")
+
+    def checkpoint(tp: int = 1, pp: int = 1) -> Path:
+        if (tp, pp) not in cache:
+            cache[tp, pp] = save(tiny_model, root / f"tp{tp}-pp{pp}", tp=tp, pp=pp)
+        return cache[tp, pp]
+
+    return checkpoint
