@@ -24,9 +24,9 @@ from pathlib import Path
 
 from presharded.cli import apply_engine_defaults, early_parse, full_parse, parse_size
 from presharded.errors import UserError, exits_cleanly
-from presharded.files import check_output, copy_model_files, publish, resolve_model, start_staging
+from presharded.files import check_output, copy_model_files, has_weights, publish, resolve_model, start_staging
 from presharded.manifest import CopiedFile, Manifest, Shard, check_pattern, default_pattern, hash_file, write_manifest
-from presharded.writer import SAVE_FORMAT, SaveRequest, read_rank_records
+from presharded.writer import SAVE_FORMAT, SaveRequest, read_rank_records, write_failure
 
 SOURCE_FORMATS = ("auto", "safetensors", "hf", "pt", "npcache", "fastsafetensors", "mistral")
 
@@ -51,6 +51,8 @@ def main() -> None:
     if early.model is None:
         raise UserError("--model is required: a model folder or hub id")
     source = resolve_model(early.model, early.revision)
+    if Path(early.model).expanduser().is_dir() and not has_weights(source):
+        raise UserError(f"model folder {source} holds no weights (*.safetensors, *.bin, *.pt); pass a complete model")
     output = Path(early.output).resolve()
     check_output(source, output, replace=early.replace)
     if (early.load_format or "auto") not in SOURCE_FORMATS:
@@ -97,8 +99,11 @@ def main() -> None:
         )
         write_manifest(staging, manifest)
         publish(staging, output)
-    except BaseException:
+    except BaseException as e:
+        reason = write_failure(staging, e)
         shutil.rmtree(staging, ignore_errors=True)
+        if reason:
+            raise UserError(f"{reason}; nothing was saved: free space or choose another --output") from None
         raise
 
     seconds = {"engine": round(t_engine - t0, 2), "total": round(time.perf_counter() - t0, 2)}

@@ -22,14 +22,20 @@ def check_checkpoint(
     tensor_parallel_size: int | None = None,
     pipeline_parallel_size: int | None = None,
     verify_hashes: bool = False,
+    every_file: bool = False,
+    require_manifest: bool = False,
 ) -> Manifest | None:
     """The checkpoint's manifest once every check passes; None (with a warning)
-    for a checkpoint made without one, such as vLLM's own example writes."""
+    for a checkpoint made without one, such as vLLM's own example writes.
+    Stray files are looked for among the weights, or with `every_file` among
+    all files."""
     if not folder.is_dir():
         raise UserError(f"checkpoint {folder} is not a folder; pass the --output of save_sharded_state.py")
     if (folder / UNFINISHED_MARKER).exists():
         raise UserError(f"{folder} is an unfinished save; run save_sharded_state.py again")
     manifest = read_manifest(folder)
+    if manifest is None and require_manifest:
+        raise UserError(f"{folder} has no {MANIFEST_NAME}: there is nothing to verify it against")
     if manifest is None:
         print(
             f"warning: {folder} has no {MANIFEST_NAME}: its tensor/pipeline-parallel sizes, "
@@ -50,9 +56,10 @@ def check_checkpoint(
                 f"{path} has {path.stat().st_size} bytes, the manifest says {entry.size}; "
                 "the copy is incomplete or damaged: copy it again, or save again"
             )
-    listed = {s.path for s in manifest.shards}
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name not in listed:
+    listed = {e.path for e in [*manifest.shards, *manifest.files]} | {MANIFEST_NAME}
+    candidates = folder.rglob("*") if every_file else folder.glob("*.safetensors")
+    for path in sorted(p for p in candidates if p.is_file()):
+        if path.relative_to(folder).as_posix() not in listed:
             raise UserError(
                 f"{path} is not part of this checkpoint (not in its manifest); remove it, "
                 "or save the checkpoint into an empty folder"

@@ -22,5 +22,8 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper

@@ -44,6 +44,14 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
         raise UserError(f"cannot fetch {model} from the hub ({reason}); pass a local model folder")
 
 
+def has_weights(folder: Path) -> bool:
+    return any(
+        fnmatch.fnmatch(p.name, pattern)
+        for p in folder.rglob("*")
+        for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+    )
+
+
 def copy_model_files(source: Path, dest: Path) -> list[str]:
     """Copy config, tokenizer, chat template and custom code; never weights."""
     copied = []
@@ -83,8 +91,11 @@ def start_staging(output: Path) -> Path:
     save left there is removed first."""
     staging = staging_folder(output.resolve())
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    (staging / UNFINISHED_MARKER).touch()
+    try:
+        staging.mkdir(parents=True)
+        (staging / UNFINISHED_MARKER).touch()
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename} ({e.strerror}); choose an --output you can write to")
     return staging
 
 

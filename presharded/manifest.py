@@ -134,7 +134,9 @@ class Manifest:
             raw["shards"] = [Shard(**s) for s in raw["shards"]]
             raw["files"] = [CopiedFile(**f) for f in raw["files"]]
             return cls(**raw)
-        except (KeyError, TypeError) as e:
+        except KeyError as e:
+            raise UserError(f"{where} lacks the field {e}; save the checkpoint again")
+        except TypeError as e:
             raise UserError(f"{where} is malformed ({e}); save the checkpoint again")
 
 

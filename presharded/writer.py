@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from presharded.manifest import Shard, hash_file, render
@@ -51,11 +52,41 @@ def write_rank(
     max_file_size: int | None,
 ) -> list[Shard]:
     shards = []
-    for part, tensors in enumerate(split_parts(state, max_file_size)):
-        path = folder / render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part=part)
-        save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata={"format": "pt"})
-        shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, hash_file(path)))
+    written: list[Path] = []
+    try:
+        for part, tensors in enumerate(split_parts(state, max_file_size)):
+            path = folder / render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part=part)
+            written.append(path)
+            save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata={"format": "pt"})
+            shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, hash_file(path)))
+    except (OSError, SafetensorError) as e:
+        # Free what this rank took (the disk may be full), then leave the main
+        # process a one-line reason: the engine only reports that a worker died.
+        for path in written:
+            path.unlink(missing_ok=True)
+        failure_path(folder, pp_rank, tp_rank).write_text(f"{describe(e)} while writing {path}")
+        raise
     return shards
+
+
+def describe(e: BaseException) -> str:
+    """`No space left on device`, from an OSError or safetensors' own error."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).removeprefix("Error while serializing: ").removeprefix("I/O error: ")
+
+
+def failure_path(folder: Path, pp_rank: int, tp_rank: int) -> Path:
+    return folder / f".rank-pp{pp_rank}-tp{tp_rank}.failed"
+
+
+def write_failure(folder: Path, error: BaseException) -> str | None:
+    """Why a save failed, in one line, when the cause was writing files."""
+    if isinstance(error, OSError):
+        return f"{describe(error)} while writing {error.filename or folder}"
+    for path in sorted(folder.glob(".rank-*.failed")):
+        return path.read_text()
+    return None
 
 
 def rank_record_path(folder: Path, pp_rank: int, tp_rank: int) -> Path:

@@ -5,24 +5,63 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from presharded.manifest import hash_file
 from presharded.tiny import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox"
+# Every refusal the tests saw, for docs/refusals.md: `case -> message`.
+REFUSALS: dict[str, str] = {}
 
 
-def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+def script_env(world_size: int = 1) -> dict[str, str]:
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
     if world_size == 1:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in-process: 2 s to start, not 15
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    return env
+
+
+def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A root script (`save_sharded_state.py`) or a module (`presharded.verify_cli`), run as a user runs it."""
+    cmd = [sys.executable, str(ROOT / script)] if script.endswith(".py") else [sys.executable, "-m", script]
+    return subprocess.run([*cmd, *args], cwd=ROOT, env=script_env(world_size), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def refused(case: str, script: str, *args: str, within: float | None = 5.0) -> str:
+    """Run a bad input; assert exit 1, nothing on stdout, one `error:` line and
+    no traceback, in time. Returns the line."""
+    start = time.perf_counter()
+    proc = run_script(script, *args)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
+    if within is not None:
+        assert len(lines) == 1, proc.stderr[-3000:]
+        assert elapsed < within, f"refused only after {elapsed:.1f} s"
+    REFUSALS[case] = lines[-1]
+    return lines[-1]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its hash: to show that nothing was lost."""
+    return {p.relative_to(folder).as_posix(): hash_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if REFUSALS:
+        out = ROOT / "build" / "refusals.md"
+        out.parent.mkdir(exist_ok=True)
+        rows = [f"| {case} | `{line}` |" for case, line in REFUSALS.items()]
+        out.write_text("| bad input | what it prints |\n| --- | --- |\n" + "\n".join(rows) + "\n")
 
 
 def save(model: Path, output: Path, *flags: str, tp: int = 1, pp: int = 1) -> Path:

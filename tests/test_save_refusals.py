@@ -1,0 +1,108 @@
+"""Bad input to save_sharded_state.py: one line naming the problem and the
+fix, exit 1, and nothing lost: the source is unchanged, and no folder is left
+that a load would accept."""
+
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import refused, snapshot
+from presharded.files import staging_folder
+
+SAVE = "save_sharded_state.py"
+
+
+@contextmanager
+def small_filesystem(where: Path, size: str, *options: str):
+    """A real tmpfs of `size` mounted at `where` (this needs root, as CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(where)],
+                   check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.fixture
+def source(tiny_model):
+    """The tiny model, checked unchanged after the test."""
+    before = snapshot(tiny_model)
+    yield tiny_model
+    assert snapshot(tiny_model) == before
+
+
+def nothing_left(output: Path) -> None:
+    assert not output.exists()
+    assert not staging_folder(output.resolve()).exists()
+
+
+def test_missing_model_path(tmp_path):
+    line = refused("save: --model path that does not exist", SAVE, "--model", str(tmp_path / "nope"),
+                   "--output", str(tmp_path / "out"))
+    assert "is not a folder or a hub id" in line
+    nothing_left(tmp_path / "out")
+
+
+def test_model_folder_without_weights(source, tmp_path):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    shutil.copy(source / "config.json", empty)
+    line = refused("save: a model folder with no weights", SAVE, "--model", str(empty),
+                   "--output", str(tmp_path / "out"))
+    assert "holds no weights" in line
+    nothing_left(tmp_path / "out")
+
+
+def test_output_inside_source(source):
+    line = refused("save: --output inside the source model", SAVE, "--model", str(source),
+                   "--output", str(source / "sharded"))
+    assert "is inside the source model" in line
+    assert not (source / "sharded").exists()
+
+
+def test_output_not_empty(source, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    line = refused("save: --output exists and is not empty", SAVE, "--model", str(source), "--output", str(output))
+    assert "is not empty" in line and "--replace" in line
+    assert snapshot(output) == {"keep.txt": snapshot(output)["keep.txt"]} and (output / "keep.txt").read_text() == "mine"
+
+
+def test_unwritable_output(source, tmp_path):
+    with small_filesystem(tmp_path / "ro", "1m", "ro") as ro:
+        line = refused("save: --output on a read-only filesystem", SAVE, "--model", str(source),
+                       "--output", str(ro / "out"))
+        assert "cannot write to" in line
+        assert list(ro.iterdir()) == []
+
+
+def test_colliding_file_pattern(source, tmp_path):
+    line = refused("save: --file-pattern without a rank, at TP=2", SAVE, "--model", str(source),
+                   "--output", str(tmp_path / "out"), "-tp", "2", "--file-pattern", "model-{part}.safetensors")
+    assert "must contain {rank} or {tp_rank}" in line
+    nothing_left(tmp_path / "out")
+
+
+def test_unknown_engine_flag(source, tmp_path):
+    # vLLM's parser knows its flags, so this one is caught only after vLLM is imported.
+    line = refused("save: an unknown engine flag", SAVE, "--model", str(source), "--output", str(tmp_path / "out"),
+                   "--tensor-parallel-sise", "2", within=None)
+    assert "unrecognized arguments: --tensor-parallel-sise" in line
+    nothing_left(tmp_path / "out")
+
+
+def test_disk_full_during_save(source, tmp_path):
+    """The tiny checkpoint is 1.4 MB: a 1 MiB filesystem fills up while a worker writes."""
+    with small_filesystem(tmp_path / "small", "1m") as small:
+        line = refused("save: disk full during the save", SAVE, "--model", str(source), "--output",
+                       str(small / "out"), "--enforce-eager", within=None)
+        assert "No space left on device" in line and "nothing was saved" in line
+        assert list(small.iterdir()) == []
