@@ -106,10 +106,13 @@ def main() -> None:
             raise UserError(f"{reason}; nothing was saved: free space or choose another --output") from None
         raise
 
-    seconds = {"engine": round(t_engine - t0, 2), "total": round(time.perf_counter() - t0, 2)}
+    # Ranks write in parallel: the slowest one sets the pace.
+    write_seconds = max(rank["write_seconds"] for rank in ranks)
+    seconds = {"engine": round(t_engine - t0, 2), "write": round(write_seconds, 3),
+               "total": round(time.perf_counter() - t0, 2)}
     if args.json:
-        print(json.dumps({"output": str(output), "files": len(manifest.shards),
-                          "bytes": manifest.total_bytes, "seconds": seconds}))
+        print(json.dumps({"output": str(output), "files": len(manifest.shards), "bytes": manifest.total_bytes,
+                          "write_gbps": round(manifest.total_bytes / write_seconds / 1e9, 3), "seconds": seconds}))
     else:
         print(output)
         print(f"saved {manifest.total_bytes / 1e9:.2f} GB in {len(manifest.shards)} files "

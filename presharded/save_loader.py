@@ -4,6 +4,7 @@ process_weights_after_loading: the logical weights, which loading and
 post-processing again rebuild exactly, on every backend and quantization."""
 
 import dataclasses
+import time
 from pathlib import Path
 
 from torch import nn
@@ -27,6 +28,7 @@ class SavingModelLoader(DefaultModelLoader):
         super().load_weights(model, model_config)
         pp_rank, tp_rank = parallel_ranks()
         folder = Path(self.request.folder)
+        start = time.perf_counter()
         shards = write_rank(
             unique_tensors(model.state_dict()),
             folder,
@@ -41,4 +43,5 @@ class SavingModelLoader(DefaultModelLoader):
             dtype=str(model_config.dtype).removeprefix("torch."),
             quantization=model_config.quantization,
             architecture=model_config.hf_config.architectures[0],
+            write_seconds=time.perf_counter() - start,
         )

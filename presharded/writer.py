@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def write_rank(
             path = folder / render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part=part)
             written.append(path)
             save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata={"format": "pt"})
+            fsync(path)  # on disk before the manifest says the checkpoint is complete
             shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, hash_file(path)))
     except (OSError, SafetensorError) as e:
         # Free what this rank took (the disk may be full), then leave the main
@@ -67,6 +69,14 @@ def write_rank(
         failure_path(folder, pp_rank, tp_rank).write_text(f"{describe(e)} while writing {path}")
         raise
     return shards
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def describe(e: BaseException) -> str:
