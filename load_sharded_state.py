@@ -22,7 +22,7 @@ from presharded.checks import check_checkpoint
 from presharded.cli import apply_engine_defaults, early_parse, fill_unset, full_parse
 from presharded.errors import UserError, exits_cleanly
 
-CHECKED_FORMATS = ("sharded_state",)
+CHECKED_FORMATS = ("sharded_state", "fast_sharded_state")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

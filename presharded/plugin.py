@@ -4,7 +4,9 @@ installed."""
 
 
 def register() -> None:
+    from presharded.fast_loader import FAST_FORMAT, FastShardedStateLoader
     from presharded.save_loader import SAVE_FORMAT, SavingModelLoader
     from presharded.vllm_compat import register_model_loader
 
     register_model_loader(SAVE_FORMAT)(SavingModelLoader)
+    register_model_loader(FAST_FORMAT)(FastShardedStateLoader)

@@ -5,17 +5,20 @@ import torch
 import vllm
 from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
 from vllm.platforms import current_platform
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 __all__ = [
+    "BaseModelLoader",
     "DefaultModelLoader",
     "FlexibleArgumentParser",
     "VLLM_VERSION",
     "is_cpu",
     "parallel_ranks",
+    "parallel_sizes",
     "register_model_loader",
     "unique_tensors",
 ]
@@ -30,6 +33,11 @@ def is_cpu() -> bool:
 def parallel_ranks() -> tuple[int, int]:
     """(pipeline stage, tensor-parallel rank) of the calling worker."""
     return get_pp_group().rank_in_group, get_tp_group().rank_in_group
+
+
+def parallel_sizes() -> tuple[int, int]:
+    """(pipeline-parallel size, tensor-parallel size) of the running engine."""
+    return get_pp_group().world_size, get_tp_group().world_size
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,93 @@
+"""fast_sharded_state, our loader: the same tokens as auto, offline and
+through vLLM's OpenAI server; exact shapes or a clear refusal."""
+
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import PROMPT, ROOT, generate, script_env
+from presharded.errors import UserError
+from presharded.fast_loader import Segment, chunks, load_files
+
+
+def test_chunks_cover_every_byte_once():
+    rng = random.Random(0)
+    for _ in range(200):
+        segments, pos = [], 8
+        for n in (rng.randint(1, 50) for _ in range(rng.randint(1, 20))):
+            segments.append(Segment(pos, pos + n, torch.zeros(n, dtype=torch.uint8)))
+            pos += n
+        chunk_size = rng.randint(1, 60)
+        source = (torch.arange(pos) % 251).to(torch.uint8)
+        for lo, hi, parts in chunks(segments, chunk_size):
+            assert 0 < hi - lo <= chunk_size and parts[0].start == lo and parts[-1].end == hi
+            for p in parts:
+                p.dest.copy_(source[p.start : p.end])
+        for s in segments:
+            assert torch.equal(s.dest, source[s.start : s.end])
+
+
+def test_load_files_reads_exact_tensors_and_refuses_other_shapes(tmp_path):
+    tensors = {"a": torch.randn(300, 7), "b": torch.arange(1000, dtype=torch.int64), "c": torch.randn(5).bfloat16()}
+    save_file(tensors, tmp_path / "x.safetensors")
+    params = {k: torch.empty_like(v) for k, v in tensors.items()}
+    targets = dict(params)
+    assert load_files([tmp_path / "x.safetensors"], params, torch.device("cpu"), threads=3, chunk_size=1000) > 0
+    assert all(torch.equal(targets[k], tensors[k]) for k in tensors)
+    with pytest.raises(UserError, match=r"a is F32\[300, 7\], the model expects torch.float32\[150, 7\]"):
+        load_files([tmp_path / "x.safetensors"], {"a": torch.empty(150, 7), "b": torch.empty(1000, dtype=torch.int64),
+                   "c": torch.empty(5).bfloat16()}, torch.device("cpu"), threads=2, chunk_size=1000)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)], ids=["tp1", "tp2"])
+def test_fast_loader_round_trip(checkpoints, reference_tokens, tp, pp):
+    out = generate(checkpoints(tp, pp), "--load-format", "fast_sharded_state", world_size=tp * pp)
+    assert out["load_format"] == "fast_sharded_state"
+    assert out["token_ids"] == reference_tokens(tp, pp)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, reference_tokens):
+    checkpoint, port = checkpoints(1, 1), free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+         "--load-format", "fast_sharded_state", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the server did not come up in 240 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = {"model": str(checkpoint), "prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                "return_token_ids": True}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        choice = json.load(urllib.request.urlopen(request, timeout=60))["choices"][0]
+        assert choice["token_ids"] == reference_tokens(1, 1)
+        assert choice["text"] == generate(checkpoint, "--load-format", "fast_sharded_state")["text"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
