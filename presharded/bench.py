@@ -1,0 +1,230 @@
+"""Benchmark the whole start-up, per load format, cold and warm.
+
+For a checkpoint's source model (or a synthetic model in a real
+architecture's shapes, made here) and each TP size: save it pre-sharded
+(timing the writes), then start vLLM from it with each load format in a fresh
+process, with the page cache dropped (cold) or filled (warm), a few times.
+Reports per rank the weights' seconds and GB/s, and the start-up split into
+import, engine start, model init, weights, profiling + KV cache + warm-up,
+and first token; plus `dummy` (no weights read: vLLM's own floor) and what
+`dd` reads cold from the same files. Prints a table, writes JSON and a PNG.
+
+    presharded-bench --synthetic llama-3-8b --tp 1,2 --out results/
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from presharded.manifest import read_manifest
+from presharded.tiny import build_tiny_llama, build_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHITECTURES = {  # LlamaConfig arguments of real models' shapes
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                         rope_theta=500000.0, tie_word_embeddings=True),
+}
+LOG = {
+    "weights": r"Loading weights took ([\d.]+) seconds",
+    "fast_weights": r"fast_sharded_state: rank pp=\d+ tp=\d+ read [\d.]+ GB in ([\d.]+) s",
+    "model_loading": r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) seconds",
+    "init_engine": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
+}
+
+
+def synthesize(name: str, out: Path) -> Path:
+    """Random bf16 weights in `name`'s shapes (they load exactly like trained ones)."""
+    if name == "tiny":
+        return build_tiny_llama(out)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**ARCHITECTURES[name], torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    part, size, index = {}, 0, 0
+    for key, shape in shapes.items():
+        part[key] = (torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02).cpu()
+        size += part[key].nbytes
+        if size > 4 * 10**9 or key == list(shapes)[-1]:
+            save_file(part, out / f"model-{index:05d}.safetensors", metadata={"format": "pt"})
+            part, size, index = {}, 0, index + 1
+    config.save_pretrained(out)
+    build_tokenizer(384).save_pretrained(out)
+    return out
+
+
+def set_cache(files: list[Path], warm: bool) -> None:
+    """Fill the page cache with `files`, or drop them from it."""
+    if warm:
+        for f in files:
+            with open(f, "rb") as fh:
+                while fh.read(64 * 2**20):
+                    pass
+        return
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+    except OSError:
+        pass  # not allowed here: fadvise alone has dropped the files' clean pages
+
+
+def dd_gbps(path: Path) -> float:
+    set_cache([path], warm=False)
+    out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M"], capture_output=True, text=True).stderr
+    nbytes, seconds = re.search(r"(\d+) bytes.*?copied, ([\d.]+) s", out).groups()
+    return int(nbytes) / float(seconds) / 1e9
+
+
+def start_once(model: Path, load_format: str, tp: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(model), "--load-format", load_format,
+           "-tp", str(tp), "--max-tokens", "1", "--json", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, VLLM_LOGGING_LEVEL="INFO"))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{load_format} at TP={tp} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    found = {k: [float(x) for x in re.findall(p, proc.stderr)] for k, p in LOG.items()}
+    weights = found["fast_weights"] or found["weights"]
+    s = result["seconds"]
+    model_loading = max(found["model_loading"], default=0.0)
+    init_engine = max(found["init_engine"], default=0.0)
+    return {
+        "import": s["import"], "engine": s["engine"], "first_token": s["generate"], "total": s["total"],
+        "weights": max(weights, default=0.0),
+        "model_init": max(model_loading - max(weights, default=0.0), 0.0),
+        "profile_kv_warmup": init_engine,
+        "engine_start": max(s["engine"] - model_loading - init_engine, 0.0),
+        "token_ids": result["token_ids"],
+    }
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> dict:
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(args.model) if args.model else synthesize(args.synthetic, work / f"source-{args.synthetic}")
+    source_files = sorted(source.glob("*.safetensors"))
+    report: dict = {"source": str(source), "source_bytes": sum(f.stat().st_size for f in source_files),
+                    "runs": [], "saves": [], "dd": []}
+    for tp in args.tp:
+        checkpoint = work / f"tp{tp}"
+        start = time.perf_counter()
+        save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
+                               "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json", *extra],
+                              capture_output=True, text=True)
+        if save.returncode != 0:
+            raise RuntimeError(f"save at TP={tp} failed:\n{save.stderr[-3000:]}")
+        saved = json.loads(save.stdout)
+        manifest = read_manifest(checkpoint)
+        rank_files = [checkpoint / s.path for s in manifest.shards if s.tp_rank == 0]
+        rank_bytes = sum(f.stat().st_size for f in rank_files)
+        report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2), **saved})
+        report["dd"].append({"tp": tp, "file": rank_files[0].name, "cold_gbps": round(dd_gbps(rank_files[0]), 2)})
+        for load_format in ["dummy", *args.formats]:
+            model, files = (source, source_files) if load_format in ("auto", "dummy") else (checkpoint, rank_files)
+            for cache in (["cold"] if args.cold and load_format != "dummy" else []) + ["warm"]:
+                for repeat in range(args.repeats if load_format != "dummy" else 1):
+                    set_cache(files, warm=cache == "warm")
+                    row = start_once(model, load_format, tp, extra)
+                    row.update(tp=tp, format=load_format, cache=cache, repeat=repeat, rank_bytes=rank_bytes,
+                               gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
+                    row["token_ids"] = row["token_ids"][:1]
+                    report["runs"].append(row)
+                    print(f"TP={tp} {load_format:<19} {cache}: weights {row['weights']:.2f} s "
+                          f"({row['gbps']} GB/s), total {row['total']:.1f} s", file=sys.stderr, flush=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+PHASES = ["import", "engine_start", "model_init", "weights", "profile_kv_warmup", "first_token"]
+
+
+def summarize(report: dict) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in report["runs"]:
+        groups.setdefault((r["tp"], r["format"], r["cache"]), []).append(r)
+    rows = []
+    for (tp, fmt, cache), runs in groups.items():
+        row = {"tp": tp, "format": fmt, "cache": cache, "n": len(runs)}
+        for key in [*PHASES, "total"]:
+            row[key] = statistics.median(r[key] for r in runs)
+        row["gbps"] = round(runs[0]["rank_bytes"] / row["weights"] / 1e9, 2) if row["weights"] else None
+        row.update({key: round(row[key], 3) for key in [*PHASES, "total"]})
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ["TP", "format", "cache", "n", "weights s", "GB/s/rank", *PHASES[:3], *PHASES[4:], "total s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["tp"], r["format"], r["cache"], r["n"], r["weights"], r["gbps"] or "-",
+                 *(r[k] for k in PHASES[:3]), *(r[k] for k in PHASES[4:]), r["total"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"TP{r['tp']} {r['format']}\n{r['cache']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 5))
+    bottom = [0.0] * len(rows)
+    for phase in PHASES:
+        values = [r[phase] for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=phase.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("vLLM start-up to first token, by phase")
+    ax.legend(fontsize=8)
+    plt.xticks(fontsize=7, rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model folder with safetensors weights")
+    source.add_argument("--synthetic", choices=["tiny", *ARCHITECTURES], help="make a model of these shapes")
+    parser.add_argument("--tp", type=lambda s: [int(x) for x in s.split(",")], default=[1])
+    parser.add_argument("--formats", type=lambda s: s.split(","), default=["auto", "sharded_state", "fast_sharded_state"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache runs")
+    parser.add_argument("--work", default="build/bench", help="where models and checkpoints are written")
+    parser.add_argument("--out", default="build/bench", help="where bench.json and bench.png go")
+    args, extra = parser.parse_known_args()  # the rest goes to every engine, e.g. --enforce-eager
+    report = run(args, extra)
+    rows = summarize(report)
+    report["summary"] = rows
+    Path(args.out, "bench.json").write_text(json.dumps(report, indent=1))
+    print(table(rows))
+    try:
+        chart(rows, Path(args.out) / "bench.png")
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
