@@ -148,9 +148,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
                                gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
                     row["token_ids"] = row["token_ids"][:1]
                     report["runs"].append(row)
+                    (out / "bench.json").write_text(json.dumps(report, indent=1))  # kept if a later run fails
                     print(f"TP={tp} {load_format:<19} {cache}: weights {row['weights']:.2f} s "
                           f"({row['gbps']} GB/s), total {row['total']:.1f} s", file=sys.stderr, flush=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
     return report
 
 
