@@ -120,7 +120,9 @@ def start_once(model: Path, load_format: str, tp: int, extra: list[str]) -> dict
 def run(args: argparse.Namespace, extra: list[str]) -> dict:
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    source = Path(args.model) if args.model else synthesize(args.synthetic, work / f"source-{args.synthetic}")
+    source = Path(args.model or work / f"source-{args.synthetic}")
+    if not (source / "config.json").exists():
+        synthesize(args.synthetic, source)
     source_files = sorted(source.glob("*.safetensors"))
     report: dict = {"source": str(source), "source_bytes": sum(f.stat().st_size for f in source_files),
                     "runs": [], "saves": [], "dd": []}
