@@ -157,8 +157,8 @@ class FastShardedStateLoader(BaseModelLoader):
     def __init__(self, load_config) -> None:
         super().__init__(load_config)
         extra = dict(load_config.model_loader_extra_config or {})
-        self.threads = int(extra.pop("threads", 8))
-        self.chunk_size = int(extra.pop("chunk_mib", 32)) * 2**20
+        self.threads = int(extra.pop("threads", 16))
+        self.chunk_size = int(extra.pop("chunk_mib", 64)) * 2**20
         self.pattern = extra.pop("pattern", None)
         if extra:
             raise ValueError(f"unknown model_loader_extra_config keys for {FAST_FORMAT}: {sorted(extra)}")
