@@ -4,7 +4,6 @@ with its size and hash. Written last: a folder without one is not finished."""
 import dataclasses
 import json
 import os
-import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +26,6 @@ def default_pattern(pipeline_parallel_size: int) -> str:
 
 def render(pattern: str, *, pp_rank: int, tp_rank: int, part: int) -> str:
     return pattern.format(rank=tp_rank, tp_rank=tp_rank, pp_rank=pp_rank, part=part)
-
-
-def pattern_regex(pattern: str) -> re.Pattern[str]:
-    """Matches every file name `pattern` renders, whatever the ranks and part."""
-    regex = ""
-    for literal, name, _, _ in string.Formatter().parse(pattern):
-        regex += re.escape(literal) + (r"\d+" if name is not None else "")
-    return re.compile(regex)
 
 
 def check_pattern(pattern: str, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
