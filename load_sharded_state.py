@@ -39,7 +39,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     t0 = time.perf_counter()
     # Checks first: importing vLLM takes seconds, bad input should not wait for it.
-    early = early_parse(sys.argv[1:], add_flags)
+    early = early_parse(sys.argv[1:], add_flags, __doc__)
     if early.model is None:
         raise UserError("--model is required: a checkpoint folder from save_sharded_state.py")
     load_format = early.load_format or "sharded_state"

@@ -15,12 +15,12 @@ AddFlags = Callable[[argparse.ArgumentParser], None]
 
 
 def parse_size(text: str) -> int:
-    """Bytes from `5000000`, `512MiB`, `5GB`, `2G`."""
+    """Bytes from `5000000`, `500MB` or `5G` (powers of 1000), `512MiB` (of 1024)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MiB)")
     number, unit, binary = m.groups()
-    base = 1024 if binary or (unit and not text.lower().rstrip().endswith("b")) else 1000
+    base = 1024 if binary else 1000
     return int(float(number) * base ** " kmgt".index(unit or " "))
 
 
@@ -40,9 +40,11 @@ class _OneLineErrors(argparse.ArgumentParser):
         raise UserError(f"{message}; see --help")
 
 
-def early_parse(argv: Sequence[str], add_flags: AddFlags) -> argparse.Namespace:
+def early_parse(argv: Sequence[str], add_flags: AddFlags, description: str) -> argparse.Namespace:
     """The script's own flags and the engine flags its checks need; the rest is
-    left for vLLM's parser."""
+    left for vLLM's parser, which also answers --help (and exits)."""
+    if {"-h", "--help"} & set(argv):
+        full_parse(argv, add_flags, description)
     parser = _OneLineErrors(add_help=False, allow_abbrev=False)
     parser.add_argument("--model", default=None)
     parser.add_argument("--revision", default=None)
