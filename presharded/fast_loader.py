@@ -132,17 +132,18 @@ def load_files(paths: list[Path], params: dict[str, torch.Tensor], device: torch
         work += [(path, lo, hi, parts) for lo, hi, parts in chunks(segments, chunk_size)]
     if params:
         raise UserError(f"the checkpoint lacks {len(params)} tensors, e.g. {next(iter(params))}; save it again")
-    fds = {path: os.open(path, os.O_RDONLY) for path in paths}
     local = threading.local()
-    try:
-        def run(item) -> None:
-            if not hasattr(local, "reader"):
-                local.reader = Reader(chunk_size, device)
-                readers.append(local.reader)
-            path, lo, hi, parts = item
-            local.reader.read_and_copy(fds[path], lo, hi, parts)
+    readers: list[Reader] = []  # held until the final synchronize: copies out of their buffers may be in flight
 
-        readers: list[Reader] = []
+    def run(item: tuple[Path, int, int, list[Segment]]) -> None:
+        if not hasattr(local, "reader"):
+            local.reader = Reader(chunk_size, device)
+            readers.append(local.reader)
+        path, lo, hi, parts = item
+        local.reader.read_and_copy(fds[path], lo, hi, parts)
+
+    fds = {path: os.open(path, os.O_RDONLY) for path in paths}
+    try:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, work))
         if device.type == "cuda":
