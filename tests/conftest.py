@@ -33,12 +33,15 @@ def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 30
                           timeout=timeout)
 
 
-def refused(case: str, script: str, *args: str, within: float | None = 5.0) -> str:
+def refused(case: str, script: str, *args: str, within: float | None = 5.0, unchanged: Path | None = None) -> str:
     """Run a bad input; assert exit 1, nothing on stdout, one `error:` line and
-    no traceback, in time. Returns the line."""
+    no traceback, in time, and that the folder `unchanged` is. Returns the line."""
+    before = snapshot(unchanged) if unchanged else None
     start = time.perf_counter()
     proc = run_script(script, *args)
     elapsed = time.perf_counter() - start
+    if unchanged:
+        assert snapshot(unchanged) == before
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -19,32 +19,33 @@ def tp2_copy(checkpoints, tmp_path):
 
 def test_tp2_checkpoint_at_tp1(checkpoints):
     line = refused("TP=2 checkpoint loaded at TP=1", LOAD, "--model", str(checkpoints(2, 1)),
-                   "--tensor-parallel-size", "1")
+                   "--tensor-parallel-size", "1", unchanged=checkpoints(2, 1))
     assert "saved for tensor-parallel size 2 but 1 was asked" in line
     assert "--tensor-parallel-size 2" in line
 
 
 def test_tp1_checkpoint_at_tp2(checkpoints):
-    line = refused("TP=1 checkpoint loaded at TP=2", LOAD, "--model", str(checkpoints(1, 1)), "-tp", "2")
+    line = refused("TP=1 checkpoint loaded at TP=2", LOAD, "--model", str(checkpoints(1, 1)), "-tp", "2",
+                   unchanged=checkpoints(1, 1))
     assert "saved for tensor-parallel size 1 but 2 was asked" in line
 
 
 def test_pp_mismatch(checkpoints):
     line = refused("PP=2 checkpoint loaded at PP=1", LOAD, "--model", str(checkpoints(1, 2)),
-                   "--pipeline_parallel_size", "1")
+                   "--pipeline_parallel_size", "1", unchanged=checkpoints(1, 2))
     assert "saved for pipeline-parallel size 2 but 1 was asked" in line
 
 
 def test_missing_rank_file(tp2_copy):
     (tp2_copy / "model-rank-1-part-0.safetensors").unlink()
-    line = refused("a rank's file missing", LOAD, "--model", str(tp2_copy))
+    line = refused("a rank's file missing", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "model-rank-1-part-0.safetensors is missing" in line
 
 
 def test_truncated_file(tp2_copy):
     path = tp2_copy / "model-rank-0-part-0.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    line = refused("a truncated file", LOAD, "--model", str(tp2_copy))
+    line = refused("a truncated file", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "model-rank-0-part-0.safetensors has" in line and "the manifest says" in line
 
 
@@ -53,31 +54,32 @@ def test_flipped_byte_with_verify_hashes(tp2_copy):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    line = refused("a flipped byte (--verify-hashes)", LOAD, "--model", str(tp2_copy), "--verify-hashes")
+    line = refused("a flipped byte (--verify-hashes)", LOAD, "--model", str(tp2_copy), "--verify-hashes",
+                   unchanged=tp2_copy)
     assert "model-rank-1-part-0.safetensors does not match its hash" in line
 
 
 def test_stray_part_file(tp2_copy):
     shutil.copy(tp2_copy / "model-rank-1-part-0.safetensors", tp2_copy / "model-rank-1-part-1.safetensors")
-    line = refused("a stray part file", LOAD, "--model", str(tp2_copy))
+    line = refused("a stray part file", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "model-rank-1-part-1.safetensors is not part of this checkpoint" in line
 
 
 def test_malformed_manifest(tp2_copy):
     (tp2_copy / "presharded.json").write_text('{"format": "presharded", "format_version": 1')
-    line = refused("a malformed manifest", LOAD, "--model", str(tp2_copy))
+    line = refused("a malformed manifest", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "presharded.json is not valid JSON" in line
 
 
 def test_manifest_missing_fields(tp2_copy):
     (tp2_copy / "presharded.json").write_text('{"format": "presharded", "format_version": 1}')
-    line = refused("a manifest lacking fields", LOAD, "--model", str(tp2_copy))
+    line = refused("a manifest lacking fields", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "presharded.json lacks the field 'shards'" in line
 
 
 def test_unreadable_manifest(tp2_copy):
     (tp2_copy / "presharded.json").write_bytes(b"\xff\xfe\x00garbage")
-    line = refused("an unreadable manifest", LOAD, "--model", str(tp2_copy))
+    line = refused("an unreadable manifest", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "cannot read" in line and "presharded.json" in line
 
 
@@ -85,7 +87,7 @@ def test_newer_manifest_version(tp2_copy):
     manifest = json.loads((tp2_copy / "presharded.json").read_text())
     manifest["format_version"] = 99
     (tp2_copy / "presharded.json").write_text(json.dumps(manifest))
-    line = refused("a manifest of a newer format", LOAD, "--model", str(tp2_copy))
+    line = refused("a manifest of a newer format", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "format version 99" in line and "upgrade presharded" in line
 
 
@@ -96,5 +98,5 @@ def test_missing_checkpoint(tmp_path):
 
 def test_unfinished_save(tp2_copy):
     (tp2_copy / UNFINISHED_MARKER).touch()
-    line = refused("an unfinished save (staging folder)", LOAD, "--model", str(tp2_copy))
+    line = refused("an unfinished save (staging folder)", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "is an unfinished save" in line

@@ -22,14 +22,14 @@ def test_verify_finds_a_flipped_byte(checkpoints, tmp_path):
     data = bytearray(path.read_bytes())
     data[-7] ^= 0x80
     path.write_bytes(bytes(data))
-    line = refused("verify: a flipped byte", VERIFY, str(checkpoint))
+    line = refused("verify: a flipped byte", VERIFY, str(checkpoint), unchanged=checkpoint)
     assert "model-rank-0-part-0.safetensors does not match its hash" in line
 
 
 def test_verify_finds_a_stray_file(checkpoints, tmp_path):
     checkpoint = shutil.copytree(checkpoints(2, 1), tmp_path / "tp2")
     (checkpoint / "notes.txt").write_text("not part of it")
-    line = refused("verify: a stray file", VERIFY, str(checkpoint))
+    line = refused("verify: a stray file", VERIFY, str(checkpoint), unchanged=checkpoint)
     assert "notes.txt is not part of this checkpoint" in line
 
 
@@ -48,5 +48,5 @@ def test_foreign_checkpoint_loads_with_a_warning(checkpoints, reference_tokens, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"has no {MANIFEST_NAME}" in proc.stderr and "cannot be checked" in proc.stderr
     assert json.loads(proc.stdout)["token_ids"] == reference_tokens(1, 1)
-    line = refused("verify: a checkpoint without a manifest", VERIFY, str(foreign))
+    line = refused("verify: a checkpoint without a manifest", VERIFY, str(foreign), unchanged=foreign)
     assert "nothing to verify it against" in line
