@@ -66,7 +66,7 @@ def write_rank(
         # process a one-line reason: the engine only reports that a worker died.
         for path in written:
             path.unlink(missing_ok=True)
-        failure_path(folder, pp_rank, tp_rank).write_text(f"{describe(e)} while writing {path}")
+        rank_file(folder, pp_rank, tp_rank, "failed").write_text(f"{describe(e)} while writing {path}")
         raise
     return shards
 
@@ -86,10 +86,6 @@ def describe(e: BaseException) -> str:
     return str(e).removeprefix("Error while serializing: ").removeprefix("I/O error: ")
 
 
-def failure_path(folder: Path, pp_rank: int, tp_rank: int) -> Path:
-    return folder / f".rank-pp{pp_rank}-tp{tp_rank}.failed"
-
-
 def write_failure(folder: Path, error: BaseException) -> str | None:
     """Why a save failed, in one line, when the cause was writing files."""
     if isinstance(error, OSError):
@@ -99,15 +95,17 @@ def write_failure(folder: Path, error: BaseException) -> str | None:
     return None
 
 
-def rank_record_path(folder: Path, pp_rank: int, tp_rank: int) -> Path:
-    return folder / f".rank-pp{pp_rank}-tp{tp_rank}.json"
+def rank_file(folder: Path, pp_rank: int, tp_rank: int, suffix: str) -> Path:
+    """A rank's note to the main process in the staging folder: `json` for what
+    it wrote, `failed` for why it could not."""
+    return folder / f".rank-pp{pp_rank}-tp{tp_rank}.{suffix}"
 
 
 def write_rank_record(folder: Path, shards: list[Shard], **model_facts: object) -> None:
     """What one rank wrote, for the main process to gather into the manifest."""
     pp_rank, tp_rank = shards[0].pp_rank, shards[0].tp_rank
     record = {"shards": [dataclasses.asdict(s) for s in shards], **model_facts}
-    rank_record_path(folder, pp_rank, tp_rank).write_text(json.dumps(record))
+    rank_file(folder, pp_rank, tp_rank, "json").write_text(json.dumps(record))
 
 
 def read_rank_records(folder: Path, tp_size: int, pp_size: int) -> list[dict]:
@@ -115,7 +113,7 @@ def read_rank_records(folder: Path, tp_size: int, pp_size: int) -> list[dict]:
     records = []
     for pp_rank in range(pp_size):
         for tp_rank in range(tp_size):
-            path = rank_record_path(folder, pp_rank, tp_rank)
+            path = rank_file(folder, pp_rank, tp_rank, "json")
             if not path.exists():
                 raise RuntimeError(f"rank pp={pp_rank} tp={tp_rank} wrote no weights to {folder}")
             records.append(json.loads(path.read_text()))
