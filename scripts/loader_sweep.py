@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from presharded.bench import dd_gbps, set_cache
-from presharded.fast_loader import DTYPES, load_files, read_header
+from presharded.reader import DTYPES, load_files, read_header
 from presharded.manifest import read_manifest
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from conftest import PROMPT, ROOT, generate, script_env
 from presharded.errors import UserError
-from presharded.fast_loader import Segment, chunks, load_files
+from presharded.reader import Segment, chunks, load_files
 
 
 def test_chunks_cover_every_byte_once():
@@ -29,6 +29,7 @@ def test_chunks_cover_every_byte_once():
         source = (torch.arange(pos) % 251).to(torch.uint8)
         for lo, hi, parts in chunks(segments, chunk_size):
             assert 0 < hi - lo <= chunk_size and parts[0].start == lo and parts[-1].end == hi
+            assert lo // chunk_size == (hi - 1) // chunk_size  # within one aligned block: no shared pages
             for p in parts:
                 p.dest.copy_(source[p.start : p.end])
         for s in segments:
