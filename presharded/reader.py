@@ -7,39 +7,16 @@ next read overlap. Host memory stays bounded (threads x 2 buffers), never a
 second copy of the model. Every tensor must match its
 destination exactly: no silent narrowing."""
 
-import json
 import os
-import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from presharded.errors import UserError
-
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-          "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-@dataclass
-class Segment:
-    """Bytes [start, end) of a file that belong in `dest` (a flat uint8 view)."""
-
-    start: int
-    end: int
-    dest: torch.Tensor
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's tensor table, and where its data begins."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header, 8 + length
+from presharded.safetensors_layout import DTYPES, Segment, chunks, flat_bytes, read_header
 
 
 def plan_file(path: Path, params: dict[str, torch.Tensor]) -> list[Segment]:
@@ -58,39 +35,50 @@ def plan_file(path: Path, params: dict[str, torch.Tensor]) -> list[Segment]:
         if not param.is_contiguous():
             raise UserError(f"{name} is not contiguous in this model; load with --load-format sharded_state")
         begin, end = info["data_offsets"]
-        segments.append(Segment(data_start + begin, data_start + end, param.view(-1).view(torch.uint8)))
+        segments.append(Segment(data_start + begin, data_start + end, flat_bytes(param)))
     return sorted(segments, key=lambda s: s.start)
 
 
-def chunks(segments: list[Segment], chunk_size: int) -> list[tuple[int, int, list[Segment]]]:
-    """Contiguous file ranges that end at multiples of `chunk_size` (so on page
-    boundaries: no two ranges share a page), each with the segments, or pieces
-    of segments, that fall in it."""
-    out: list[tuple[int, int, list[Segment]]] = []
-    lo = hi = 0
-    parts: list[Segment] = []
-    for seg in segments:
-        start = seg.start
-        while start < seg.end:
-            if parts and (start != hi or hi % chunk_size == 0):
-                out.append((lo, hi, parts))
-                parts = []
-            if not parts:
-                lo = start
-            end = min(seg.end, (start // chunk_size + 1) * chunk_size)
-            parts.append(Segment(start, end, seg.dest[start - seg.start : end - seg.start]))
-            hi = start = end
-    if parts:
-        out.append((lo, hi, parts))
-    return out
+class Staging:
+    """Two buffers per reading thread, pinned when the weights go to a GPU.
+    Pinning memory is slow (2 GiB took 1.3 s on an H200 host, as long as the
+    read itself: scripts/staging_sweep.py), so it runs on a thread of its own
+    from the moment the loader exists, while vLLM builds the model."""
+
+    def __init__(self, threads: int, chunk_size: int, device: torch.device) -> None:
+        self.threads, self.chunk_size = threads, chunk_size
+        pool = ThreadPoolExecutor(1)
+        self._buffers = pool.submit(self._allocate, 2 * threads, chunk_size, device)
+        pool.shutdown(wait=False)
+
+    @staticmethod
+    def _allocate(count: int, size: int, device: torch.device) -> list[torch.Tensor]:
+        pin = device.type == "cuda"
+        if pin:
+            torch.cuda.set_device(device)  # a new thread starts on GPU 0
+        return [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+
+    def take(self) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        buffers, self._buffers = self._buffers.result(), None
+        self.waited = time.perf_counter() - start
+        return buffers
+
+
+def release_pinned_memory() -> None:
+    """Torch keeps freed pinned blocks for reuse for the life of the process:
+    give the staging buffers back to the system once the weights are in."""
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if torch.cuda.is_available() and empty is not None:
+        empty()
 
 
 class Reader:
     """One thread's two staging buffers, stream and events."""
 
-    def __init__(self, size: int, device: torch.device) -> None:
+    def __init__(self, buffers: list[torch.Tensor], device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self.buffers = buffers
         self.events = [None, None]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.turn = 0
@@ -109,36 +97,37 @@ class Reader:
         if self.cuda:
             with torch.cuda.stream(self.stream):
                 for p in parts:
-                    p.dest.copy_(buf[p.start - lo : p.end - lo], non_blocking=True)
+                    p.tensor.copy_(buf[p.start - lo : p.end - lo], non_blocking=True)
                 self.events[i] = torch.cuda.Event()
                 self.events[i].record(self.stream)
         else:
             for p in parts:
-                p.dest.copy_(buf[p.start - lo : p.end - lo])
+                p.tensor.copy_(buf[p.start - lo : p.end - lo])
 
 
-def load_files(paths: list[Path], params: dict[str, torch.Tensor], device: torch.device,
-               threads: int, chunk_size: int) -> int:
-    """Read every file into `params`; returns the bytes read."""
+def load_files(paths: list[Path], params: dict[str, torch.Tensor], staging: Staging) -> int:
+    """Read every file into `params` (all on one device); returns the bytes read."""
+    device = next(iter(params.values())).device
     work = []
     for path in paths:
         segments = plan_file(path, params)
-        work += [(path, lo, hi, parts) for lo, hi, parts in chunks(segments, chunk_size)]
+        work += [(path, lo, hi, parts) for lo, hi, parts in chunks(segments, staging.chunk_size)]
     if params:
         raise UserError(f"the checkpoint lacks {len(params)} tensors, e.g. {next(iter(params))}; save it again")
+    buffers = staging.take()
     local = threading.local()
     readers: list[Reader] = []  # held until the final synchronize: copies out of their buffers may be in flight
 
     def run(item: tuple[Path, int, int, list[Segment]]) -> None:
         if not hasattr(local, "reader"):
-            local.reader = Reader(chunk_size, device)
+            local.reader = Reader([buffers.pop(), buffers.pop()], device)
             readers.append(local.reader)
         path, lo, hi, parts = item
         local.reader.read_and_copy(fds[path], lo, hi, parts)
 
     fds = {path: os.open(path, os.O_RDONLY) for path in paths}
     try:
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(staging.threads) as pool:
             list(pool.map(run, work))
         if device.type == "cuda":
             torch.cuda.synchronize(device)

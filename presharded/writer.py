@@ -1,18 +1,20 @@
 """Writing one rank's tensors as safetensors parts, in the worker that holds them."""
 
+import contextlib
 import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from presharded.manifest import Shard, hash_file, render
+from presharded.manifest import Shard, render
+from presharded.safetensors_layout import chunks, encode_header
 
 SAVE_FORMAT = "presharded_save"
+CHUNK_SIZE = 64 * 2**20  # bytes per staging buffer; two per rank
 
 
 @dataclass
@@ -54,14 +56,15 @@ def write_rank(
 ) -> list[Shard]:
     shards = []
     written: list[Path] = []
+    on_gpu = any(t.is_cuda for t in state.values())
+    buffers = [torch.empty(CHUNK_SIZE, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
     try:
         for part, tensors in enumerate(split_parts(state, max_file_size)):
             path = folder / render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part=part)
             written.append(path)
-            save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata={"format": "pt"})
-            fsync(path)  # on disk before the manifest says the checkpoint is complete
-            shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, hash_file(path)))
-    except (OSError, SafetensorError) as e:
+            digest = write_file(path, {k: t.contiguous() for k, t in tensors.items()}, buffers)
+            shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, digest))
+    except OSError as e:
         # Free what this rank took (the disk may be full), then leave the main
         # process a one-line reason: the engine only reports that a worker died.
         for path in written:
@@ -71,19 +74,42 @@ def write_rank(
     return shards
 
 
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def write_file(path: Path, tensors: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> str:
+    """Write `tensors` as one safetensors file and return its blake3. Bytes go
+    from the GPU into one staging buffer while the other is written and
+    hashed, so the file is never read back; it is on disk (fsync) when this
+    returns, before any manifest can say the checkpoint is complete."""
+    header, segments = encode_header(tensors)
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    stream = torch.cuda.Stream() if buffers[0].is_pinned() else None
+    with open(path, "wb") as f:
+
+        def write(data: memoryview) -> None:
+            f.write(data)
+            hasher.update(data)
+
+        write(memoryview(header))
+        pending = None
+        for i, (lo, hi, parts) in enumerate(chunks(segments, len(buffers[0]))):
+            buf = buffers[i % 2][: hi - lo]
+            with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+                for p in parts:
+                    buf[p.start - lo : p.end - lo].copy_(p.tensor, non_blocking=True)
+            if pending is not None:
+                write(pending)  # the previous chunk, while this one copies
+            if stream:
+                stream.synchronize()
+            pending = memoryview(buf.numpy())
+        if pending is not None:
+            write(pending)
+        f.flush()
+        os.fsync(f.fileno())
+    return hasher.hexdigest()
 
 
-def describe(e: BaseException) -> str:
-    """`No space left on device`, from an OSError or safetensors' own error."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e).removeprefix("Error while serializing: ").removeprefix("I/O error: ")
+def describe(e: OSError) -> str:
+    """`No space left on device`, without errno's number."""
+    return e.strerror or str(e)
 
 
 def write_failure(folder: Path, error: BaseException) -> str | None:

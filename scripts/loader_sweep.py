@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 
 from presharded.bench import dd_gbps, set_cache
-from presharded.reader import DTYPES, load_files, read_header
+from presharded.reader import Staging, load_files
+from presharded.safetensors_layout import DTYPES, read_header
 from presharded.manifest import read_manifest
 
 
@@ -58,12 +59,12 @@ def main() -> None:
     for threads in (8, 16):
         for chunk_mib in (16, 64):
             timed(f"fast threads={threads} chunk={chunk_mib}MiB",
-                  lambda: load_files(files, dict(params), device, threads, chunk_mib * 2**20))
+                  lambda: load_files(files, dict(params), Staging(threads, chunk_mib * 2**20, device)))
     best = max(results[1:], key=lambda r: r["gbps"])
     threads, chunk_mib = (int(x) for x in re.findall(r"\d+", best["loader"]))
     set_cache(files, warm=False)
     start = time.perf_counter()
-    load_files(files, dict(params), device, threads, chunk_mib * 2**20)
+    load_files(files, dict(params), Staging(threads, chunk_mib * 2**20, device))
     if device.type == "cuda":
         torch.cuda.synchronize()
     cold = nbytes / (time.perf_counter() - start) / 1e9

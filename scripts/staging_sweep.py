@@ -3,8 +3,9 @@ reads the same 15.5 GB of safetensors files (tensors of a Llama-3-8B rank's
 sizes) into GPU tensors in a fresh process, twice: the first load pays for
 setting up staging memory, as a loader inside a new vLLM worker does.
 
-  pinned    bounce buffers from torch's pinned allocator (cudaHostAlloc)
-  register  pageable bounce buffers, pinned with cudaHostRegister
+  pinned    bounce buffers from torch's pinned allocator (cudaHostAlloc), as
+            presharded.reader.Staging makes them
+  register  pageable bounce buffers, pinned with cudaHostRegister (and unpinned after)
   mmap      no bounce buffer: each chunk of the file's page-cache mapping is
             pinned read-only with cudaHostRegister and copied from directly
 
@@ -28,7 +29,8 @@ import torch
 from safetensors.torch import save_file
 
 from presharded import reader
-from presharded.reader import Segment, load_files, read_header
+from presharded.reader import Staging, load_files
+from presharded.safetensors_layout import Segment, read_header
 
 CUDA_HOST_REGISTER_READ_ONLY = 0x08
 LAYER_MB = [32, 8, 8, 32, 117, 117, 117]  # q, k, v, o, gate, up, down of a Llama-3-8B layer
@@ -59,13 +61,11 @@ class RegisterReader(reader.Reader):
 
     registered: list[int] = []
 
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.cuda, self.events, self.turn = True, [None, None], 0
-        self.buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
+    def __init__(self, buffers: list[torch.Tensor], device: torch.device) -> None:
+        super().__init__(buffers, device)
         for b in self.buffers:
-            check(torch.cuda.cudart().cudaHostRegister(b.data_ptr(), size, 0), "cudaHostRegister")
+            check(torch.cuda.cudart().cudaHostRegister(b.data_ptr(), b.nbytes, 0), "cudaHostRegister")
             RegisterReader.registered.append(b.data_ptr())
-        self.stream = torch.cuda.Stream(device)
 
 
 class MmapReader:
@@ -75,7 +75,7 @@ class MmapReader:
     lock = threading.Lock()
     registered: set[int] = set()
 
-    def __init__(self, size: int, device: torch.device) -> None:
+    def __init__(self, buffers: list[torch.Tensor], device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device)
         self.previous: tuple[torch.cuda.Event, int] | None = None
 
@@ -96,7 +96,7 @@ class MmapReader:
         src = torch.frombuffer((ctypes.c_char * (hi - lo)).from_address(base + lo), dtype=torch.uint8)
         with torch.cuda.stream(self.stream):
             for p in parts:
-                p.dest.copy_(src[p.start - lo: p.end - lo], non_blocking=True)
+                p.tensor.copy_(src[p.start - lo: p.end - lo], non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
         if self.previous is not None:
@@ -134,7 +134,7 @@ def finish(method: str) -> None:
 
 def one_method(args: argparse.Namespace) -> None:
     paths = sorted(Path(args.work).glob("part-*.safetensors"))
-    device = torch.device("cuda")
+    device, cpu = torch.device("cuda"), torch.device("cpu")
     torch.cuda.init()
     torch.empty(1, device=device)
     params = {k: torch.empty(v["shape"], dtype=torch.bfloat16, device=device)
@@ -145,7 +145,9 @@ def one_method(args: argparse.Namespace) -> None:
     for _ in range(args.runs):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        load_files(paths, dict(params), device, args.threads, args.chunk_mib * 2**20)
+        # pinned buffers for `pinned`; pageable ones (pinned by RegisterReader, unused by MmapReader) otherwise
+        staging = Staging(args.threads, args.chunk_mib * 2**20, device if args.method == "pinned" else cpu)
+        load_files(paths, dict(params), staging)
         finish(args.method)
         runs.append(time.perf_counter() - start)
     print(json.dumps({"method": args.method, "threads": args.threads, "chunk_mib": args.chunk_mib,

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from conftest import PROMPT, ROOT, generate, script_env
 from presharded.errors import UserError
-from presharded.reader import Segment, chunks, load_files
+from presharded.reader import Staging, load_files
+from presharded.safetensors_layout import Segment, chunks
 
 
 def test_chunks_cover_every_byte_once():
@@ -31,9 +32,9 @@ def test_chunks_cover_every_byte_once():
             assert 0 < hi - lo <= chunk_size and parts[0].start == lo and parts[-1].end == hi
             assert lo // chunk_size == (hi - 1) // chunk_size  # within one aligned block: no shared pages
             for p in parts:
-                p.dest.copy_(source[p.start : p.end])
+                p.tensor.copy_(source[p.start : p.end])
         for s in segments:
-            assert torch.equal(s.dest, source[s.start : s.end])
+            assert torch.equal(s.tensor, source[s.start : s.end])
 
 
 def test_load_files_reads_exact_tensors_and_refuses_other_shapes(tmp_path):
@@ -41,11 +42,11 @@ def test_load_files_reads_exact_tensors_and_refuses_other_shapes(tmp_path):
     save_file(tensors, tmp_path / "x.safetensors")
     params = {k: torch.empty_like(v) for k, v in tensors.items()}
     targets = dict(params)
-    assert load_files([tmp_path / "x.safetensors"], params, torch.device("cpu"), threads=3, chunk_size=1000) > 0
+    assert load_files([tmp_path / "x.safetensors"], params, Staging(3, 1000, torch.device("cpu"))) > 0
     assert all(torch.equal(targets[k], tensors[k]) for k in tensors)
     with pytest.raises(UserError, match=r"a is F32\[300, 7\], the model expects torch.float32\[150, 7\]"):
         load_files([tmp_path / "x.safetensors"], {"a": torch.empty(150, 7), "b": torch.empty(1000, dtype=torch.int64),
-                   "c": torch.empty(5).bfloat16()}, torch.device("cpu"), threads=2, chunk_size=1000)
+                   "c": torch.empty(5).bfloat16()}, Staging(2, 1000, torch.device("cpu")))
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)], ids=["tp1", "tp2"])
