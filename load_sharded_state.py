@@ -50,6 +50,7 @@ def main() -> None:
             tensor_parallel_size=early.tensor_parallel_size,
             pipeline_parallel_size=early.pipeline_parallel_size,
             verify_hashes=early.verify_hashes,
+            load_format=load_format,
         )
     t_checks = time.perf_counter()
 

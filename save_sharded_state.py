@@ -91,6 +91,7 @@ def main() -> None:
             file_pattern=pattern,
             dtype=ranks[0]["dtype"],
             quantization=ranks[0]["quantization"],
+            online_quantization=ranks[0]["online_quantization"],
             architecture=ranks[0]["architecture"],
             source=early.model,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

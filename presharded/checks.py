@@ -24,6 +24,7 @@ def check_checkpoint(
     verify_hashes: bool = False,
     every_file: bool = False,
     require_manifest: bool = False,
+    load_format: str | None = None,
 ) -> Manifest | None:
     """The checkpoint's manifest once every check passes; None (with a warning)
     for a checkpoint made without one, such as vLLM's own example writes.
@@ -43,6 +44,12 @@ def check_checkpoint(
             file=sys.stderr,
         )
         return None
+    if manifest.online_quantization and load_format == "sharded_state":
+        raise UserError(
+            f"{folder} holds unquantized weights that vLLM quantizes ({manifest.quantization}) while loading, "
+            "which its sharded_state loader cannot do (it would leave them empty); "
+            "load it with --load-format fast_sharded_state"
+        )
     _layout("tensor-parallel size", "--tensor-parallel-size", manifest.tensor_parallel_size,
             tensor_parallel_size, folder)
     _layout("pipeline-parallel size", "--pipeline-parallel-size", manifest.pipeline_parallel_size,

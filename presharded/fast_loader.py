@@ -44,8 +44,9 @@ class FastShardedStateLoader(BaseModelLoader):
         else:  # as vLLM's sharded_state finds them
             pattern = self.pattern or default_pattern(pp_size)
             paths = sorted(folder.glob(pattern.format(rank=tp_rank, tp_rank=tp_rank, pp_rank=pp_rank, part="*")))
+        device = next(p.device for p in model.parameters() if not p.is_meta)
+        materialize(model, device)
         params = unique_tensors(model.state_dict())
-        device = next(iter(params.values())).device
         staging, self.staging = self.staging or Staging(self.threads, self.chunk_size, device), None
         start = time.perf_counter()
         nbytes = load_files(paths, params, staging)
@@ -56,3 +57,15 @@ class FastShardedStateLoader(BaseModelLoader):
               f"({nbytes / 1e9 / seconds:.2f} GB/s; {staging.waited:.3f} s of it waiting for staging buffers, "
               f"released in {released:.3f} s)", file=sys.stderr, flush=True)
 
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Online quantization (`--quantization fp8` over bf16 weights) keeps a
+    layer's weights on the meta device until loading fills them, and vLLM
+    quantizes each such layer once loading ends: give them memory to be read into."""
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_meta:
+                real = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=device)
+                real.__class__ = tensor.__class__  # keep vLLM's parameter class and attributes
+                real.__dict__ = tensor.__dict__.copy()
+                setattr(module, name, real)

@@ -82,6 +82,7 @@ class Manifest:
     created: str
     shards: list[Shard]
     files: list[CopiedFile]
+    online_quantization: bool = False  # saved unquantized; vLLM quantizes while loading
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     hash: str = "blake3"

@@ -7,9 +7,10 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from presharded.vllm_compat import DefaultModelLoader, parallel_ranks, unique_tensors
+from presharded.vllm_compat import DefaultModelLoader, online_quantized_layers, parallel_ranks, unique_tensors
 from presharded.writer import SAVE_FORMAT, SaveRequest, write_rank, write_rank_record
 
 
@@ -25,12 +26,14 @@ class SavingModelLoader(DefaultModelLoader):
         super().__init__(source_config)
 
     def load_weights(self, model: nn.Module, model_config) -> None:
+        online = BeforeQuantization(model)
         super().load_weights(model, model_config)
         pp_rank, tp_rank = parallel_ranks()
         folder = Path(self.request.folder)
         start = time.perf_counter()
+        state = unique_tensors({k: t for k, t in model.state_dict().items() if not t.is_meta})
         shards = write_rank(
-            unique_tensors(model.state_dict()),
+            online.logical_state(state),
             folder,
             pattern=self.request.file_pattern,
             pp_rank=pp_rank,
@@ -43,5 +46,39 @@ class SavingModelLoader(DefaultModelLoader):
             dtype=str(model_config.dtype).removeprefix("torch."),
             quantization=model_config.quantization,
             architecture=model_config.hf_config.architectures[0],
+            online_quantization=bool(online.layers),
             write_seconds=time.perf_counter() - start,
         )
+
+
+class BeforeQuantization:
+    """Keeps the weights of the layers vLLM quantizes while loading, as they are
+    just before: what loading them again expects (vLLM then quantizes them again)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = online_quantized_layers(model)
+        self.names = {id(layer): prefix for prefix, layer in self.layers.items()}
+        self.kept: dict[str, torch.Tensor] = {}
+        self.methods = list({id(layer.quant_method): layer.quant_method for layer in self.layers.values()}.values())
+        for method in self.methods:
+            method.process_weights_after_loading = self.keeping(method.process_weights_after_loading)
+
+    def keeping(self, process):
+        def keep_then_process(layer: nn.Module) -> None:
+            prefix = self.names[id(layer)]
+            for name, tensor in layer.named_parameters(recurse=False):
+                self.kept.setdefault(f"{prefix}.{name}", tensor.detach().cpu())
+            return process(layer)
+
+        return keep_then_process
+
+    def logical_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` with every online-quantized layer's tensors as they were
+        before quantization; stops keeping them from here on."""
+        for method in self.methods:
+            del method.process_weights_after_loading  # vLLM's own again
+        kept, self.kept = self.kept, {}
+        if missing := sorted(set(self.layers) - {name.rsplit(".", 1)[0] for name in kept}):
+            raise RuntimeError(f"{missing[0]} was not quantized while loading: its weights cannot be saved")
+        inside = tuple(prefix + "." for prefix in self.layers)
+        return {**{k: t for k, t in state.items() if not k.startswith(inside)}, **kept}

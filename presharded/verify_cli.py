@@ -52,7 +52,8 @@ def main() -> None:
         pattern = layout.pop("model_loader_extra_config", {})
         flags = as_flags(layout) + engine_extra
         source = greedy_tokens(args.source, "auto", flags)
-        saved = greedy_tokens(str(args.checkpoint), "sharded_state", flags + as_flags(pattern and {"model_loader_extra_config": pattern}))
+        load_format = "fast_sharded_state" if manifest.online_quantization else "sharded_state"
+        saved = greedy_tokens(str(args.checkpoint), load_format, flags + as_flags(pattern and {"model_loader_extra_config": pattern}))
         for prompt, a, b in zip(PROMPTS, source, saved):
             if a != b:
                 raise UserError(f"greedy tokens differ on {prompt!r}: source {a}, checkpoint {b}; save it again")

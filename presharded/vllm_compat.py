@@ -3,6 +3,7 @@ Checked against vLLM 0.26 (CUDA) and 0.32 (CPU)."""
 
 import torch
 import vllm
+from torch import nn
 from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
@@ -17,6 +18,7 @@ __all__ = [
     "FlexibleArgumentParser",
     "VLLM_VERSION",
     "is_cpu",
+    "online_quantized_layers",
     "parallel_ranks",
     "parallel_sizes",
     "register_model_loader",
@@ -44,3 +46,11 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict as vLLM's sharded_state loader expects it: tensors that
     share memory with another (tied weights, fused views) appear once."""
     return ShardedStateLoader._filter_subtensors(state)
+
+
+def online_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers vLLM quantizes while it loads them (`--quantization fp8` over
+    bf16 weights): their weights wait on the meta device, and each layer is
+    quantized as soon as all of its weights have arrived."""
+    return {name: m for name, m in model.named_modules()
+            if getattr(getattr(m, "quant_method", None), "uses_meta_device", False)}

@@ -100,3 +100,13 @@ def test_unfinished_save(tp2_copy):
     (tp2_copy / UNFINISHED_MARKER).touch()
     line = refused("an unfinished save (staging folder)", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "is an unfinished save" in line
+
+
+def test_online_quantized_with_sharded_state(tp2_copy):
+    # What --quantization fp8 over bf16 weights saves (a GPU-only path; see docs/gpu.md):
+    # vLLM's sharded_state would copy into weights that are still on the meta device.
+    manifest = json.loads((tp2_copy / "presharded.json").read_text())
+    manifest.update(quantization="fp8", online_quantization=True)
+    (tp2_copy / "presharded.json").write_text(json.dumps(manifest))
+    line = refused("online-quantized weights with sharded_state", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
+    assert "quantizes (fp8) while loading" in line and "--load-format fast_sharded_state" in line
