@@ -88,11 +88,26 @@ def set_cache(files: list[Path], warm: bool) -> None:
         pass  # not allowed here: fadvise alone has dropped the files' clean pages
 
 
-def dd_gbps(path: Path) -> float:
-    set_cache([path], warm=False)
-    out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M"], capture_output=True, text=True).stderr
+def dd(*args: str) -> float:
+    """GB/s as dd reports it."""
+    out = subprocess.run(["dd", *args], capture_output=True, text=True).stderr
     nbytes, seconds = re.search(r"(\d+) bytes.*?copied, ([\d.]+) s", out).groups()
     return int(nbytes) / float(seconds) / 1e9
+
+
+def dd_gbps(path: Path) -> float:
+    """How fast the disk reads `path` cold."""
+    set_cache([path], warm=False)
+    return dd(f"if={path}", "of=/dev/null", "bs=64M")
+
+
+def dd_write_gbps(folder: Path) -> float:
+    """How fast the disk takes 4 GiB, flushed (what a save is compared with)."""
+    path = folder / "dd-write.tmp"
+    try:
+        return dd("if=/dev/zero", f"of={path}", "bs=64M", "count=64", "conv=fsync")
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def start_once(model: Path, load_format: str, tp: int, extra: list[str]) -> dict:
@@ -128,19 +143,23 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
                     "runs": [], "saves": [], "dd": []}
     for tp in args.tp:
         checkpoint = work / f"tp{tp}"
-        start = time.perf_counter()
-        save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
-                               "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json", *extra],
-                              capture_output=True, text=True)
-        if save.returncode != 0:
-            raise RuntimeError(f"save at TP={tp} failed:\n{save.stderr[-3000:]}")
-        saved = json.loads(save.stdout)
+        if args.save or read_manifest(checkpoint) is None:
+            start = time.perf_counter()
+            save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
+                                   "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json", *extra],
+                                  capture_output=True, text=True)
+            if save.returncode != 0:
+                raise RuntimeError(f"save at TP={tp} failed:\n{save.stderr[-3000:]}")
+            saved = json.loads(save.stdout)
+            report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2), **saved,
+                                    "dd_write_gbps": round(dd_write_gbps(work), 3)})
+            print(f"TP={tp} save: {saved['write_gbps']} GB/s, dd writes {report['saves'][-1]['dd_write_gbps']} GB/s",
+                  file=sys.stderr, flush=True)
         manifest = read_manifest(checkpoint)
         rank_files = [checkpoint / s.path for s in manifest.shards if s.tp_rank == 0]
         rank_bytes = sum(f.stat().st_size for f in rank_files)
-        report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2), **saved})
         report["dd"].append({"tp": tp, "file": rank_files[0].name, "cold_gbps": round(dd_gbps(rank_files[0]), 2)})
-        for load_format in ["dummy", *args.formats]:
+        for load_format in args.formats:
             model, files = (source, source_files) if load_format in ("auto", "dummy") else (checkpoint, rank_files)
             for cache in (["cold"] if args.cold and load_format != "dummy" else []) + ["warm"]:
                 for repeat in range(args.repeats if load_format != "dummy" else 1):
@@ -211,7 +230,11 @@ def main() -> None:
     source.add_argument("--model", help="a model folder with safetensors weights")
     source.add_argument("--synthetic", choices=["tiny", *ARCHITECTURES], help="make a model of these shapes")
     parser.add_argument("--tp", type=lambda s: [int(x) for x in s.split(",")], default=[1])
-    parser.add_argument("--formats", type=lambda s: s.split(","), default=["auto", "sharded_state", "fast_sharded_state"])
+    parser.add_argument("--formats", type=lambda s: s.split(","),
+                        default=["dummy", "auto", "sharded_state", "fast_sharded_state"],
+                        help="load formats to start with; dummy reads no weights: vLLM's own floor")
+    parser.add_argument("--no-save", dest="save", action="store_false",
+                        help="reuse the checkpoint a previous run saved in --work")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache runs")
     parser.add_argument("--work", default="build/bench", help="where models and checkpoints are written")
