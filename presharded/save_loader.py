@@ -31,9 +31,8 @@ class SavingModelLoader(DefaultModelLoader):
         pp_rank, tp_rank = parallel_ranks()
         folder = Path(self.request.folder)
         start = time.perf_counter()
-        state = unique_tensors({k: t for k, t in model.state_dict().items() if not t.is_meta})
         shards = write_rank(
-            online.logical_state(state),
+            online.logical_state(model.state_dict()),
             folder,
             pattern=self.request.file_pattern,
             pp_rank=pp_rank,
@@ -73,12 +72,14 @@ class BeforeQuantization:
         return keep_then_process
 
     def logical_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`state` with every online-quantized layer's tensors as they were
-        before quantization; stops keeping them from here on."""
+        """The model's state to save: each tensor once, and every
+        online-quantized layer's as it was before quantization. Stops keeping
+        them from here on."""
         for method in self.methods:
             del method.process_weights_after_loading  # vLLM's own again
         kept, self.kept = self.kept, {}
         if missing := sorted(set(self.layers) - {name.rsplit(".", 1)[0] for name in kept}):
             raise RuntimeError(f"{missing[0]} was not quantized while loading: its weights cannot be saved")
         inside = tuple(prefix + "." for prefix in self.layers)
-        return {**{k: t for k, t in state.items() if not k.startswith(inside)}, **kept}
+        rest = unique_tensors({k: t for k, t in state.items() if not k.startswith(inside) and not t.is_meta})
+        return {**rest, **kept}
