@@ -141,6 +141,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
     source_files = sorted(source.glob("*.safetensors"))
     report: dict = {"source": str(source), "source_bytes": sum(f.stat().st_size for f in source_files),
                     "runs": [], "saves": [], "dd": []}
+    if args.throwaway:  # a machine's first engine start pays one-time warm-up (kernel JIT, caches): not counted
+        start_once(source, "dummy", args.tp[0], extra)
     for tp in args.tp:
         checkpoint = work / f"tp{tp}"
         if args.save or read_manifest(checkpoint) is None:
@@ -235,6 +237,8 @@ def main() -> None:
                         help="load formats to start with; dummy reads no weights: vLLM's own floor")
     parser.add_argument("--no-save", dest="save", action="store_false",
                         help="reuse the checkpoint a previous run saved in --work")
+    parser.add_argument("--no-throwaway", dest="throwaway", action="store_false",
+                        help="skip the uncounted first start that takes the machine's one-time warm-up")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache runs")
     parser.add_argument("--work", default="build/bench", help="where models and checkpoints are written")
