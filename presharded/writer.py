@@ -65,11 +65,12 @@ def write_rank(
             digest = write_file(path, {k: t.contiguous() for k, t in tensors.items()}, buffers)
             shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, digest))
     except OSError as e:
+        e.filename = e.filename or str(written[-1])  # a failed write() names no file
         # Free what this rank took (the disk may be full), then leave the main
         # process a one-line reason: the engine only reports that a worker died.
-        for path in written:
-            path.unlink(missing_ok=True)
-        rank_file(folder, pp_rank, tp_rank, "failed").write_text(f"{describe(e)} while writing {path}")
+        for done in written:
+            done.unlink(missing_ok=True)
+        rank_file(folder, pp_rank, tp_rank, "failed").write_text(f"{describe(e)} while writing {e.filename}")
         raise
     return shards
 

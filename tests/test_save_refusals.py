@@ -104,5 +104,6 @@ def test_disk_full_during_save(source, tmp_path):
     with small_filesystem(tmp_path / "small", "1m") as small:
         line = refused("save: disk full during the save", SAVE, "--model", str(source), "--output",
                        str(small / "out"), "--enforce-eager", within=None)
-        assert "No space left on device" in line and "nothing was saved" in line
+        assert "No space left on device while writing" in line and "nothing was saved" in line
+        assert "model-rank-0-part-0.safetensors" in line  # the file being written, not just the folder
         assert list(small.iterdir()) == []
