@@ -4,8 +4,8 @@ Each file's data is read in large chunks by a few threads with pread, each
 into one of its own two (pinned) staging buffers, and copied from there
 asynchronously straight into the parameters, so reading, copying and the
 next read overlap. Host memory stays bounded (threads x 2 buffers), never a
-second copy of the model. Every tensor must match its
-destination exactly: no silent narrowing."""
+second copy of the model. Every tensor must match its destination exactly:
+no silent narrowing."""
 
 import os
 import threading
