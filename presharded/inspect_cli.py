@@ -18,7 +18,8 @@ def summary(manifest: Manifest, folder: Path) -> str:
         f"  model         {manifest.architecture} from {manifest.source}",
         f"  layout        TP={manifest.tensor_parallel_size} PP={manifest.pipeline_parallel_size}"
         + (" EP" if manifest.enable_expert_parallel else ""),
-        f"  dtype         {manifest.dtype}" + (f", quantization {manifest.quantization}" if manifest.quantization else ""),
+        f"  dtype         {manifest.dtype}" + (f", quantization {manifest.quantization}" if manifest.quantization else "")
+        + (" (applied while loading: load with fast_sharded_state)" if manifest.online_quantization else ""),
         f"  weights       {manifest.total_bytes / 1e9:.3f} GB in {len(manifest.shards)} files "
         f"({max(per_rank.values())} per rank at most, largest {largest / 1e6:.1f} MB)",
         f"  files         {manifest.file_pattern}",

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import refused
+from conftest import refused, run_script
 from presharded.files import UNFINISHED_MARKER
 
 LOAD = "load_sharded_state.py"
@@ -110,3 +110,5 @@ def test_online_quantized_with_sharded_state(tp2_copy):
     (tp2_copy / "presharded.json").write_text(json.dumps(manifest))
     line = refused("online-quantized weights with sharded_state", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
     assert "quantizes (fp8) while loading" in line and "--load-format fast_sharded_state" in line
+    summary = run_script("presharded.inspect_cli", str(tp2_copy)).stdout
+    assert "quantization fp8 (applied while loading: load with fast_sharded_state)" in summary
