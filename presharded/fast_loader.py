@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from presharded.checks import check_checkpoint
-from presharded.manifest import default_pattern
+from presharded.manifest import default_pattern, render
 from presharded.reader import Staging, load_files, release_pinned_memory
 from presharded.vllm_compat import BaseModelLoader, parallel_ranks, parallel_sizes, unique_tensors
 
@@ -43,7 +43,7 @@ class FastShardedStateLoader(BaseModelLoader):
             paths = [folder / s.path for s in manifest.shards if (s.pp_rank, s.tp_rank) == (pp_rank, tp_rank)]
         else:  # as vLLM's sharded_state finds them
             pattern = self.pattern or default_pattern(pp_size)
-            paths = sorted(folder.glob(pattern.format(rank=tp_rank, tp_rank=tp_rank, pp_rank=pp_rank, part="*")))
+            paths = sorted(folder.glob(render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part="*")))
         device = next(p.device for p in model.parameters() if not p.is_meta)
         materialize(model, device)
         params = unique_tensors(model.state_dict())

@@ -24,7 +24,8 @@ def default_pattern(pipeline_parallel_size: int) -> str:
     return PP_PATTERN if pipeline_parallel_size > 1 else TP_PATTERN
 
 
-def render(pattern: str, *, pp_rank: int, tp_rank: int, part: int) -> str:
+def render(pattern: str, *, pp_rank: int, tp_rank: int, part: int | str) -> str:
+    """A rank's file name; `part="*"` gives the glob of all its parts."""
     return pattern.format(rank=tp_rank, tp_rank=tp_rank, pp_rank=pp_rank, part=part)
 
 
