@@ -10,8 +10,11 @@ beforehand (so no piece pays for pinning):
   pipeline  both, overlapped: `reader` as presharded.reader runs it (each thread reads
             and copies), `queued` with readers that only read and one thread that
             makes every CUDA call
+  hybrid    S threads read through pinned buffers while D threads copy straight out
+            of the page cache (pinned in place, chunk by chunk), all taking chunks
+            from one queue: a byte sent the second way crosses host memory once
 
-    PYTHONPATH=. python3 scripts/read_ceiling.py --work /root/sweep
+    PYTHONPATH=. python3 scripts/read_ceiling.py --work /root/sweep [--what hybrid]
 
 Needs only torch and a GPU; prints one JSON line per measurement.
 """
@@ -29,7 +32,7 @@ import torch
 
 from presharded.reader import Reader, plan_file
 from presharded.safetensors_layout import chunks, read_header
-from staging_sweep import make_files
+from staging_sweep import MmapReader, finish, make_files
 
 
 def timed(fn) -> float:
@@ -80,41 +83,44 @@ def report(what: str, nbytes: int, seconds: float, **kw) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/root/sweep")
+    parser.add_argument("--what", default="memcpy,pread,h2d,copies,pipeline,hybrid")
     args = parser.parse_args()
+    what = args.what.split(",")
     paths = make_files(Path(args.work))
     nbytes = sum(p.stat().st_size for p in paths)
     for p in paths:
         p.read_bytes()  # into the page cache
     torch.empty(1, device="cuda")
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    a, b = torch.ones(2**32, dtype=torch.uint8), torch.empty(2**32, dtype=torch.uint8)
-    b.copy_(a)
-    report("memcpy", a.nbytes, timed(lambda: b.copy_(a)), threads=torch.get_num_threads())
-    del a, b
+    if "memcpy" in what:
+        torch.set_num_threads(os.cpu_count() or 1)
+        a, b = torch.ones(2**32, dtype=torch.uint8), torch.empty(2**32, dtype=torch.uint8)
+        b.copy_(a)
+        report("memcpy", a.nbytes, timed(lambda: b.copy_(a)), threads=torch.get_num_threads())
+        del a, b
 
     chunk = 16 * 2**20
     buffers = pinned(64, chunk)
-    for threads in (4, 8, 16, 32, 64):
+    for threads in (4, 8, 16, 32, 64) if "pread" in what else ():
         report("pread", nbytes, timed(lambda: pread_all(paths, threads, chunk, buffers)), threads=threads, chunk_mib=16)
-    for mib in (1, 2, 4):  # buffers small enough to stay in the CPU's last-level cache
+    for mib in (1, 2, 4) if "pread" in what else ():  # buffers small enough to stay in the CPU's last-level cache
         small = [b[: mib * 2**20] for b in buffers]
         report("pread", nbytes, timed(lambda: pread_all(paths, 16, mib * 2**20, small)), threads=16, chunk_mib=mib)
 
     dest = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    for streams in (1, 2, 4, 16):
+    for streams in (1, 2, 4, 16) if "h2d" in what else ():
         report("h2d", nbytes, timed(lambda: h2d_all(nbytes, streams, buffers[:32], dest)), streams=streams, chunk_mib=16)
     del dest, buffers
 
     params = {k: torch.empty(v["shape"], dtype=torch.bfloat16, device="cuda")
               for p in paths for k, v in read_header(p)[0].items()}
     weights = sum(t.nbytes for t in params.values())
-    for threads, chunk_mib in ((16, 16), (16, 4), (8, 4)):
+    for threads, chunk_mib in ((16, 16), (16, 4), (8, 4)) if "copies" in what else ():
         buffers = pinned(2 * threads, chunk_mib * 2**20)
         flat = [t.view(-1).view(torch.uint8) for t in params.values()]
         report("copies", weights, timed(lambda: copies_only(flat, buffers, threads)), threads=threads, chunk_mib=chunk_mib)
         del buffers
-    for threads, chunk_mib in ((16, 16), (16, 4), (8, 4), (8, 8), (16, 8), (16, 64)):
+    for threads, chunk_mib in ((16, 16), (16, 4), (8, 4), (8, 8), (16, 8), (16, 64)) if "pipeline" in what else ():
         for how in ("reader", "queued"):
             buffers = pinned(2 * threads, chunk_mib * 2**20)
             work = [(path, lo, hi, parts) for path in paths
@@ -124,6 +130,17 @@ def main() -> None:
             report("pipeline", weights, timed(run), how=how, threads=threads, chunk_mib=chunk_mib)
             del buffers
             torch._C._host_emptyCache()
+    hybrids = [(16, 0, 16), (12, 4, 16), (16, 4, 16), (12, 8, 16), (16, 8, 16), (8, 8, 16),
+               (16, 0, 64), (12, 4, 64), (16, 8, 64), (16, 16, 64), (16, 0, 16)]
+    for staged, direct, chunk_mib in hybrids if "hybrid" in what else ():
+        buffers = pinned(2 * staged, chunk_mib * 2**20)
+        work = [(path, lo, hi, parts) for path in paths
+                for lo, hi, parts in chunks(plan_file(path, dict(params)), chunk_mib * 2**20)]
+        load_hybrid(work, buffers, staged, direct)
+        report("hybrid", weights, timed(lambda: load_hybrid(work, buffers, staged, direct)),
+               staged=staged, direct=direct, chunk_mib=chunk_mib)
+        del buffers
+        torch._C._host_emptyCache()
 
 
 def copies_only(flat: list[torch.Tensor], buffers: list[torch.Tensor], threads: int) -> None:
@@ -205,6 +222,30 @@ def load_queued(work: list, buffers: list[torch.Tensor], threads: int) -> None:
     torch.cuda.synchronize()
     for fd in fds.values():
         os.close(fd)
+
+
+def load_hybrid(work: list, buffers: list[torch.Tensor], staged: int, direct: int) -> None:
+    gpu = torch.device("cuda", 0)
+    readers = [Reader(buffers[2 * i : 2 * i + 2], gpu) for i in range(staged)] + [MmapReader([], gpu) for _ in range(direct)]
+    items, lock = iter(work), threading.Lock()
+    fds = {path: os.open(path, os.O_RDONLY) for path in {w[0] for w in work}}
+
+    def run(reader) -> None:
+        while True:
+            with lock:
+                item = next(items, None)
+            if item is None:
+                return
+            path, lo, hi, parts = item
+            reader.read_and_copy(fds[path], lo, hi, parts)
+
+    with ThreadPoolExecutor(len(readers)) as pool:
+        list(pool.map(run, readers))
+    finish("mmap")  # synchronizes, then unpins the page cache
+    MmapReader.maps.clear()  # its keys are fds, which the next run's open may reuse
+    for fd in fds.values():
+        os.close(fd)
+
 
 if __name__ == "__main__":
     main()
