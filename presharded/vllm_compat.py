@@ -1,14 +1,12 @@
 """Every import of vLLM internals lives here: they move between releases.
 Checked against vLLM 0.26 (CUDA) and 0.32 (CPU)."""
 
+import importlib
+
 import torch
 import vllm
 from torch import nn
 from vllm.distributed.parallel_state import get_pp_group, get_tp_group
-from vllm.model_executor.model_loader import register_model_loader
-from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
 from vllm.platforms import current_platform
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -26,6 +24,20 @@ __all__ = [
 ]
 
 VLLM_VERSION: str = vllm.__version__
+LOADER_PACKAGE = "vllm.model_executor.model_loader"
+# vLLM's model loaders are imported on first use: importing them is slow, and
+# a process that never loads a model (the front end, the API server) need not.
+LAZY = {
+    "register_model_loader": LOADER_PACKAGE,
+    "BaseModelLoader": f"{LOADER_PACKAGE}.base_loader",
+    "DefaultModelLoader": f"{LOADER_PACKAGE}.default_loader",
+}
+
+
+def __getattr__(name: str):
+    if name not in LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(LAZY[name]), name)
 
 
 def is_cpu() -> bool:
@@ -45,6 +57,8 @@ def parallel_sizes() -> tuple[int, int]:
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict as vLLM's sharded_state loader expects it: tensors that
     share memory with another (tied weights, fused views) appear once."""
+    from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+
     return ShardedStateLoader._filter_subtensors(state)
 
 
