@@ -40,6 +40,7 @@ LOG = {
     "weights": r"Loading weights took ([\d.]+) seconds",
     "fast_weights": r"fast_sharded_state: rank pp=\d+ tp=\d+ read [\d.]+ GB in ([\d.]+) s",
     "model_loading": r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) seconds",
+    "model_init": r"Initializing model took ([\d.]+) seconds",  # vLLM 0.32 on CPU logs no "Model loading took"
     "init_engine": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
 }
 
@@ -101,31 +102,45 @@ def dd_gbps(path: Path) -> float:
     return dd(f"if={path}", "of=/dev/null", "bs=64M")
 
 
-def dd_write_gbps(folder: Path) -> float:
-    """How fast the disk takes 4 GiB, flushed (what a save is compared with)."""
+def dd_write_gbps(folder: Path, nbytes: int) -> float:
+    """How fast the disk takes as much as a save wrote, at most 4 GiB, flushed
+    (what a save is compared with)."""
     path = folder / "dd-write.tmp"
+    count = max(1, min(64, nbytes // 2**26))
     try:
-        return dd("if=/dev/zero", f"of={path}", "bs=64M", "count=64", "conv=fsync")
+        return dd("if=/dev/zero", f"of={path}", "bs=64M", f"count={count}", "conv=fsync")
     finally:
         path.unlink(missing_ok=True)
 
 
-def start_once(model: Path, load_format: str, tp: int, extra: list[str]) -> dict:
+def parse_format(spec: str) -> tuple[str, dict]:
+    """`fast_sharded_state:chunk_mib=64:threads=8` -> the load format and its loader options."""
+    name, *options = spec.split(":")
+    config = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        config[key] = int(value) if value.isdigit() else value
+    return name, config
+
+
+def start_once(model: Path, spec: str, tp: int, extra: list[str]) -> dict:
+    load_format, config = parse_format(spec)
+    options = ["--model-loader-extra-config", json.dumps(config)] if config else []
     cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(model), "--load-format", load_format,
-           "-tp", str(tp), "--max-tokens", "1", "--json", *extra]
+           "-tp", str(tp), "--max-tokens", "1", "--json", *options, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, VLLM_LOGGING_LEVEL="INFO"))
     if proc.returncode != 0:
         raise RuntimeError(f"{load_format} at TP={tp} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     found = {k: [float(x) for x in re.findall(p, proc.stderr)] for k, p in LOG.items()}
-    weights = found["fast_weights"] or found["weights"]
+    weights = max(found["fast_weights"] or found["weights"], default=0.0)
+    model_loading = max(found["model_loading"], default=0.0) or max(found["model_init"], default=0.0) + weights
     s = result["seconds"]
-    model_loading = max(found["model_loading"], default=0.0)
     init_engine = max(found["init_engine"], default=0.0)
     return {
         "import": s["import"], "engine": s["engine"], "first_token": s["generate"], "total": s["total"],
-        "weights": max(weights, default=0.0),
-        "model_init": max(model_loading - max(weights, default=0.0), 0.0),
+        "weights": weights,
+        "model_init": max(model_loading - weights, 0.0),
         "profile_kv_warmup": init_engine,
         "engine_start": max(s["engine"] - model_loading - init_engine, 0.0),
         "token_ids": result["token_ids"],
@@ -154,25 +169,26 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
                 raise RuntimeError(f"save at TP={tp} failed:\n{save.stderr[-3000:]}")
             saved = json.loads(save.stdout)
             report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2), **saved,
-                                    "dd_write_gbps": round(dd_write_gbps(work), 3)})
+                                    "dd_write_gbps": round(dd_write_gbps(work, saved["bytes"]), 3)})
             print(f"TP={tp} save: {saved['write_gbps']} GB/s, dd writes {report['saves'][-1]['dd_write_gbps']} GB/s",
                   file=sys.stderr, flush=True)
         manifest = read_manifest(checkpoint)
         rank_files = [checkpoint / s.path for s in manifest.shards if s.tp_rank == 0]
         rank_bytes = sum(f.stat().st_size for f in rank_files)
         report["dd"].append({"tp": tp, "file": rank_files[0].name, "cold_gbps": round(dd_gbps(rank_files[0]), 2)})
-        for load_format in args.formats:
+        for spec in args.formats:
+            load_format, _ = parse_format(spec)
             model, files = (source, source_files) if load_format in ("auto", "dummy") else (checkpoint, rank_files)
             for cache in (["cold"] if args.cold and load_format != "dummy" else []) + ["warm"]:
                 for repeat in range(args.repeats if load_format != "dummy" else 1):
                     set_cache(files, warm=cache == "warm")
-                    row = start_once(model, load_format, tp, extra)
-                    row.update(tp=tp, format=load_format, cache=cache, repeat=repeat, rank_bytes=rank_bytes,
+                    row = start_once(model, spec, tp, extra)
+                    row.update(tp=tp, format=spec, cache=cache, repeat=repeat, rank_bytes=rank_bytes,
                                gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
                     row["token_ids"] = row["token_ids"][:1]
                     report["runs"].append(row)
                     (out / "bench.json").write_text(json.dumps(report, indent=1))  # kept if a later run fails
-                    print(f"TP={tp} {load_format:<19} {cache}: weights {row['weights']:.2f} s "
+                    print(f"TP={tp} {spec:<19} {cache}: weights {row['weights']:.2f} s "
                           f"({row['gbps']} GB/s), total {row['total']:.1f} s", file=sys.stderr, flush=True)
     return report
 
@@ -234,7 +250,8 @@ def main() -> None:
     parser.add_argument("--tp", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     parser.add_argument("--formats", type=lambda s: s.split(","),
                         default=["dummy", "auto", "sharded_state", "fast_sharded_state"],
-                        help="load formats to start with; dummy reads no weights: vLLM's own floor")
+                        help="load formats to start with; dummy reads no weights: vLLM's own floor; "
+                        "FORMAT:KEY=VALUE passes loader options, e.g. fast_sharded_state:chunk_mib=64")
     parser.add_argument("--no-save", dest="save", action="store_false",
                         help="reuse the checkpoint a previous run saved in --work")
     parser.add_argument("--no-throwaway", dest="throwaway", action="store_false",

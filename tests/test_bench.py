@@ -1,0 +1,28 @@
+"""presharded-bench on the tiny model: it saves, starts vLLM once per load
+format (loader options included) in fresh processes, and reports every
+phase, with the same first token from every format."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, script_env
+
+
+def test_bench_runs_each_format_and_reports_phases(tmp_path):
+    formats = ["sharded_state", "fast_sharded_state", "fast_sharded_state:chunk_mib=1:threads=2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "presharded.bench", "--synthetic", "tiny", "--tp", "1", "--repeats", "1",
+         "--no-cold", "--no-throwaway", "--formats", ",".join(formats),
+         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--enforce-eager"],
+        cwd=ROOT, env=script_env(1), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [r["format"] for r in report["runs"]] == formats
+    assert len({tuple(r["token_ids"]) for r in report["runs"]}) == 1
+    for r in report["runs"]:  # the tiny model's weights may take under 5 ms: "0.00 seconds"
+        assert r["weights"] >= 0 and r["model_init"] > 0 and r["profile_kv_warmup"] > 0, r
+        assert r["import"] > 0 and r["total"] >= r["engine"] > 0, r
+    assert report["saves"][0]["write_gbps"] > 0 and report["saves"][0]["dd_write_gbps"] > 0
+    assert [row["format"] for row in report["summary"]] == formats
+    assert "| 1 | fast_sharded_state:chunk_mib=1:threads=2 | warm | 1 |" in proc.stdout
