@@ -54,7 +54,8 @@ class FastShardedStateLoader(BaseModelLoader):
         release_pinned_memory()
         released = time.perf_counter() - start - seconds
         print(f"{FAST_FORMAT}: rank pp={pp_rank} tp={tp_rank} read {nbytes / 1e9:.3f} GB in {seconds:.3f} s "
-              f"({nbytes / 1e9 / seconds:.2f} GB/s; {staging.waited:.3f} s of it waiting for staging buffers, "
+              f"({nbytes / 1e9 / seconds:.2f} GB/s; {self.threads} threads, {self.chunk_size >> 20} MiB chunks; "
+              f"{staging.waited:.3f} s of it waiting for staging buffers, "
               f"released in {released:.3f} s)", file=sys.stderr, flush=True)
 
 
