@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from presharded.cli import apply_engine_defaults, early_parse, full_parse, parse_size
-from presharded.errors import UserError, exits_cleanly
+from presharded.errors import UserError, exits_cleanly, raise_if_interrupted, remember_interrupts
 from presharded.files import check_output, copy_model_files, has_weights, publish, resolve_model, start_staging
 from presharded.manifest import CopiedFile, Manifest, Shard, check_pattern, default_pattern, hash_file, write_manifest
 from presharded.writer import SAVE_FORMAT, SaveRequest, read_rank_records, write_failure
@@ -68,6 +68,7 @@ def main() -> None:
     args, parser = full_parse(sys.argv[1:], add_flags, __doc__)
     apply_engine_defaults(args, parser, saving=True)
     engine_args = EngineArgs.from_cli_args(args)
+    remember_interrupts()
     staging = start_staging(output)
     try:
         # Each worker saves its own slice while it loads: see presharded/save_loader.py.
@@ -99,6 +100,7 @@ def main() -> None:
             files=[CopiedFile(f, (staging / f).stat().st_size, hash_file(staging / f)) for f in copied],
         )
         write_manifest(staging, manifest)
+        raise_if_interrupted()
         publish(staging, output)
     except BaseException as e:
         reason = write_failure(staging, e)

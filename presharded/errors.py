@@ -1,7 +1,10 @@
-"""Bad input ends in one line that names the problem and the fix, and exit 1."""
+"""Bad input ends in one line that names the problem and the fix, and exit 1;
+Ctrl-C ends in `interrupted` and exit 130."""
 
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -27,3 +30,23 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
             sys.exit(130)
 
     return wrapper
+
+
+_interrupted = threading.Event()
+
+
+def remember_interrupts() -> None:
+    """Ctrl-C still raises KeyboardInterrupt, and is remembered as well: Python
+    drops one raised inside a `__del__` (it prints "Exception ignored") and
+    carries on, so check `raise_if_interrupted` before anything is published."""
+
+    def interrupt(signum, frame) -> None:
+        _interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+
+
+def raise_if_interrupted() -> None:
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
