@@ -105,29 +105,41 @@ class Reader:
                 p.tensor.copy_(buf[p.start - lo : p.end - lo])
 
 
+Chunk = tuple[Path, int, int, list[Segment]]  # a file, bytes [lo, hi) of it, and the pieces of tensors there
+
+
 def load_files(paths: list[Path], params: dict[str, torch.Tensor], staging: Staging) -> int:
     """Read every file into `params` (all on one device); returns the bytes read."""
     device = next(iter(params.values())).device
+    work = plan(paths, params, staging.chunk_size)
+    return read(work, staging.take(), staging.threads, device)
+
+
+def plan(paths: list[Path], params: dict[str, torch.Tensor], chunk_size: int) -> list[Chunk]:
+    """Every file's chunks; each of `params` must be filled exactly once (they are taken out of it)."""
     work = []
     for path in paths:
-        segments = plan_file(path, params)
-        work += [(path, lo, hi, parts) for lo, hi, parts in chunks(segments, staging.chunk_size)]
+        work += [(path, lo, hi, parts) for lo, hi, parts in chunks(plan_file(path, params), chunk_size)]
     if params:
         raise UserError(f"the checkpoint lacks {len(params)} tensors, e.g. {next(iter(params))}; save it again")
-    buffers = staging.take()
-    local = threading.local()
+    return work
+
+
+def read(work: list[Chunk], buffers: list[torch.Tensor], threads: int, device: torch.device) -> int:
+    """`threads` readers, two of `buffers` each, read and copy the chunks; returns the bytes read."""
+    buffers, local = list(buffers), threading.local()
     readers: list[Reader] = []  # held until the final synchronize: copies out of their buffers may be in flight
 
-    def run(item: tuple[Path, int, int, list[Segment]]) -> None:
+    def run(item: Chunk) -> None:
         if not hasattr(local, "reader"):
             local.reader = Reader([buffers.pop(), buffers.pop()], device)
             readers.append(local.reader)
         path, lo, hi, parts = item
         local.reader.read_and_copy(fds[path], lo, hi, parts)
 
-    fds = {path: os.open(path, os.O_RDONLY) for path in paths}
+    fds = {path: os.open(path, os.O_RDONLY) for path in {path for path, *_ in work}}
     try:
-        with ThreadPoolExecutor(staging.threads) as pool:
+        with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, work))
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from presharded.reader import Reader, plan_file
-from presharded.safetensors_layout import chunks, read_header
+from presharded.reader import Reader, plan, read
+from presharded.safetensors_layout import read_header
 from staging_sweep import MmapReader, finish, make_files
 
 
@@ -115,6 +115,7 @@ def main() -> None:
     params = {k: torch.empty(v["shape"], dtype=torch.bfloat16, device="cuda")
               for p in paths for k, v in read_header(p)[0].items()}
     weights = sum(t.nbytes for t in params.values())
+    gpu = torch.device("cuda", 0)
     for threads, chunk_mib in ((16, 16), (16, 4), (8, 4)) if "copies" in what else ():
         buffers = pinned(2 * threads, chunk_mib * 2**20)
         flat = [t.view(-1).view(torch.uint8) for t in params.values()]
@@ -123,9 +124,8 @@ def main() -> None:
     for threads, chunk_mib in ((16, 16), (16, 4), (8, 4), (8, 8), (16, 8), (16, 64)) if "pipeline" in what else ():
         for how in ("reader", "queued"):
             buffers = pinned(2 * threads, chunk_mib * 2**20)
-            work = [(path, lo, hi, parts) for path in paths
-                    for lo, hi, parts in chunks(plan_file(path, dict(params)), chunk_mib * 2**20)]
-            run = lambda: load_reader(work, buffers, threads) if how == "reader" else load_queued(work, buffers, threads)
+            work = plan(paths, dict(params), chunk_mib * 2**20)
+            run = lambda: read(work, buffers, threads, gpu) if how == "reader" else load_queued(work, buffers, threads)
             run()
             report("pipeline", weights, timed(run), how=how, threads=threads, chunk_mib=chunk_mib)
             del buffers
@@ -134,8 +134,7 @@ def main() -> None:
                (16, 0, 64), (12, 4, 64), (16, 8, 64), (16, 16, 64), (16, 0, 16)]
     for staged, direct, chunk_mib in hybrids if "hybrid" in what else ():
         buffers = pinned(2 * staged, chunk_mib * 2**20)
-        work = [(path, lo, hi, parts) for path in paths
-                for lo, hi, parts in chunks(plan_file(path, dict(params)), chunk_mib * 2**20)]
+        work = plan(paths, dict(params), chunk_mib * 2**20)
         load_hybrid(work, buffers, staged, direct)
         report("hybrid", weights, timed(lambda: load_hybrid(work, buffers, staged, direct)),
                staged=staged, direct=direct, chunk_mib=chunk_mib)
@@ -165,24 +164,6 @@ def copies_only(flat: list[torch.Tensor], buffers: list[torch.Tensor], threads: 
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(run, work))
-
-
-def load_reader(work: list, buffers: list[torch.Tensor], threads: int) -> None:
-    """What presharded.reader.load_files does once it has planned the work."""
-    buffers, local = list(buffers), threading.local()
-    fds = {path: os.open(path, os.O_RDONLY) for path in {w[0] for w in work}}
-
-    def run(item) -> None:
-        if not hasattr(local, "reader"):
-            local.reader = Reader([buffers.pop(), buffers.pop()], torch.device("cuda", 0))
-        path, lo, hi, parts = item
-        local.reader.read_and_copy(fds[path], lo, hi, parts)
-
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(run, work))
-    torch.cuda.synchronize()
-    for fd in fds.values():
-        os.close(fd)
 
 
 def load_queued(work: list, buffers: list[torch.Tensor], threads: int) -> None:
