@@ -1,12 +1,13 @@
 """Reads safetensors files straight into existing tensors, fast.
 
 Each file's data is read in large chunks by a few threads with pread, each
-into one of its own two (pinned) staging buffers, and copied from there
+into one of its own two staging buffers (pinned, for a GPU), and copied from there
 asynchronously straight into the parameters, so reading, copying and the
 next read overlap. Host memory stays bounded (threads x 2 buffers), never a
 second copy of the model. Every tensor must match its destination exactly:
 no silent narrowing."""
 
+import mmap
 import os
 import threading
 import time
@@ -40,23 +41,32 @@ def plan_file(path: Path, params: dict[str, torch.Tensor]) -> list[Segment]:
 
 
 class Staging:
-    """Two buffers per reading thread, pinned when the weights go to a GPU.
-    Pinning memory is slow (2 GiB took 1.3 s on an H200 host, as long as the
-    read itself: scripts/staging_sweep.py), so it runs on a thread of its own
-    from the moment the loader exists, while vLLM builds the model."""
+    """Two buffers per reading thread, in one anonymous mapping, pinned in place
+    (cudaHostRegister) when the weights go to a GPU. Not torch's pinned
+    allocator: its cudaHostAlloc holds up every GPU allocation while it runs,
+    so pinning 2 GiB beside vLLM building the model delayed that by as long as
+    the pinning took (0.86-0.91 s), where touching and registering a mapping
+    pinned it in 0.53-0.56 s and delayed nothing (scripts/pin_cost.py). It
+    runs on a thread of its own from the moment the loader exists."""
 
     def __init__(self, threads: int, chunk_size: int, device: torch.device) -> None:
-        self.threads, self.chunk_size = threads, chunk_size
+        self.threads, self.chunk_size, self.device = threads, chunk_size, device
+        self.area: mmap.mmap | None = None
+        self.pinned = 0  # the address cudaHostRegister pinned, if it did
         pool = ThreadPoolExecutor(1)
-        self._buffers = pool.submit(self._allocate, 2 * threads, chunk_size, device)
+        self._buffers = pool.submit(self._allocate, 2 * threads, chunk_size)
         pool.shutdown(wait=False)
 
-    @staticmethod
-    def _allocate(count: int, size: int, device: torch.device) -> list[torch.Tensor]:
-        pin = device.type == "cuda"
-        if pin:
-            torch.cuda.set_device(device)  # a new thread starts on GPU 0
-        return [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+    def _allocate(self, count: int, size: int) -> list[torch.Tensor]:
+        self.area = mmap.mmap(-1, count * size)
+        whole = torch.frombuffer(self.area, dtype=torch.uint8)
+        whole.fill_(0)  # fault every page in now, not during the read
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread starts on GPU 0
+            if rc := torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), whole.nbytes, 0):
+                raise RuntimeError(f"pinning {whole.nbytes} bytes of staging failed: CUDA error {rc}")
+            self.pinned = whole.data_ptr()
+        return list(whole.split(size))
 
     def take(self) -> list[torch.Tensor]:
         start = time.perf_counter()
@@ -64,13 +74,24 @@ class Staging:
         self.waited = time.perf_counter() - start
         return buffers
 
-
-def release_pinned_memory() -> None:
-    """Torch keeps freed pinned blocks for reuse for the life of the process:
-    give the staging buffers back to the system once the weights are in."""
-    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
-    if torch.cuda.is_available() and empty is not None:
-        empty()
+    def release(self) -> None:
+        """Unpins and unmaps the buffers, once any copy out of them has finished."""
+        start = time.perf_counter()
+        if self._buffers is not None:
+            self._buffers.exception()  # never taken: wait for the allocation to end
+            self._buffers = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.pinned)
+            self.pinned = 0
+        if self.area is not None:
+            try:
+                self.area.close()
+                self.area = None
+            except BufferError:  # a failed read's traceback still holds a buffer: unmapped when it goes
+                pass
+        self.released = time.perf_counter() - start
 
 
 class Reader:
@@ -109,10 +130,14 @@ Chunk = tuple[Path, int, int, list[Segment]]  # a file, bytes [lo, hi) of it, an
 
 
 def load_files(paths: list[Path], params: dict[str, torch.Tensor], staging: Staging) -> int:
-    """Read every file into `params` (all on one device); returns the bytes read."""
+    """Read every file into `params` (all on one device); returns the bytes read.
+    Releases the staging buffers, whatever happens."""
     device = next(iter(params.values())).device
-    work = plan(paths, params, staging.chunk_size)
-    return read(work, staging.take(), staging.threads, device)
+    try:
+        work = plan(paths, params, staging.chunk_size)
+        return read(work, staging.take(), staging.threads, device)
+    finally:
+        staging.release()
 
 
 def plan(paths: list[Path], params: dict[str, torch.Tensor], chunk_size: int) -> list[Chunk]:

@@ -37,16 +37,23 @@ def test_chunks_cover_every_byte_once():
             assert torch.equal(s.tensor, source[s.start : s.end])
 
 
-def test_load_files_reads_exact_tensors_and_refuses_other_shapes(tmp_path):
+def test_load_files_reads_exact_tensors_refuses_other_shapes_and_always_releases_staging(tmp_path):
     tensors = {"a": torch.randn(300, 7), "b": torch.arange(1000, dtype=torch.int64), "c": torch.randn(5).bfloat16()}
-    save_file(tensors, tmp_path / "x.safetensors")
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path)
     params = {k: torch.empty_like(v) for k, v in tensors.items()}
-    targets = dict(params)
-    assert load_files([tmp_path / "x.safetensors"], params, Staging(3, 1000, torch.device("cpu"))) > 0
+    targets, staging = dict(params), Staging(3, 1000, torch.device("cpu"))
+    assert load_files([path], params, staging) > 0
     assert all(torch.equal(targets[k], tensors[k]) for k in tensors)
+    assert staging.area is None  # unmapped
+    staging = Staging(2, 1000, torch.device("cpu"))
     with pytest.raises(UserError, match=r"a is F32\[300, 7\], the model expects torch.float32\[150, 7\]"):
-        load_files([tmp_path / "x.safetensors"], {"a": torch.empty(150, 7), "b": torch.empty(1000, dtype=torch.int64),
-                   "c": torch.empty(5).bfloat16()}, Staging(2, 1000, torch.device("cpu")))
+        load_files([path], {"a": torch.empty(150, 7), "b": torch.empty(1000, dtype=torch.int64),
+                   "c": torch.empty(5).bfloat16()}, staging)
+    assert staging.area is None
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UserError, match="the file is truncated"):
+        load_files([path], {k: torch.empty_like(v) for k, v in tensors.items()}, Staging(2, 1000, torch.device("cpu")))
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)], ids=["tp1", "tp2"])
