@@ -63,7 +63,8 @@ class Staging:
         whole.fill_(0)  # fault every page in now, not during the read
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # a new thread starts on GPU 0
-            if rc := torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), whole.nbytes, 0):
+            rc = torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), whole.nbytes, 0)
+            if int(rc) != 0:  # a cudaError enum, true even when it is success
                 raise RuntimeError(f"pinning {whole.nbytes} bytes of staging failed: CUDA error {rc}")
             self.pinned = whole.data_ptr()
         return list(whole.split(size))
