@@ -129,8 +129,9 @@ def start_once(model: Path, spec: str, tp: int, extra: list[str]) -> dict:
     cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(model), "--load-format", load_format,
            "-tp", str(tp), "--max-tokens", "1", "--json", *options, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, VLLM_LOGGING_LEVEL="INFO"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{load_format} at TP={tp} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # the engine's root cause comes before the front end's long traceback
+        errors = [line for line in proc.stderr.splitlines() if re.search(r"\w(Error|Exception)\b", line)]
+        raise RuntimeError(f"{load_format} at TP={tp} failed:\n" + "\n".join(errors[:10]) + f"\n...\n{proc.stderr[-1500:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     found = {k: [float(x) for x in re.findall(p, proc.stderr)] for k, p in LOG.items()}
     weights = max(found["fast_weights"] or found["weights"], default=0.0)
@@ -144,6 +145,7 @@ def start_once(model: Path, spec: str, tp: int, extra: list[str]) -> dict:
         "profile_kv_warmup": init_engine,
         "engine_start": max(s["engine"] - model_loading - init_engine, 0.0),
         "token_ids": result["token_ids"],
+        "loader_log": re.findall(r"fast_sharded_state: rank .*", proc.stderr),  # staging waits and release, per rank
     }
 
 

@@ -23,6 +23,19 @@ def test_bench_runs_each_format_and_reports_phases(tmp_path):
     for r in report["runs"]:  # the tiny model's weights may take under 5 ms: "0.00 seconds"
         assert r["weights"] >= 0 and r["model_init"] > 0 and r["profile_kv_warmup"] > 0, r
         assert r["import"] > 0 and r["total"] >= r["engine"] > 0, r
+    assert [len(r["loader_log"]) for r in report["runs"]] == [0, 1, 1]
+    assert "2 threads, 1 MiB chunks" in report["runs"][2]["loader_log"][0]
     assert report["saves"][0]["write_gbps"] > 0 and report["saves"][0]["dd_write_gbps"] > 0
     assert [row["format"] for row in report["summary"]] == formats
     assert "| 1 | fast_sharded_state:chunk_mib=1:threads=2 | warm | 1 |" in proc.stdout
+
+
+def test_bench_names_the_engines_root_cause_when_a_start_fails(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "presharded.bench", "--synthetic", "tiny", "--repeats", "1", "--no-cold",
+         "--no-throwaway", "--formats", "fast_sharded_state:bogus=1",
+         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--enforce-eager"],
+        cwd=ROOT, env=script_env(1), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    head = proc.stderr.split("failed:\n", 1)[1][:2000]  # before the front end's traceback
+    assert "unknown model_loader_extra_config keys for fast_sharded_state: ['bogus']" in head, proc.stderr[-3000:]
