@@ -21,7 +21,7 @@ class FastShardedStateLoader(BaseModelLoader):
         super().__init__(load_config)
         extra = dict(load_config.model_loader_extra_config or {})
         self.threads = int(extra.pop("threads", 16))
-        self.chunk_size = int(extra.pop("chunk_mib", 64)) * 2**20
+        self.chunk_size = int(extra.pop("chunk_mib", 16)) * 2**20
         self.pattern = extra.pop("pattern", None)
         if extra:
             raise ValueError(f"unknown model_loader_extra_config keys for {FAST_FORMAT}: {sorted(extra)}")
