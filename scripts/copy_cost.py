@@ -4,12 +4,13 @@ pinned beforehand):
 
   dd        16 dd processes read the files out of the page cache: no Python
   pread     the same with 16 Python threads (os.preadv into pinned buffers)
-  copies    16 threads copy pinned buffers to the GPU, nothing read: torch's
+  copies    1, 8 or 16 threads copy pinned buffers to the GPU, nothing read: torch's
             copy_ (as presharded.reader does) against the CUDA driver's
             cuMemcpyHtoDAsync called through ctypes (no dispatcher, no GIL held)
-  pipeline  the loader's read loop with each of the two ways of copying
+  pipeline  the loader's read loop with each way of copying, and with torch recording
+            two events per thread over and over (torch_events) instead of a new one per chunk
 
-    PYTHONPATH=. python3 scripts/copy_cost.py --work /root/sweep
+    PYTHONPATH=. python3 scripts/copy_cost.py --work /root/sweep [--what dd,copies,pipeline]
 
 Needs only torch and a GPU; prints one JSON line per measurement.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from presharded.reader import plan, read
+from presharded.reader import Reader, plan, read
 from presharded.safetensors_layout import read_header
 from read_ceiling import copies_only, pinned, pread_all, report, timed
 from staging_sweep import make_files
@@ -86,6 +87,42 @@ class DriverReader:
         self.pending[i] = True
 
 
+class EventReusingReader(Reader):
+    """presharded.reader.Reader recording two events over and over instead of a new one per chunk."""
+
+    def read_and_copy(self, fd: int, lo: int, hi: int, parts: list) -> None:
+        i, self.turn = self.turn, 1 - self.turn
+        if self.events[i] is None:
+            self.events[i] = torch.cuda.Event()
+        else:
+            self.events[i].synchronize()
+        buf = self.buffers[i][: hi - lo]
+        view, done = memoryview(buf.numpy()), 0
+        while done < hi - lo:
+            done += os.preadv(fd, [view[done:]], lo + done)
+        with torch.cuda.stream(self.stream):
+            for p in parts:
+                p.tensor.copy_(buf[p.start - lo : p.end - lo], non_blocking=True)
+            self.events[i].record(self.stream)
+
+
+def read_with(make, work: list, buffers: list[torch.Tensor], threads: int) -> None:
+    buffers, local = list(buffers), threading.local()
+    fds = {path: os.open(path, os.O_RDONLY) for path in {w[0] for w in work}}
+
+    def run(item) -> None:
+        if not hasattr(local, "reader"):
+            local.reader = make([buffers.pop(), buffers.pop()])
+        path, lo, hi, parts = item
+        local.reader.read_and_copy(fds[path], lo, hi, parts)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, work))
+    torch.cuda.synchronize()
+    for fd in fds.values():
+        os.close(fd)
+
+
 def read_driver(cu: Driver, work: list, buffers: list[torch.Tensor], threads: int) -> None:
     buffers, local = list(buffers), threading.local()
     gpu = torch.device("cuda", 0)
@@ -142,6 +179,7 @@ def dd_all(paths: list[Path], processes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/root/sweep")
+    parser.add_argument("--what", default="dd,copies,pipeline")
     args = parser.parse_args()
     paths = make_files(Path(args.work))
     nbytes = sum(p.stat().st_size for p in paths)
@@ -151,7 +189,7 @@ def main() -> None:
     cu = Driver()
     gpu = torch.device("cuda", 0)
 
-    for _ in range(2):
+    for _ in range(2 if "dd" in args.what else 0):
         report("dd", nbytes, timed(lambda: dd_all(paths, 16)), processes=16, chunk_mib=16)
         buffers = pinned(16, 16 * 2**20)
         report("pread", nbytes, timed(lambda: pread_all(paths, 16, 16 * 2**20, buffers)), threads=16, chunk_mib=16)
@@ -161,18 +199,22 @@ def main() -> None:
               for p in paths for k, v in read_header(p)[0].items()}
     weights = sum(t.nbytes for t in params.values())
     flat = [t.view(-1).view(torch.uint8) for t in params.values()]
-    for threads, mib in ((16, 4), (16, 16), (8, 4), (1, 4)):
+    for threads, mib in ((16, 4), (16, 16), (8, 4), (1, 4)) if "copies" in args.what else ():
         buffers = pinned(2 * threads, mib * 2**20)
         report("copies", weights, timed(lambda: copies_only(flat, buffers, threads)), how="torch", threads=threads, chunk_mib=mib)
         report("copies", weights, timed(lambda: copies_driver(cu, flat, buffers, threads)), how="driver", threads=threads, chunk_mib=mib)
         del buffers
         torch._C._host_emptyCache()
-    for threads, mib in ((16, 4), (16, 8), (16, 16), (16, 64), (32, 4)):
+    ways = {
+        "torch": lambda work, buffers, threads: read(work, buffers, threads, gpu),
+        "torch_events": lambda work, buffers, threads: read_with(lambda b: EventReusingReader(b, gpu), work, buffers, threads),
+        "driver": lambda work, buffers, threads: read_driver(cu, work, buffers, threads),
+    }
+    for threads, mib in ((16, 16), (16, 64), (16, 32), (8, 64)):
         buffers = pinned(2 * threads, mib * 2**20)
         work = plan(paths, dict(params), mib * 2**20)
-        for how in ("torch", "driver", "torch", "driver"):
-            run = (lambda: read(work, buffers, threads, gpu)) if how == "torch" else (lambda: read_driver(cu, work, buffers, threads))
-            report("pipeline", weights, timed(run), how=how, threads=threads, chunk_mib=mib)
+        for how in [*ways, *ways, *ways]:
+            report("pipeline", weights, timed(lambda: ways[how](work, buffers, threads)), how=how, threads=threads, chunk_mib=mib)
         del buffers
         torch._C._host_emptyCache()
     copy = {k: torch.zeros_like(v) for k, v in params.items()}
