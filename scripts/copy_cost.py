@@ -124,21 +124,7 @@ def read_with(make, work: list, buffers: list[torch.Tensor], threads: int) -> No
 
 
 def read_driver(cu: Driver, work: list, buffers: list[torch.Tensor], threads: int) -> None:
-    buffers, local = list(buffers), threading.local()
-    gpu = torch.device("cuda", 0)
-    fds = {path: os.open(path, os.O_RDONLY) for path in {w[0] for w in work}}
-
-    def run(item) -> None:
-        if not hasattr(local, "reader"):
-            local.reader = DriverReader(cu, [buffers.pop(), buffers.pop()], gpu)
-        path, lo, hi, parts = item
-        local.reader.read_and_copy(fds[path], lo, hi, parts)
-
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(run, work))
-    torch.cuda.synchronize()
-    for fd in fds.values():
-        os.close(fd)
+    read_with(lambda pair: DriverReader(cu, pair, torch.device("cuda", 0)), work, buffers, threads)
 
 
 def copies_driver(cu: Driver, flat: list[torch.Tensor], buffers: list[torch.Tensor], threads: int) -> None:
