@@ -178,21 +178,31 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
         rank_files = [checkpoint / s.path for s in manifest.shards if s.tp_rank == 0]
         rank_bytes = sum(f.stat().st_size for f in rank_files)
         report["dd"].append({"tp": tp, "file": rank_files[0].name, "cold_gbps": round(dd_gbps(rank_files[0]), 2)})
-        for spec in args.formats:
+        # formats take turns, so that a machine that drifts (its memory speed does) drifts for all of them
+        for cache, repeat, spec in starts(args.formats, args.repeats, args.cold):
             load_format, _ = parse_format(spec)
             model, files = (source, source_files) if load_format in ("auto", "dummy") else (checkpoint, rank_files)
-            for cache in (["cold"] if args.cold and load_format != "dummy" else []) + ["warm"]:
-                for repeat in range(args.repeats if load_format != "dummy" else 1):
-                    set_cache(files, warm=cache == "warm")
-                    row = start_once(model, spec, tp, extra)
-                    row.update(tp=tp, format=spec, cache=cache, repeat=repeat, rank_bytes=rank_bytes,
-                               gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
-                    row["token_ids"] = row["token_ids"][:1]
-                    report["runs"].append(row)
-                    (out / "bench.json").write_text(json.dumps(report, indent=1))  # kept if a later run fails
-                    print(f"TP={tp} {spec:<19} {cache}: weights {row['weights']:.2f} s "
-                          f"({row['gbps']} GB/s), total {row['total']:.1f} s", file=sys.stderr, flush=True)
+            set_cache(files, warm=cache == "warm")
+            row = start_once(model, spec, tp, extra)
+            row.update(tp=tp, format=spec, cache=cache, repeat=repeat, rank_bytes=rank_bytes,
+                       gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
+            row["token_ids"] = row["token_ids"][:1]
+            report["runs"].append(row)
+            (out / "bench.json").write_text(json.dumps(report, indent=1))  # kept if a later run fails
+            print(f"TP={tp} {spec:<19} {cache}: weights {row['weights']:.2f} s "
+                  f"({row['gbps']} GB/s), total {row['total']:.1f} s", file=sys.stderr, flush=True)
     return report
+
+
+def starts(formats: list[str], repeats: int, cold: bool) -> list[tuple[str, int, str]]:
+    """(cache, repeat, format) of every start, in order: cold ones first, each
+    round going once through the formats; `dummy` reads nothing, so once, warm."""
+    order = []
+    for cache in (["cold"] if cold else []) + ["warm"]:
+        for repeat in range(repeats):
+            order += [(cache, repeat, spec) for spec in formats
+                      if parse_format(spec)[0] != "dummy" or (cache, repeat) == ("warm", 0)]
+    return order
 
 
 PHASES = ["import", "engine_start", "model_init", "weights", "profile_kv_warmup", "first_token"]

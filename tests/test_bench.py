@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, script_env
+from presharded.bench import starts
 
 
 def test_bench_runs_each_format_and_reports_phases(tmp_path):
@@ -39,3 +40,9 @@ def test_bench_names_the_engines_root_cause_when_a_start_fails(tmp_path):
     assert proc.returncode != 0
     head = proc.stderr.split("failed:\n", 1)[1][:2000]  # before the front end's traceback
     assert "unknown model_loader_extra_config keys for fast_sharded_state: ['bogus']" in head, proc.stderr[-3000:]
+
+
+def test_bench_formats_take_turns():
+    assert starts(["dummy", "a", "b:x=1"], 2, cold=True) == [
+        ("cold", 0, "a"), ("cold", 0, "b:x=1"), ("cold", 1, "a"), ("cold", 1, "b:x=1"),
+        ("warm", 0, "dummy"), ("warm", 0, "a"), ("warm", 0, "b:x=1"), ("warm", 1, "a"), ("warm", 1, "b:x=1")]
