@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
         rank_bytes = sum(f.stat().st_size for f in rank_files)
         report["dd"].append({"tp": tp, "file": rank_files[0].name, "cold_gbps": round(dd_gbps(rank_files[0]), 2)})
         # formats take turns, so that a machine that drifts (its memory speed does) drifts for all of them
-        for cache, repeat, spec in starts(args.formats, args.repeats, args.cold):
+        for cache, repeat, spec in starts(args.formats, args.repeats, args.cold, args.warm):
             load_format, _ = parse_format(spec)
             model, files = (source, source_files) if load_format in ("auto", "dummy") else (checkpoint, rank_files)
             set_cache(files, warm=cache == "warm")
@@ -194,11 +194,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
     return report
 
 
-def starts(formats: list[str], repeats: int, cold: bool) -> list[tuple[str, int, str]]:
+def starts(formats: list[str], repeats: int, cold: bool, warm: bool = True) -> list[tuple[str, int, str]]:
     """(cache, repeat, format) of every start, in order: cold ones first, each
     round going once through the formats; `dummy` reads nothing, so once, warm."""
     order = []
-    for cache in (["cold"] if cold else []) + ["warm"]:
+    for cache in (["cold"] if cold else []) + (["warm"] if warm else []):
         for repeat in range(repeats):
             order += [(cache, repeat, spec) for spec in formats
                       if parse_format(spec)[0] != "dummy" or (cache, repeat) == ("warm", 0)]
@@ -270,6 +270,8 @@ def main() -> None:
                         help="skip the uncounted first start that takes the machine's one-time warm-up")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache runs")
+    parser.add_argument("--no-warm", dest="warm", action="store_false",
+                        help="skip the warm-cache runs (and dummy, which is warm only)")
     parser.add_argument("--work", default="build/bench", help="where models and checkpoints are written")
     parser.add_argument("--out", default="build/bench", help="where bench.json and bench.png go")
     args, extra = parser.parse_known_args()  # the rest goes to every engine, e.g. --enforce-eager

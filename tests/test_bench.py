@@ -46,3 +46,4 @@ def test_bench_formats_take_turns():
     assert starts(["dummy", "a", "b:x=1"], 2, cold=True) == [
         ("cold", 0, "a"), ("cold", 0, "b:x=1"), ("cold", 1, "a"), ("cold", 1, "b:x=1"),
         ("warm", 0, "dummy"), ("warm", 0, "a"), ("warm", 0, "b:x=1"), ("warm", 1, "a"), ("warm", 1, "b:x=1")]
+    assert starts(["dummy", "a"], 1, cold=True, warm=False) == [("cold", 0, "a")]
