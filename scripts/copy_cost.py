@@ -20,7 +20,6 @@ import ctypes
 import os
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,25 +105,8 @@ class EventReusingReader(Reader):
             self.events[i].record(self.stream)
 
 
-def read_with(make, work: list, buffers: list[torch.Tensor], threads: int) -> None:
-    buffers, local = list(buffers), threading.local()
-    fds = {path: os.open(path, os.O_RDONLY) for path in {w[0] for w in work}}
-
-    def run(item) -> None:
-        if not hasattr(local, "reader"):
-            local.reader = make([buffers.pop(), buffers.pop()])
-        path, lo, hi, parts = item
-        local.reader.read_and_copy(fds[path], lo, hi, parts)
-
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(run, work))
-    torch.cuda.synchronize()
-    for fd in fds.values():
-        os.close(fd)
-
-
 def read_driver(cu: Driver, work: list, buffers: list[torch.Tensor], threads: int) -> None:
-    read_with(lambda pair: DriverReader(cu, pair, torch.device("cuda", 0)), work, buffers, threads)
+    read(work, buffers, threads, torch.device("cuda", 0), reader=lambda pair, device: DriverReader(cu, pair, device))
 
 
 def copies_driver(cu: Driver, flat: list[torch.Tensor], buffers: list[torch.Tensor], threads: int) -> None:
@@ -193,7 +175,7 @@ def main() -> None:
         torch._C._host_emptyCache()
     ways = {
         "torch": lambda work, buffers, threads: read(work, buffers, threads, gpu),
-        "torch_events": lambda work, buffers, threads: read_with(lambda b: EventReusingReader(b, gpu), work, buffers, threads),
+        "torch_events": lambda work, buffers, threads: read(work, buffers, threads, gpu, reader=EventReusingReader),
         "driver": lambda work, buffers, threads: read_driver(cu, work, buffers, threads),
     }
     for threads, mib in ((16, 16), (16, 64), (16, 32), (8, 64)):
