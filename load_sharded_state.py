@@ -18,21 +18,31 @@ import sys
 import time
 from pathlib import Path
 
-from presharded.checks import check_checkpoint
+from presharded.load_checks import check_checkpoint, saved_layout
 from presharded.cli import apply_engine_defaults, early_parse, fill_unset, full_parse
 from presharded.errors import UserError, exits_cleanly
+from presharded.lifetime import engine_dies_with_this_process
 
 CHECKED_FORMATS = ("sharded_state", "fast_sharded_state")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="The quick brown fox")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32, help="at least 1")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
     parser.add_argument("--verify-hashes", action="store_true",
                         help="hash every file against the manifest before loading")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens {args.max_tokens}: generate at least 1 token")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: use 0 (greedy) or more")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: use a value above 0, at most 1")
 
 
 @exits_cleanly
@@ -42,8 +52,9 @@ def main() -> None:
     early = early_parse(sys.argv[1:], add_flags, __doc__)
     if early.model is None:
         raise UserError("--model is required: a checkpoint folder from save_sharded_state.py")
+    check_sampling(early)
     load_format = early.load_format or "sharded_state"
-    manifest = None
+    layout = {}
     if load_format in CHECKED_FORMATS:
         manifest = check_checkpoint(
             Path(early.model),
@@ -52,20 +63,26 @@ def main() -> None:
             verify_hashes=early.verify_hashes,
             load_format=load_format,
         )
+        layout = saved_layout(Path(early.model), manifest)
     t_checks = time.perf_counter()
 
     from vllm import LLM, EngineArgs, SamplingParams
 
+    from presharded.vllm_compat import REQUEST_ERRORS
+
     t_import = time.perf_counter()
     args, parser = full_parse(sys.argv[1:], add_flags, __doc__, {"load_format": "sharded_state"})
-    if manifest is not None:
-        fill_unset(args, parser, manifest.engine_defaults())
+    fill_unset(args, parser, layout)
     apply_engine_defaults(args, parser, saving=False)
+    engine_dies_with_this_process()
     llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     t_engine = time.perf_counter()
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
-    output = llm.generate([args.prompt], params, use_tqdm=False)[0].outputs[0]
+    try:
+        output = llm.generate([args.prompt], params, use_tqdm=False)[0].outputs[0]
+    except REQUEST_ERRORS as e:  # vLLM checks the prompt against the context here, before generating
+        raise UserError(f"{str(e).splitlines()[0]} (--prompt, --max-tokens, --max-model-len)") from None
     t_generate = time.perf_counter()
 
     seconds = {

@@ -8,6 +8,7 @@ import argparse
 import os
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from presharded.errors import UserError
 
@@ -40,12 +41,41 @@ class _OneLineErrors(argparse.ArgumentParser):
         raise UserError(f"{message}; see --help")
 
 
+def positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r} (try 5GB or 500MiB)")
+    return size
+
+
+def config_file_args(path: str, known: set[str]) -> list[str]:
+    """The flags of a --config YAML file that the early parse knows, as vLLM
+    reads them: before the command line's, which win."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read --config {path} ({e}); pass a YAML file of engine flags")
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} is not a mapping of flags to values; see vLLM's --config")
+    args = []
+    for key, value in values.items():
+        flag = "--" + str(key).replace("_", "-")
+        if flag.removeprefix("--").replace("-", "_") not in known or value is False or value is None:
+            continue
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
 def early_parse(argv: Sequence[str], add_flags: AddFlags, description: str) -> argparse.Namespace:
-    """The script's own flags and the engine flags its checks need; the rest is
-    left for vLLM's parser, which also answers --help (and exits)."""
+    """The script's own flags and the engine flags its checks need, from the
+    command line and a --config file; the rest is left for vLLM's parser,
+    which also answers --help (and exits)."""
     if {"-h", "--help"} & set(argv):
         full_parse(argv, add_flags, description)
     parser = _OneLineErrors(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--revision", default=None)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
@@ -53,7 +83,10 @@ def early_parse(argv: Sequence[str], add_flags: AddFlags, description: str) -> a
     parser.add_argument("--data-parallel-size", "-dp", type=int, default=None)
     parser.add_argument("--load-format", default=None)
     add_flags(parser)
-    args, _ = parser.parse_known_args(_normalize(argv))
+    argv = _normalize(argv)
+    args, _ = parser.parse_known_args(argv)
+    if args.config:
+        args, _ = parser.parse_known_args(config_file_args(args.config, set(vars(args))) + argv)
     return args
 
 

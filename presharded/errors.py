@@ -2,11 +2,11 @@
 Ctrl-C ends in `interrupted` and exit 130."""
 
 import functools
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from typing import TypeVar
+
+from presharded.lifetime import interrupted
 
 T = TypeVar("T")
 
@@ -25,28 +25,10 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) or interrupted():  # vLLM may turn it into an error of its own
+                print("interrupted", file=sys.stderr)
+                sys.exit(130)
+            raise
 
     return wrapper
-
-
-_interrupted = threading.Event()
-
-
-def remember_interrupts() -> None:
-    """Ctrl-C still raises KeyboardInterrupt, and is remembered as well: Python
-    drops one raised inside a `__del__` (it prints "Exception ignored") and
-    carries on, so check `raise_if_interrupted` before anything is published."""
-
-    def interrupt(signum, frame) -> None:
-        _interrupted.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt)
-
-
-def raise_if_interrupted() -> None:
-    if _interrupted.is_set():
-        raise KeyboardInterrupt

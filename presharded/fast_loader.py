@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from presharded.checks import check_checkpoint
+from presharded.load_checks import check_checkpoint
 from presharded.manifest import default_pattern, render
 from presharded.reader import Staging, load_files
 from presharded.vllm_compat import BaseModelLoader, parallel_ranks, parallel_sizes, unique_tensors

@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     args = parser.parse_args()
+    if not args.checkpoint.is_dir():
+        what = "is a file" if args.checkpoint.exists() else "does not exist"
+        raise UserError(f"{args.checkpoint} {what}; pass a checkpoint folder written by save_sharded_state.py")
     manifest = read_manifest(args.checkpoint)
     if manifest is None:
         raise UserError(f"{args.checkpoint} has no {MANIFEST_NAME}; pass a folder written by save_sharded_state.py")

@@ -4,7 +4,6 @@ with its size and hash. Written last: a folder without one is not finished."""
 import dataclasses
 import json
 import os
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from presharded.errors import UserError
 
 MANIFEST_NAME = "presharded.json"
 FORMAT_NAME = "presharded"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each weight file's header hash
 # vLLM's own names, so its built-in sharded_state loader reads our files too.
 TP_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 PP_PATTERN = "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
@@ -29,27 +28,16 @@ def render(pattern: str, *, pp_rank: int, tp_rank: int, part: int | str) -> str:
     return pattern.format(rank=tp_rank, tp_rank=tp_rank, pp_rank=pp_rank, part=part)
 
 
-def check_pattern(pattern: str, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
-    """A file pattern must name every rank that differs, or ranks overwrite
-    each other's files; vLLM's loader refuses {pp_rank} without pipeline stages."""
-    fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
-    problem = None
-    if not pattern.endswith(".safetensors"):
-        problem = "must end in .safetensors"
-    elif fields - {"rank", "tp_rank", "pp_rank", "part"}:
-        problem = f"may only use {{rank}} {{tp_rank}} {{pp_rank}} {{part}}, not {sorted(fields)}"
-    elif "part" not in fields:
-        problem = "must contain {part}"
-    elif tensor_parallel_size > 1 and not fields & {"rank", "tp_rank"}:
-        problem = "must contain {rank} or {tp_rank} for tensor parallelism"
-    elif (pipeline_parallel_size > 1) != ("pp_rank" in fields):
-        problem = "must contain {pp_rank} exactly when --pipeline-parallel-size > 1"
-    if problem:
-        raise UserError(f"--file-pattern {pattern!r} {problem}; or leave it out for vLLM's default")
-
-
 def hash_file(path: Path) -> str:
     return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+
+
+def hash_header(path: Path) -> str:
+    """The hash of a safetensors file's length field and tensor table."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        return blake3.blake3(head + f.read(min(length, 100 * 2**20))).hexdigest()
 
 
 @dataclass
@@ -60,6 +48,7 @@ class Shard:
     part: int
     size: int
     blake3: str
+    header_blake3: str | None = None  # its tensor table, checked on every load (version 2 on)
 
 
 @dataclass

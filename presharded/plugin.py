@@ -20,7 +20,8 @@ def register() -> None:
 
 def register_loaders() -> None:
     from presharded.fast_loader import FAST_FORMAT, FastShardedStateLoader
-    from presharded.save_loader import SAVE_FORMAT, SavingModelLoader
+    from presharded.handoff import SAVE_FORMAT
+    from presharded.save_loader import SavingModelLoader
     from presharded.vllm_compat import register_model_loader
 
     register_model_loader(SAVE_FORMAT)(SavingModelLoader)

@@ -77,3 +77,4 @@ def chunks(segments: list[Segment], chunk_size: int) -> list[tuple[int, int, lis
     if parts:
         out.append((lo, hi, parts))
     return out
+

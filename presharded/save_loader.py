@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from presharded.handoff import RankRecord, SaveRequest, write_record
 from presharded.vllm_compat import DefaultModelLoader, online_quantized_layers, parallel_ranks, unique_tensors
-from presharded.writer import SAVE_FORMAT, SaveRequest, write_rank, write_rank_record
+from presharded.writer import write_rank
 
 
 class SavingModelLoader(DefaultModelLoader):
     def __init__(self, load_config) -> None:
-        extra = dict(load_config.model_loader_extra_config)
-        self.request = SaveRequest(**extra.pop(SAVE_FORMAT))
+        self.request, extra = SaveRequest.from_extra_config(load_config.model_loader_extra_config)
         source_config = dataclasses.replace(
             load_config,
             load_format=self.request.source_load_format,
@@ -39,15 +39,14 @@ class SavingModelLoader(DefaultModelLoader):
             tp_rank=tp_rank,
             max_file_size=self.request.max_file_size,
         )
-        write_rank_record(
-            folder,
-            shards,
+        write_record(folder, pp_rank, tp_rank, RankRecord(
+            shards=shards,
             dtype=str(model_config.dtype).removeprefix("torch."),
             quantization=model_config.quantization,
             architecture=model_config.hf_config.architectures[0],
             online_quantization=bool(online.layers),
             write_seconds=time.perf_counter() - start,
-        )
+        ))
 
 
 class BeforeQuantization:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from presharded.checks import check_checkpoint
+from presharded.load_checks import check_checkpoint
 from presharded.errors import UserError, exits_cleanly
 
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is", "def fibonacci(n):"]
@@ -26,7 +26,7 @@ def as_flags(settings: dict) -> list[str]:
 
 
 def greedy_tokens(model: str, load_format: str, flags: list[str]) -> list[list[int]]:
-    cmd = [sys.executable, "-m", "presharded.generate", "--model", model, "--load-format", load_format,
+    cmd = [sys.executable, "-m", "presharded.verify_tokens", "--model", model, "--load-format", load_format,
            "--prompts", json.dumps(PROMPTS), *flags]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:

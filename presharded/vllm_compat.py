@@ -14,6 +14,7 @@ __all__ = [
     "BaseModelLoader",
     "DefaultModelLoader",
     "FlexibleArgumentParser",
+    "REQUEST_ERRORS",
     "VLLM_VERSION",
     "is_cpu",
     "online_quantized_layers",
@@ -24,6 +25,12 @@ __all__ = [
 ]
 
 VLLM_VERSION: str = vllm.__version__
+try:  # a request vLLM refuses (a prompt longer than the context): ValueError on 0.26
+    from vllm.exceptions import VLLMClientError
+
+    REQUEST_ERRORS: tuple[type[Exception], ...] = (ValueError, VLLMClientError)
+except ImportError:
+    REQUEST_ERRORS = (ValueError,)
 LOADER_PACKAGE = "vllm.model_executor.model_loader"
 # vLLM's model loaders are imported on first use: importing them is slow, and
 # a process that never loads a model (the front end, the API server) need not.

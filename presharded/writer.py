@@ -1,31 +1,18 @@
-"""Writing one rank's tensors as safetensors parts, in the worker that holds them."""
+"""Writing one rank's tensors as safetensors parts, in the worker that holds them:
+streamed from the GPU through two pinned buffers, hashed as they are written."""
 
 import contextlib
-import dataclasses
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 import torch
 
-from presharded.manifest import Shard, render
+from presharded.handoff import describe, write_failure
+from presharded.manifest import Shard, hash_header, render
 from presharded.safetensors_layout import chunks, encode_header
 
-SAVE_FORMAT = "presharded_save"
 CHUNK_SIZE = 64 * 2**20  # bytes per staging buffer; two per rank
-
-
-@dataclass
-class SaveRequest:
-    """What the main process asks of every worker; it travels in the engine's
-    model_loader_extra_config[SAVE_FORMAT]."""
-
-    folder: str
-    file_pattern: str
-    max_file_size: int | None = None
-    source_load_format: str = "auto"
 
 
 def split_parts(
@@ -63,14 +50,14 @@ def write_rank(
             path = folder / render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part=part)
             written.append(path)
             digest = write_file(path, {k: t.contiguous() for k, t in tensors.items()}, buffers)
-            shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, digest))
+            shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, digest, hash_header(path)))
     except OSError as e:
         e.filename = e.filename or str(written[-1])  # a failed write() names no file
         # Free what this rank took (the disk may be full), then leave the main
         # process a one-line reason: the engine only reports that a worker died.
         for done in written:
             done.unlink(missing_ok=True)
-        rank_file(folder, pp_rank, tp_rank, "failed").write_text(f"{describe(e)} while writing {e.filename}")
+        write_failure(folder, pp_rank, tp_rank, f"{describe(e)} while writing {e.filename}")
         raise
     return shards
 
@@ -106,43 +93,3 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], buffers: list[torch
         f.flush()
         os.fsync(f.fileno())
     return hasher.hexdigest()
-
-
-def describe(e: OSError) -> str:
-    """`No space left on device`, without errno's number."""
-    return e.strerror or str(e)
-
-
-def write_failure(folder: Path, error: BaseException) -> str | None:
-    """Why a save failed, in one line, when the cause was writing files."""
-    if isinstance(error, OSError):
-        return f"{describe(error)} while writing {error.filename or folder}"
-    for path in sorted(folder.glob(".rank-*.failed")):
-        return path.read_text()
-    return None
-
-
-def rank_file(folder: Path, pp_rank: int, tp_rank: int, suffix: str) -> Path:
-    """A rank's note to the main process in the staging folder: `json` for what
-    it wrote, `failed` for why it could not."""
-    return folder / f".rank-pp{pp_rank}-tp{tp_rank}.{suffix}"
-
-
-def write_rank_record(folder: Path, shards: list[Shard], **model_facts: object) -> None:
-    """What one rank wrote, for the main process to gather into the manifest."""
-    pp_rank, tp_rank = shards[0].pp_rank, shards[0].tp_rank
-    record = {"shards": [dataclasses.asdict(s) for s in shards], **model_facts}
-    rank_file(folder, pp_rank, tp_rank, "json").write_text(json.dumps(record))
-
-
-def read_rank_records(folder: Path, tp_size: int, pp_size: int) -> list[dict]:
-    """Every rank's record; a missing one means that rank never wrote its state."""
-    records = []
-    for pp_rank in range(pp_size):
-        for tp_rank in range(tp_size):
-            path = rank_file(folder, pp_rank, tp_rank, "json")
-            if not path.exists():
-                raise RuntimeError(f"rank pp={pp_rank} tp={tp_rank} wrote no weights to {folder}")
-            records.append(json.loads(path.read_text()))
-            path.unlink()
-    return records

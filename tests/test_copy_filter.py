@@ -1,7 +1,7 @@
 """What is copied beside the weights: everything the model needs, never the
 source's own weights."""
 
-from presharded.files import copy_model_files
+from presharded.source import copy_model_files
 
 KEEP = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
@@ -9,7 +9,8 @@ KEEP = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_co
 DROP = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
         "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
         "consolidated.pth", "training_args.pt", "original/consolidated.00.pth",
-        "original/params.json", "original/tokenizer.model", ".gitattributes", ".cache/huggingface/x.lock"]
+        "original/params.json", "original/tokenizer.model", ".gitattributes", ".cache/huggingface/x.lock",
+        "presharded.json", ".presharded-unfinished", ".rank-pp0-tp0.json"]
 
 
 def test_copy_filter(tmp_path):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import refused, run_script
-from presharded.files import UNFINISHED_MARKER
+from presharded.staging import UNFINISHED_MARKER
 
 LOAD = "load_sharded_state.py"
 
@@ -112,3 +112,79 @@ def test_online_quantized_with_sharded_state(tp2_copy):
     assert "quantizes (fp8) while loading" in line and "--load-format fast_sharded_state" in line
     summary = run_script("presharded.inspect_cli", str(tp2_copy)).stdout
     assert "quantization fp8 (applied while loading: load with fast_sharded_state)" in summary
+
+
+def test_edited_config(tp2_copy):
+    # Seen: hidden_size 128 -> 256 (same file length) loaded with exit 0 and every token 0.
+    config = tp2_copy / "config.json"
+    text = config.read_text()
+    assert '"hidden_size": 128' in text
+    config.write_text(text.replace('"hidden_size": 128', '"hidden_size": 256'))
+    line = refused("an edited config.json", LOAD, "--model", str(tp2_copy), unchanged=tp2_copy)
+    assert "config.json does not match its hash" in line
+
+
+def rewrite_header(path, edit) -> None:
+    """Edit a safetensors file's tensor table, keeping its length."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = edit(data[8 : 8 + length].decode())
+    assert len(header) == length
+    path.write_bytes(data[:8] + header.encode() + data[8 + length :])
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h.replace("model.norm.weight", "model.norm.weighs"),
+    lambda h: h.replace('"shape":[128,128]', '"shape":[256, 64]', 1),
+], ids=["renamed", "reshaped"])
+def test_damaged_tensor_table(tp2_copy, edit):
+    path = tp2_copy / "model-rank-0-part-0.safetensors"
+    rewrite_header(path, edit)
+    line = refused("a damaged tensor table (a tensor renamed or reshaped)", LOAD, "--model", str(tp2_copy),
+                   unchanged=tp2_copy)
+    assert "model-rank-0-part-0.safetensors: its tensor table" in line
+
+
+def test_glob_characters_in_the_path(checkpoints, tmp_path):
+    # vLLM's sharded_state finds the files with glob: '[1]' matched nothing and the engine died.
+    odd = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt[1]")
+    line = refused("a checkpoint path with [ ] (sharded_state)", LOAD, "--model", str(odd), unchanged=odd)
+    assert "glob character" in line and "fast_sharded_state" in line
+
+
+@pytest.mark.parametrize("flags", [["--max-tokens", "0"], ["--max-tokens", "-3"], ["--temperature", "-1"],
+                                   ["--top-p", "0"]], ids=["max-tokens-0", "max-tokens-negative",
+                                                           "temperature-negative", "top-p-0"])
+def test_sampling_flags(checkpoints, flags):
+    line = refused(f"sampling flags {' '.join(flags)}", LOAD, "--model", str(checkpoints(1, 1)), *flags)
+    assert line.startswith(f"error: {flags[0]} ")
+
+
+def test_prompt_longer_than_the_context(checkpoints):
+    # Only the engine knows its context length: refused after it starts, still in one line.
+    line = refused("a prompt longer than the context", LOAD, "--model", str(checkpoints(1, 1)), "--enforce-eager",
+                   "--max-model-len", "32", "--prompt", "The quick brown fox " * 20, within=None)
+    assert "maximum" in line and " 32 " in line and "--max-model-len" in line
+
+
+def test_layout_from_a_config_file(checkpoints, tmp_path):
+    config = tmp_path / "engine.yaml"
+    config.write_text("tensor-parallel-size: 1\nenforce_eager: true\n")
+    line = refused("TP=1 from a --config file, for a TP=2 checkpoint", LOAD, "--model", str(checkpoints(2, 1)),
+                   "--config", str(config))
+    assert "saved for tensor-parallel size 2 but 1 was asked" in line
+
+
+def test_manifest_less_checkpoint_at_another_tp(tp2_copy):
+    # Seen: vLLM's own layout, no manifest, loaded at TP=1 with exit 0 and garbage.
+    (tp2_copy / "presharded.json").unlink()
+    line = refused("a TP=2 checkpoint without a manifest, at TP=1", LOAD, "--model", str(tp2_copy), "-tp", "1",
+                   unchanged=tp2_copy)
+    assert "saved for tensor-parallel size 2 but 1 was asked" in line
+
+
+def test_inspect_a_path_that_is_not_a_folder(tp2_copy, tmp_path):
+    line = refused("inspect: a path that does not exist", "presharded.inspect_cli", str(tmp_path / "nope"))
+    assert "does not exist" in line
+    line = refused("inspect: a file", "presharded.inspect_cli", str(tp2_copy / "config.json"))
+    assert "is a file" in line

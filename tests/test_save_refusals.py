@@ -5,13 +5,14 @@ that a load would accept."""
 import os
 import shutil
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from conftest import refused, snapshot
-from presharded.files import staging_folder
+from conftest import ROOT, refused, snapshot
+from presharded.staging import staging_folders
 
 SAVE = "save_sharded_state.py"
 
@@ -40,7 +41,7 @@ def source(tiny_model):
 
 def nothing_left(output: Path) -> None:
     assert not output.exists()
-    assert not staging_folder(output.resolve()).exists()
+    assert staging_folders(output.resolve()) == []
 
 
 def test_missing_model_path(tmp_path):
@@ -107,3 +108,55 @@ def test_disk_full_during_save(source, tmp_path):
         assert "No space left on device while writing" in line and "nothing was saved" in line
         assert "model-rank-0-part-0.safetensors" in line  # the file being written, not just the folder
         assert list(small.iterdir()) == []
+
+
+def test_replace_never_deletes_the_source(source, tmp_path):
+    # Seen: --output a folder that holds the source, with --replace, deleted the source (and all beside it).
+    home = tmp_path / "x"
+    shutil.copytree(source, home / "hf")
+    (home / "notes.txt").write_text("mine")
+    line = refused("save: --output holds the source model (--replace)", SAVE, "--model", str(home / "hf"),
+                   "--output", str(home), "--replace", unchanged=home)
+    assert "holds the source model" in line
+
+
+def test_replace_only_replaces_a_checkpoint(source, tmp_path):
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "thesis.tex").write_text("years of work")
+    line = refused("save: --replace of a folder that is not a checkpoint", SAVE, "--model", str(source),
+                   "--output", str(output), "--replace", unchanged=output)
+    assert "is not a checkpoint" in line
+
+
+def test_saving_a_checkpoint_again_is_refused(checkpoints, tmp_path):
+    # Seen: the re-save copied the old manifest and wrote a checkpoint that never loads.
+    line = refused("save: --model is a pre-sharded checkpoint", SAVE, "--model", str(checkpoints(2, 1)),
+                   "--output", str(tmp_path / "out"), unchanged=checkpoints(2, 1))
+    assert "is a pre-sharded checkpoint" in line and "save from the model it was made from" in line
+    nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("pattern", ["../x-{rank}-{part}.safetensors", "sub/x-{rank}-{part}.safetensors",
+                                     ".x-{rank}-{part}.safetensors"])
+def test_file_pattern_must_name_a_plain_file(source, tmp_path, pattern):
+    # Seen: '../' wrote weights outside --output and published a checkpoint without them.
+    line = refused(f"save: --file-pattern {pattern}", SAVE, "--model", str(source),
+                   "--output", str(tmp_path / "out"), "--file-pattern", pattern)
+    assert "must name a plain file" in line
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_max_file_size_zero(source, tmp_path):
+    line = refused("save: --max-file-size 0", SAVE, "--model", str(source), "--output", str(tmp_path / "out"),
+                   "--max-file-size", "0")
+    assert "not a positive size" in line
+
+
+def test_checks_run_before_torch_or_vllm_is_imported(source, tmp_path):
+    probe = (f"import runpy, sys; sys.argv = ['save_sharded_state.py', '--model', {str(source)!r}, '--output', "
+             f"{str(source / 'x')!r}]\ntry:\n    runpy.run_path('save_sharded_state.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules, 'vllm' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["1", "False", "False"], proc.stderr[-2000:]
+    assert "is inside the source model" in proc.stderr

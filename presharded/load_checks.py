@@ -1,11 +1,19 @@
 """Checks of a checkpoint against its manifest, made before any engine starts."""
 
+import glob
+import re
 import sys
 from pathlib import Path
 
 from presharded.errors import UserError
-from presharded.files import UNFINISHED_MARKER
-from presharded.manifest import MANIFEST_NAME, Manifest, hash_file, read_manifest
+from presharded.staging import UNFINISHED_MARKER
+from presharded.manifest import MANIFEST_NAME, Manifest, hash_file, hash_header, read_manifest
+
+# vLLM's own file names: what a checkpoint without a manifest says of its layout.
+NAMES_LAYOUT = (
+    (re.compile(r"model-rank-(?P<tp>\d+)-part-\d+\.safetensors"), False),
+    (re.compile(r"model-pp-(?P<pp>\d+)-tp-(?P<tp>\d+)-part-\d+\.safetensors"), True),
+)
 
 
 def _layout(name: str, flag: str, saved: int, asked: int | None, folder: Path) -> None:
@@ -14,6 +22,23 @@ def _layout(name: str, flag: str, saved: int, asked: int | None, folder: Path) -
             f"{folder} was saved for {name} {saved} but {asked} was asked; "
             f"load it with {flag} {saved}, or save it again for {asked}"
         )
+
+
+def layout_from_names(folder: Path) -> dict:
+    """Tensor- and pipeline-parallel sizes that vLLM's file names in `folder`
+    tell (its highest ranks), as engine settings; {} where they tell none."""
+    tp = pp = 0
+    for path in folder.glob("*.safetensors"):
+        for regex, staged in NAMES_LAYOUT:
+            if m := regex.fullmatch(path.name):
+                tp = max(tp, int(m["tp"]) + 1)
+                pp = max(pp, int(m["pp"]) + 1 if staged else 1)
+    return {"tensor_parallel_size": tp, "pipeline_parallel_size": pp} if tp else {}
+
+
+def saved_layout(folder: Path, manifest: Manifest | None) -> dict:
+    """The engine settings a checkpoint was saved for, to use where the user set none."""
+    return manifest.engine_defaults() if manifest else layout_from_names(folder)
 
 
 def check_checkpoint(
@@ -28,21 +53,26 @@ def check_checkpoint(
 ) -> Manifest | None:
     """The checkpoint's manifest once every check passes; None (with a warning)
     for a checkpoint made without one, such as vLLM's own example writes.
-    Stray files are looked for among the weights, or with `every_file` among
-    all files."""
+    The copied files (config, tokenizer) and every weight file's tensor table
+    are always hashed, the weights themselves with `verify_hashes`. Stray
+    files are looked for among the weights, or with `every_file` among all files."""
     if not folder.is_dir():
         raise UserError(f"checkpoint {folder} is not a folder; pass the --output of save_sharded_state.py")
     if (folder / UNFINISHED_MARKER).exists():
         raise UserError(f"{folder} is an unfinished save; run save_sharded_state.py again")
+    if load_format == "sharded_state" and glob.has_magic(str(folder.resolve())):
+        raise UserError(f"vLLM's sharded_state loader cannot read {folder}: its path has a glob character "
+                        "(* ? [ ]); rename it, or load with --load-format fast_sharded_state")
     manifest = read_manifest(folder)
     if manifest is None and require_manifest:
         raise UserError(f"{folder} has no {MANIFEST_NAME}: there is nothing to verify it against")
     if manifest is None:
-        print(
-            f"warning: {folder} has no {MANIFEST_NAME}: its tensor/pipeline-parallel sizes, "
-            "files and hashes cannot be checked",
-            file=sys.stderr,
-        )
+        if names := layout_from_names(folder):
+            _layout("tensor-parallel size", "--tensor-parallel-size", names["tensor_parallel_size"],
+                    tensor_parallel_size, folder)
+            _layout("pipeline-parallel size", "--pipeline-parallel-size", names["pipeline_parallel_size"],
+                    pipeline_parallel_size, folder)
+        print(f"warning: {folder} has no {MANIFEST_NAME}: its files and hashes cannot be checked", file=sys.stderr)
         return None
     if manifest.online_quantization and load_format == "sharded_state":
         raise UserError(
@@ -71,11 +101,16 @@ def check_checkpoint(
                 f"{path} is not part of this checkpoint (not in its manifest); remove it, "
                 "or save the checkpoint into an empty folder"
             )
-    if verify_hashes:
-        for entry in [*manifest.shards, *manifest.files]:
-            if hash_file(folder / entry.path) != entry.blake3:
-                raise UserError(
-                    f"{folder / entry.path} does not match its hash in the manifest: "
-                    "it is damaged; copy it again, or save again"
-                )
+    for shard in manifest.shards:
+        if shard.header_blake3 and hash_header(folder / shard.path) != shard.header_blake3:
+            raise UserError(
+                f"{folder / shard.path}: its tensor table (names, shapes, dtypes) is not the one saved; "
+                "copy it again, or save again"
+            )
+    for entry in [*manifest.files, *(manifest.shards if verify_hashes else [])]:
+        if hash_file(folder / entry.path) != entry.blake3:
+            raise UserError(
+                f"{folder / entry.path} does not match its hash in the manifest: "
+                "it was changed or damaged; copy it again, or save again"
+            )
     return manifest

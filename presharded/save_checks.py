@@ -1,0 +1,96 @@
+"""Every check of a save's request, made before torch or vLLM is imported:
+the source is a model, the output is free to take, the file pattern names
+plain files that ranks cannot share."""
+
+import argparse
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from presharded.errors import UserError
+from presharded.source import has_weights, is_checkpoint, resolve_model
+from presharded.manifest import default_pattern, read_manifest, render
+
+SOURCE_FORMATS = ("auto", "safetensors", "hf", "pt", "npcache", "fastsafetensors", "mistral")
+
+
+@dataclass
+class SaveTarget:
+    source: Path
+    output: Path
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    file_pattern: str
+
+
+def check_save(early: argparse.Namespace) -> SaveTarget:
+    if early.model is None:
+        raise UserError("--model is required: a model folder or hub id")
+    source = resolve_model(early.model, early.revision)
+    check_source(source, local=Path(early.model).expanduser().is_dir())
+    output = Path(early.output).resolve()
+    check_output(source, output, replace=early.replace)
+    if (early.load_format or "auto") not in SOURCE_FORMATS:
+        raise UserError(f"--load-format {early.load_format} cannot be a source; use one of {', '.join(SOURCE_FORMATS)}")
+    if (early.data_parallel_size or 1) > 1:
+        raise UserError("save with --data-parallel-size 1: every data-parallel replica loads the same files")
+    tp, pp = early.tensor_parallel_size or 1, early.pipeline_parallel_size or 1
+    pattern = early.file_pattern or default_pattern(pp)
+    check_pattern(pattern, tp, pp)
+    return SaveTarget(source, output, tp, pp, pattern)
+
+
+def check_source(source: Path, *, local: bool) -> None:
+    if local and not has_weights(source):
+        raise UserError(f"model folder {source} holds no weights (*.safetensors, *.bin, *.pt); pass a complete model")
+    if is_checkpoint(source):
+        manifest = read_manifest(source)
+        origin = f" ({manifest.source})" if manifest else ""
+        raise UserError(f"model {source} is a pre-sharded checkpoint, which vLLM cannot load as a source; "
+                        f"save from the model it was made from{origin}, or copy the folder as it is")
+
+
+def check_output(source: Path, output: Path, *, replace: bool) -> None:
+    if output == source or source in output.parents:
+        raise UserError(f"output {output} is inside the source model {source}; choose a folder outside it")
+    if output in source.parents:
+        raise UserError(f"output {output} holds the source model {source}; choose a folder that does not")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} exists and is not a folder; choose another --output")
+    if output.is_dir() and any(output.iterdir()):
+        if not replace:
+            raise UserError(f"output {output} exists and is not empty; choose another --output or pass --replace")
+        if not is_checkpoint(output):
+            raise UserError(f"output {output} is not a checkpoint, and --replace replaces only checkpoints; "
+                            "choose another --output, or empty it yourself")
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {parent}; choose an --output you can write to")
+
+
+def check_pattern(pattern: str, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """A file pattern must name a plain file, and every rank that differs, or
+    ranks overwrite each other's files; vLLM's loader refuses {pp_rank}
+    without pipeline stages."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    except ValueError:
+        fields = {"?"}
+    problem = None
+    if fields - {"rank", "tp_rank", "pp_rank", "part"}:
+        problem = f"may only use {{rank}} {{tp_rank}} {{pp_rank}} {{part}}, not {sorted(fields)}"
+    elif any(c in render(pattern, pp_rank=0, tp_rank=0, part=0) for c in "/\\") or pattern.startswith("."):
+        problem = "must name a plain file in the checkpoint folder (no '/', no leading '.')"
+    elif not pattern.endswith(".safetensors"):
+        problem = "must end in .safetensors"
+    elif "part" not in fields:
+        problem = "must contain {part}"
+    elif tensor_parallel_size > 1 and not fields & {"rank", "tp_rank"}:
+        problem = "must contain {rank} or {tp_rank} for tensor parallelism"
+    elif (pipeline_parallel_size > 1) != ("pp_rank" in fields):
+        problem = "must contain {pp_rank} exactly when --pipeline-parallel-size > 1"
+    if problem:
+        raise UserError(f"--file-pattern {pattern!r} {problem}; or leave it out for vLLM's default")
