@@ -21,10 +21,8 @@ from pathlib import Path
 from presharded.load_checks import check_checkpoint, saved_layout
 from presharded.cli import apply_engine_defaults, early_parse, fill_unset, full_parse
 from presharded.errors import UserError, exits_cleanly
+from presharded.formats import CHECKPOINT_FORMATS, SHARDED_STATE
 from presharded.lifetime import engine_dies_with_this_process
-
-CHECKED_FORMATS = ("sharded_state", "fast_sharded_state")
-
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="The quick brown fox")
@@ -53,9 +51,9 @@ def main() -> None:
     if early.model is None:
         raise UserError("--model is required: a checkpoint folder from save_sharded_state.py")
     check_sampling(early)
-    load_format = early.load_format or "sharded_state"
+    load_format = early.load_format or SHARDED_STATE
     layout = {}
-    if load_format in CHECKED_FORMATS:
+    if load_format in CHECKPOINT_FORMATS:
         manifest = check_checkpoint(
             Path(early.model),
             tensor_parallel_size=early.tensor_parallel_size,
@@ -71,7 +69,7 @@ def main() -> None:
     from presharded.vllm_compat import REQUEST_ERRORS
 
     t_import = time.perf_counter()
-    args, parser = full_parse(sys.argv[1:], add_flags, __doc__, {"load_format": "sharded_state"})
+    args, parser = full_parse(sys.argv[1:], add_flags, __doc__, {"load_format": SHARDED_STATE})
     fill_unset(args, parser, layout)
     apply_engine_defaults(args, parser, saving=False)
     engine_dies_with_this_process()
@@ -102,8 +100,13 @@ def main() -> None:
             "seconds": seconds,
         }))
     else:
-        print(output.text)
-        print(" · ".join(f"{k} {v:.2f} s" for k, v in seconds.items()), file=sys.stderr)
+        print(printable(output.text))
+        print(" · ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
+
+
+def printable(text: str) -> str:
+    """The text with control characters escaped (a random model makes plenty)."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV, SHARDED_STATE
 from presharded.manifest import read_manifest
 from presharded.tiny import build_tiny_llama, build_tokenizer
 
@@ -38,7 +40,6 @@ ARCHITECTURES = {  # LlamaConfig arguments of real models' shapes
 }
 LOG = {
     "weights": r"Loading weights took ([\d.]+) seconds",
-    "fast_weights": r"fast_sharded_state: rank pp=\d+ tp=\d+ read [\d.]+ GB in ([\d.]+) s",
     "model_loading": r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) seconds",
     "model_init": r"Initializing model took ([\d.]+) seconds",  # vLLM 0.32 on CPU logs no "Model loading took"
     "init_engine": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
@@ -128,13 +129,16 @@ def start_once(model: Path, spec: str, tp: int, extra: list[str]) -> dict:
     options = ["--model-loader-extra-config", json.dumps(config)] if config else []
     cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(model), "--load-format", load_format,
            "-tp", str(tp), "--max-tokens", "1", "--json", *options, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, VLLM_LOGGING_LEVEL="INFO"))
+    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as report:  # our loader's timings, one line per rank
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", **{LOAD_REPORT_ENV: report.name})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        loads = [json.loads(line) for line in report]
     if proc.returncode != 0:  # the engine's root cause comes before the front end's long traceback
         errors = [line for line in proc.stderr.splitlines() if re.search(r"\w(Error|Exception)\b", line)]
         raise RuntimeError(f"{load_format} at TP={tp} failed:\n" + "\n".join(errors[:10]) + f"\n...\n{proc.stderr[-1500:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     found = {k: [float(x) for x in re.findall(p, proc.stderr)] for k, p in LOG.items()}
-    weights = max(found["fast_weights"] or found["weights"], default=0.0)
+    weights = max([r["seconds"] for r in loads] or found["weights"], default=0.0)
     model_loading = max(found["model_loading"], default=0.0) or max(found["model_init"], default=0.0) + weights
     s = result["seconds"]
     init_engine = max(found["init_engine"], default=0.0)
@@ -145,7 +149,7 @@ def start_once(model: Path, spec: str, tp: int, extra: list[str]) -> dict:
         "profile_kv_warmup": init_engine,
         "engine_start": max(s["engine"] - model_loading - init_engine, 0.0),
         "token_ids": result["token_ids"],
-        "loader_log": re.findall(r"fast_sharded_state: rank .*", proc.stderr),  # staging waits and release, per rank
+        "loads": loads,  # fast_sharded_state's own report per rank: staging wait and release
     }
 
 
@@ -261,7 +265,7 @@ def main() -> None:
     source.add_argument("--synthetic", choices=["tiny", *ARCHITECTURES], help="make a model of these shapes")
     parser.add_argument("--tp", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     parser.add_argument("--formats", type=lambda s: s.split(","),
-                        default=["dummy", "auto", "sharded_state", "fast_sharded_state"],
+                        default=["dummy", "auto", SHARDED_STATE, FAST_FORMAT],
                         help="load formats to start with; dummy reads no weights: vLLM's own floor; "
                         "FORMAT:KEY=VALUE passes loader options, e.g. fast_sharded_state:chunk_mib=64")
     parser.add_argument("--no-save", dest="save", action="store_false",

@@ -1,19 +1,44 @@
 """`fast_sharded_state`: reads the same files as vLLM's sharded_state, faster
 (see presharded/reader.py for how)."""
 
+import dataclasses
+import json
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV
 from presharded.load_checks import check_checkpoint
 from presharded.manifest import default_pattern, render
 from presharded.reader import Staging, load_files
 from presharded.vllm_compat import BaseModelLoader, parallel_ranks, parallel_sizes, unique_tensors
 
-FAST_FORMAT = "fast_sharded_state"
+
+
+@dataclass
+class LoadReport:
+    """What one rank's load took; appended as a JSON line to the file named by
+    $PRESHARDED_LOAD_REPORT, for the benchmark (and anyone) to read."""
+
+    pp_rank: int
+    tp_rank: int
+    bytes: int
+    seconds: float
+    threads: int
+    chunk_mib: int
+    staging_wait: float  # of `seconds`, waiting for the staging buffers to be pinned
+    staging_release: float  # of `seconds`, giving them back
+
+    def line(self) -> str:
+        return (f"{FAST_FORMAT}: rank pp={self.pp_rank} tp={self.tp_rank} read {self.bytes / 1e9:.3f} GB in "
+                f"{self.seconds:.3f} s ({self.bytes / 1e9 / self.seconds:.2f} GB/s; {self.threads} threads, "
+                f"{self.chunk_mib} MiB chunks; {self.staging_wait:.3f} s of it waiting for staging buffers and "
+                f"{self.staging_release:.3f} s releasing them)")
 
 
 class FastShardedStateLoader(BaseModelLoader):
@@ -50,11 +75,12 @@ class FastShardedStateLoader(BaseModelLoader):
         staging, self.staging = self.staging or Staging(self.threads, self.chunk_size, device), None
         start = time.perf_counter()
         nbytes = load_files(paths, params, staging)
-        seconds = time.perf_counter() - start
-        print(f"{FAST_FORMAT}: rank pp={pp_rank} tp={tp_rank} read {nbytes / 1e9:.3f} GB in {seconds:.3f} s "
-              f"({nbytes / 1e9 / seconds:.2f} GB/s; {self.threads} threads, {self.chunk_size >> 20} MiB chunks; "
-              f"{staging.waited:.3f} s of it waiting for staging buffers and {staging.released:.3f} s releasing them)",
-              file=sys.stderr, flush=True)
+        report = LoadReport(pp_rank, tp_rank, nbytes, time.perf_counter() - start, self.threads,
+                            self.chunk_size >> 20, staging.waited, staging.released)
+        print(report.line(), file=sys.stderr, flush=True)
+        if path := os.environ.get(LOAD_REPORT_ENV):
+            with open(path, "a") as f:
+                f.write(json.dumps(dataclasses.asdict(report)) + "\n")
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

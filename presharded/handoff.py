@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from presharded.manifest import Shard
-
-SAVE_FORMAT = "presharded_save"  # the load format that saves: presharded/save_loader.py
+from presharded.formats import SAVE_FORMAT
 
 
 @dataclass

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from presharded.errors import UserError
+from presharded.formats import SHARDED_STATE
 from presharded.staging import UNFINISHED_MARKER
 from presharded.manifest import MANIFEST_NAME, Manifest, hash_file, hash_header, read_manifest
 
@@ -16,12 +17,17 @@ NAMES_LAYOUT = (
 )
 
 
-def _layout(name: str, flag: str, saved: int, asked: int | None, folder: Path) -> None:
-    if asked is not None and asked != saved:
-        raise UserError(
-            f"{folder} was saved for {name} {saved} but {asked} was asked; "
-            f"load it with {flag} {saved}, or save it again for {asked}"
-        )
+def check_layout(folder: Path, saved: dict, tensor_parallel_size: int | None,
+                 pipeline_parallel_size: int | None) -> None:
+    """The sizes asked (None: not asked) are the ones `saved` (engine settings)."""
+    for name, flag, asked in [("tensor-parallel size", "--tensor-parallel-size", tensor_parallel_size),
+                              ("pipeline-parallel size", "--pipeline-parallel-size", pipeline_parallel_size)]:
+        dest = flag.removeprefix("--").replace("-", "_")
+        if asked is not None and asked != saved[dest]:
+            raise UserError(
+                f"{folder} was saved for {name} {saved[dest]} but {asked} was asked; "
+                f"load it with {flag} {saved[dest]}, or save it again for {asked}"
+            )
 
 
 def layout_from_names(folder: Path) -> dict:
@@ -60,7 +66,7 @@ def check_checkpoint(
         raise UserError(f"checkpoint {folder} is not a folder; pass the --output of save_sharded_state.py")
     if (folder / UNFINISHED_MARKER).exists():
         raise UserError(f"{folder} is an unfinished save; run save_sharded_state.py again")
-    if load_format == "sharded_state" and glob.has_magic(str(folder.resolve())):
+    if load_format == SHARDED_STATE and glob.has_magic(str(folder.resolve())):
         raise UserError(f"vLLM's sharded_state loader cannot read {folder}: its path has a glob character "
                         "(* ? [ ]); rename it, or load with --load-format fast_sharded_state")
     manifest = read_manifest(folder)
@@ -68,22 +74,16 @@ def check_checkpoint(
         raise UserError(f"{folder} has no {MANIFEST_NAME}: there is nothing to verify it against")
     if manifest is None:
         if names := layout_from_names(folder):
-            _layout("tensor-parallel size", "--tensor-parallel-size", names["tensor_parallel_size"],
-                    tensor_parallel_size, folder)
-            _layout("pipeline-parallel size", "--pipeline-parallel-size", names["pipeline_parallel_size"],
-                    pipeline_parallel_size, folder)
+            check_layout(folder, names, tensor_parallel_size, pipeline_parallel_size)
         print(f"warning: {folder} has no {MANIFEST_NAME}: its files and hashes cannot be checked", file=sys.stderr)
         return None
-    if manifest.online_quantization and load_format == "sharded_state":
+    if manifest.online_quantization and load_format == SHARDED_STATE:
         raise UserError(
             f"{folder} holds unquantized weights that vLLM quantizes ({manifest.quantization}) while loading, "
             "which its sharded_state loader cannot do (it would leave them empty); "
             "load it with --load-format fast_sharded_state"
         )
-    _layout("tensor-parallel size", "--tensor-parallel-size", manifest.tensor_parallel_size,
-            tensor_parallel_size, folder)
-    _layout("pipeline-parallel size", "--pipeline-parallel-size", manifest.pipeline_parallel_size,
-            pipeline_parallel_size, folder)
+    check_layout(folder, manifest.engine_defaults(), tensor_parallel_size, pipeline_parallel_size)
     for entry in [*manifest.shards, *manifest.files]:
         path = folder / entry.path
         if not path.is_file():

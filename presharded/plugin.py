@@ -19,8 +19,8 @@ def register() -> None:
 
 
 def register_loaders() -> None:
-    from presharded.fast_loader import FAST_FORMAT, FastShardedStateLoader
-    from presharded.handoff import SAVE_FORMAT
+    from presharded.fast_loader import FastShardedStateLoader
+    from presharded.formats import FAST_FORMAT, SAVE_FORMAT
     from presharded.save_loader import SavingModelLoader
     from presharded.vllm_compat import register_model_loader
 

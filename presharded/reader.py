@@ -151,14 +151,14 @@ def plan(paths: list[Path], params: dict[str, torch.Tensor], chunk_size: int) ->
     return work
 
 
-def read(work: list[Chunk], buffers: list[torch.Tensor], threads: int, device: torch.device, reader=Reader) -> int:
-    """`threads` readers (`reader(two of buffers, device)` each) read and copy the chunks; returns the bytes read."""
+def read(work: list[Chunk], buffers: list[torch.Tensor], threads: int, device: torch.device) -> int:
+    """`threads` readers (two of `buffers` each) read and copy the chunks; returns the bytes read."""
     buffers, local = list(buffers), threading.local()
     readers: list[Reader] = []  # held until the final synchronize: copies out of their buffers may be in flight
 
     def run(item: Chunk) -> None:
         if not hasattr(local, "reader"):
-            local.reader = reader([buffers.pop(), buffers.pop()], device)
+            local.reader = Reader([buffers.pop(), buffers.pop()], device)
             readers.append(local.reader)
         path, lo, hi, parts = item
         local.reader.read_and_copy(fds[path], lo, hi, parts)

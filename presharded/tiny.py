@@ -1,19 +1,19 @@
-"""A tiny Llama built offline and deterministically: random weights, a small
-BPE tokenizer trained on a built-in text. Its tokens are nonsense, but the
-same nonsense every time, which is what a round-trip test needs."""
+"""Tiny models built offline and deterministically: real architectures'
+configs at toy sizes, random weights, a small BPE tokenizer trained on a
+built-in text. Their tokens are nonsense, but the same nonsense every time,
+which is what a round-trip test needs.
+
+    python -m presharded.tiny build/tiny-llama [--arch qwen2]
+"""
 
 import argparse
 import sys
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 CORPUS = """\
 A pre-sharded checkpoint stores each tensor-parallel rank's slice of every
@@ -27,6 +27,25 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
 )
+VOCAB = 384
+# Shapes shared by the decoder-only architectures below: 4 heads of 32, 2 KV heads.
+DECODER = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+# transformers config class and arguments, per architecture; each tests something the others do not.
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(DECODER, tie_word_embeddings=False)),
+    "llama-tied": ("LlamaConfig", dict(DECODER, tie_word_embeddings=True)),
+    "qwen2": ("Qwen2Config", dict(DECODER, tie_word_embeddings=True)),  # q/k/v biases, tied
+    "qwen3": ("Qwen3Config", dict(DECODER, head_dim=32, tie_word_embeddings=False)),  # q/k norms
+    "mistral": ("MistralConfig", dict(DECODER, sliding_window=None)),
+    "gemma2": ("Gemma2Config", dict(DECODER, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
+                                    tie_word_embeddings=True)),  # scaled embeddings, soft-capping, tied
+    "phi3": ("Phi3Config", dict(DECODER, pad_token_id=0, tie_word_embeddings=False)),  # fused qkv, gate_up
+    "qwen3-moe": ("Qwen3MoeConfig", dict(DECODER, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=64, decoder_sparse_step=1)),
+    "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_attention_heads=4,
+                              word_embed_proj_dim=128, max_position_embeddings=256, pad_token_id=0)),
+}
 
 
 def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -45,50 +64,40 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llama(
-    out: Path, *, tie_word_embeddings: bool = False, num_layers: int = 4, seed: int = 0
-) -> Path:
-    """Write a tiny Llama (config, safetensors weights, tokenizer) to `out`."""
-    tokenizer = build_tokenizer(vocab_size=384)
+def build_tiny(out: Path, arch: str = "llama", *, num_layers: int = 4, seed: int = 0) -> Path:
+    """Write a tiny model of `arch` (config, safetensors weights, tokenizer) to `out`."""
+    tokenizer = build_tokenizer(vocab_size=VOCAB)
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=384,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        torch_dtype="float32",
+    config_class, kwargs = ARCHITECTURES[arch]
+    config = getattr(transformers, config_class)(
+        **kwargs, num_hidden_layers=num_layers, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, torch_dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)  # wide weights: confident logits, stable greedy tokens
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id
-    ).save_pretrained(out)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(out)
     return out
 
 
+def build_tiny_llama(out: Path, *, tie_word_embeddings: bool = False, num_layers: int = 4) -> Path:
+    return build_tiny(out, "llama-tied" if tie_word_embeddings else "llama", num_layers=num_layers)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--tie-word-embeddings", action="store_true")
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), default="llama")
     parser.add_argument("--num-layers", type=int, default=4)
     args = parser.parse_args()
-    path = build_tiny_llama(
-        args.output, tie_word_embeddings=args.tie_word_embeddings, num_layers=args.num_layers
-    )
+    path = build_tiny(args.output, args.arch, num_layers=args.num_layers)
     print(path)
-    print(f"tiny llama written to {path}", file=sys.stderr)
+    print(f"tiny {args.arch} written to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from presharded.load_checks import check_checkpoint
 from presharded.errors import UserError, exits_cleanly
+from presharded.formats import FAST_FORMAT, SHARDED_STATE
 
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is", "def fibonacci(n):"]
 
@@ -52,7 +53,7 @@ def main() -> None:
         pattern = layout.pop("model_loader_extra_config", {})
         flags = as_flags(layout) + engine_extra
         source = greedy_tokens(args.source, "auto", flags)
-        load_format = "fast_sharded_state" if manifest.online_quantization else "sharded_state"
+        load_format = FAST_FORMAT if manifest.online_quantization else SHARDED_STATE
         saved = greedy_tokens(str(args.checkpoint), load_format, flags + as_flags(pattern and {"model_loader_extra_config": pattern}))
         for prompt, a, b in zip(PROMPTS, source, saved):
             if a != b:

@@ -24,8 +24,10 @@ def test_bench_runs_each_format_and_reports_phases(tmp_path):
     for r in report["runs"]:  # the tiny model's weights may take under 5 ms: "0.00 seconds"
         assert r["weights"] >= 0 and r["model_init"] > 0 and r["profile_kv_warmup"] > 0, r
         assert r["import"] > 0 and r["total"] >= r["engine"] > 0, r
-    assert [len(r["loader_log"]) for r in report["runs"]] == [0, 1, 1]
-    assert "2 threads, 1 MiB chunks" in report["runs"][2]["loader_log"][0]
+    assert [len(r["loads"]) for r in report["runs"]] == [0, 1, 1]
+    load = report["runs"][2]["loads"][0]
+    assert (load["threads"], load["chunk_mib"], load["pp_rank"], load["tp_rank"]) == (2, 1, 0, 0)
+    assert load["bytes"] > 0 and load["seconds"] == report["runs"][2]["weights"]
     assert report["saves"][0]["write_gbps"] > 0 and report["saves"][0]["dd_write_gbps"] > 0
     assert [row["format"] for row in report["summary"]] == formats
     assert "| 1 | fast_sharded_state:chunk_mib=1:threads=2 | warm | 1 |" in proc.stdout

@@ -2,14 +2,14 @@
 down? Each case runs in a fresh process:
 
   alloc     pin N MiB of staging, then copy it to the GPU, timed apart:
-              torch     torch's pinned allocator (cudaHostAlloc), as presharded.reader does
+              torch     torch's pinned allocator (cudaHostAlloc), as presharded.reader did until a0c58d8
               huge      an anonymous mapping with transparent huge pages, touched, then
                         pinned with cudaHostRegister
-              small     the same with 4 KiB pages
+              small     the same with 4 KiB pages (the reader now pins a mapping in place like these)
   init      what vLLM does while the loader pins in the background: allocate a
             Llama-3-8B's GPU parameters (one per tensor), alone and beside each way of pinning
 
-    PYTHONPATH=. python3 scripts/pin_cost.py
+    PYTHONPATH=. python3 dev/pin_cost.py
 
 Needs only torch and a GPU; prints one JSON line per case.
 """

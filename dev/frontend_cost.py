@@ -6,7 +6,7 @@ In fresh processes, after `from vllm import LLM, EngineArgs`, times:
   loaders   importing vLLM's model loaders, which ours did in that process
             until they were imported lazily
 
-    python scripts/frontend_cost.py [--repeats 3]
+    python dev/frontend_cost.py [--repeats 3]
 
 Prints one JSON line per process.
 """

@@ -4,7 +4,7 @@ chunk sizes with the page cache warm, and prints GB/s for each, side by side
 with a plain safetensors read (what vLLM's sharded_state does) of the same
 files; then, with the cache dropped, the fast loader against `dd`.
 
-    python scripts/loader_sweep.py CHECKPOINT [--rank 0]
+    python dev/loader_sweep.py CHECKPOINT [--rank 0]
 """
 
 import argparse
