@@ -20,7 +20,7 @@ from pathlib import Path
 
 from presharded.load_checks import check_checkpoint, saved_layout
 from presharded.cli import apply_engine_defaults, early_parse, fill_unset, full_parse
-from presharded.errors import UserError, exits_cleanly
+from presharded.errors import UserError, engine_refusals, exits_cleanly
 from presharded.formats import CHECKPOINT_FORMATS, SHARDED_STATE
 from presharded.lifetime import engine_dies_with_this_process
 
@@ -73,7 +73,8 @@ def main() -> None:
     fill_unset(args, parser, layout)
     apply_engine_defaults(args, parser, saving=False)
     engine_dies_with_this_process()
-    llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
+    with engine_refusals():
+        llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     t_engine = time.perf_counter()
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)

@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 
 from presharded.cli import apply_engine_defaults, early_parse, full_parse, parse_size, positive_size
-from presharded.errors import exits_cleanly
+from presharded.errors import engine_refusals, exits_cleanly
 from presharded.handoff import SAVE_FORMAT, SaveRequest, read_records
 from presharded.lifetime import engine_dies_with_this_process, interrupted
 from presharded.manifest import CopiedFile, Manifest, hash_file, write_manifest
@@ -59,7 +59,8 @@ def main() -> None:
             request = SaveRequest(str(staging), target.file_pattern, args.max_file_size, engine_args.load_format)
             engine_args.load_format = SAVE_FORMAT
             engine_args.model_loader_extra_config = request.as_extra_config(engine_args.model_loader_extra_config)
-            LLM.from_engine_args(engine_args)  # workers write as they load; the engine is not kept
+            with engine_refusals():
+                LLM.from_engine_args(engine_args)  # workers write as they load; the engine is not kept
             t_engine = time.perf_counter()
 
             ranks = read_records(staging, target.tensor_parallel_size, target.pipeline_parallel_size)
@@ -73,6 +74,7 @@ def main() -> None:
                 dtype=ranks[0].dtype,
                 quantization=ranks[0].quantization,
                 online_quantization=ranks[0].online_quantization,
+                aliases=ranks[0].aliases,
                 architecture=ranks[0].architecture,
                 source=early.model,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -134,7 +134,8 @@ def start_once(model: Path, spec: str, tp: int, extra: list[str]) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         loads = [json.loads(line) for line in report]
     if proc.returncode != 0:  # the engine's root cause comes before the front end's long traceback
-        errors = [line for line in proc.stderr.splitlines() if re.search(r"\w(Error|Exception)\b", line)]
+        errors = [line for line in proc.stderr.splitlines()
+                  if line.startswith("error: ") or re.search(r"\w(Error|Exception)\b", line)]
         raise RuntimeError(f"{load_format} at TP={tp} failed:\n" + "\n".join(errors[:10]) + f"\n...\n{proc.stderr[-1500:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     found = {k: [float(x) for x in re.findall(p, proc.stderr)] for k, p in LOG.items()}

@@ -2,11 +2,18 @@
 Ctrl-C ends in `interrupted` and exit 130."""
 
 import functools
+import os
+import select
 import sys
-from collections.abc import Callable
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
-from presharded.lifetime import interrupted
+from presharded.lifetime import interrupted, on_stuck_interrupt
 
 T = TypeVar("T")
 
@@ -32,3 +39,69 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
             raise
 
     return wrapper
+
+
+REFUSAL_ENV = "PRESHARDED_REFUSAL"  # where code inside vLLM's engine writes why it refused
+
+
+def refuses(method: Callable[..., T]) -> Callable[..., T]:
+    """For our code that runs inside vLLM's engine (the loaders): a UserError
+    it raises is also written where the script that started the engine reads
+    it, since the engine reports no more than that a worker failed."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except UserError as e:
+            if path := os.environ.get(REFUSAL_ENV):
+                with open(path, "a") as f:
+                    f.write(f"{e}\n")
+            raise
+
+    return wrapper
+
+
+@contextmanager
+def engine_refusals() -> Iterator[None]:
+    """Around starting vLLM's engine: a refusal raised inside it ends the script
+    with its own one line. From the moment one is written, what the engine
+    prints (vLLM's tracebacks of it) goes to a log file, not the terminal."""
+    note = Path(tempfile.mkdtemp(prefix="presharded-")) / "refusal"
+    log = note.parent / "engine.log"
+    os.environ[REFUSAL_ENV] = str(note)
+    terminal = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)  # the engine's processes inherit it
+    os.close(write_end)
+    on_stuck_interrupt(lambda: os.dup2(terminal, 2))  # so that `interrupted` reaches the terminal
+
+    def forward() -> None:
+        with open(log, "ab") as diverted:
+            while chunk := os.read(read_end, 65536):
+                if note.exists():
+                    diverted.write(chunk)
+                else:
+                    os.write(terminal, chunk)
+
+    forwarder = threading.Thread(target=forward, daemon=True)
+    forwarder.start()
+    try:
+        yield
+    except Exception:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        _drained(read_end)  # the engine's last words, before ours
+        if note.exists() and (reasons := note.read_text().splitlines()):
+            raise UserError(reasons[0]) from None
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)  # the engine keeps the pipe; the forwarder serves it while it runs
+
+
+def _drained(fd: int, quiet: float = 0.3, limit: float = 5.0) -> None:
+    """Until nothing has waited in `fd` for `quiet` seconds (or `limit` passed)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and select.select([fd], [], [], quiet)[0]:
+        time.sleep(0.05)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from presharded.errors import UserError, refuses
 from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV
 from presharded.load_checks import check_checkpoint
 from presharded.manifest import default_pattern, render
@@ -42,6 +43,7 @@ class LoadReport:
 
 
 class FastShardedStateLoader(BaseModelLoader):
+    @refuses
     def __init__(self, load_config) -> None:
         super().__init__(load_config)
         extra = dict(load_config.model_loader_extra_config or {})
@@ -49,7 +51,8 @@ class FastShardedStateLoader(BaseModelLoader):
         self.chunk_size = int(extra.pop("chunk_mib", 16)) * 2**20
         self.pattern = extra.pop("pattern", None)
         if extra:
-            raise ValueError(f"unknown model_loader_extra_config keys for {FAST_FORMAT}: {sorted(extra)}")
+            raise UserError(f"unknown model_loader_extra_config keys for {FAST_FORMAT}: {sorted(extra)}; "
+                            "it takes threads, chunk_mib and pattern")
         # vLLM makes the loader in the worker right before it builds the model:
         # start pinning the staging buffers now, to be ready when the weights are read.
         self.staging = None
@@ -59,11 +62,13 @@ class FastShardedStateLoader(BaseModelLoader):
     def download_model(self, model_config) -> None:
         pass  # a pre-sharded checkpoint is a local folder
 
+    @refuses
     def load_weights(self, model: nn.Module, model_config) -> None:
         folder = Path(model_config.model_weights or model_config.model)
         pp_size, tp_size = parallel_sizes()
         pp_rank, tp_rank = parallel_ranks()
         manifest = check_checkpoint(folder, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size)
+        aliases = manifest.aliases if manifest is not None else {}
         if manifest is not None:
             paths = [folder / s.path for s in manifest.shards if (s.pp_rank, s.tp_rank) == (pp_rank, tp_rank)]
         else:  # as vLLM's sharded_state finds them
@@ -72,9 +77,14 @@ class FastShardedStateLoader(BaseModelLoader):
         device = next(p.device for p in model.parameters() if not p.is_meta)
         materialize(model, device)
         params = unique_tensors(model.state_dict())
+        # Saved once under another name, but separate in this model (vLLM untied them): filled from that name.
+        tied = {name: params[name] for name, saved in aliases.items() if name in params and saved in params}
+        read_into = {name: p for name, p in params.items() if name not in tied}
         staging, self.staging = self.staging or Staging(self.threads, self.chunk_size, device), None
         start = time.perf_counter()
-        nbytes = load_files(paths, params, staging)
+        nbytes = load_files(paths, read_into, staging)
+        for name, param in tied.items():
+            param.copy_(params[aliases[name]])
         report = LoadReport(pp_rank, tp_rank, nbytes, time.perf_counter() - start, self.threads,
                             self.chunk_size >> 20, staging.waited, staging.released)
         print(report.line(), file=sys.stderr, flush=True)

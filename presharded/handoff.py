@@ -40,6 +40,7 @@ class RankRecord:
     quantization: str | None
     architecture: str
     online_quantization: bool
+    aliases: dict[str, str]  # tensors saved once under another name: presharded/save_loader.py
     write_seconds: float
 
 

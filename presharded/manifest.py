@@ -73,6 +73,7 @@ class Manifest:
     shards: list[Shard]
     files: list[CopiedFile]
     online_quantization: bool = False  # saved unquantized; vLLM quantizes while loading
+    aliases: dict[str, str] = field(default_factory=dict)  # a tensor saved once under another name -> that name
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     hash: str = "blake3"

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from presharded.errors import refuses
 from presharded.handoff import RankRecord, SaveRequest, write_record
 from presharded.vllm_compat import DefaultModelLoader, online_quantized_layers, parallel_ranks, unique_tensors
 from presharded.writer import write_rank
@@ -25,14 +26,17 @@ class SavingModelLoader(DefaultModelLoader):
         )
         super().__init__(source_config)
 
+    @refuses
     def load_weights(self, model: nn.Module, model_config) -> None:
         online = BeforeQuantization(model)
         super().load_weights(model, model_config)
         pp_rank, tp_rank = parallel_ranks()
         folder = Path(self.request.folder)
         start = time.perf_counter()
+        state = model.state_dict()
+        saved = online.logical_state(state)
         shards = write_rank(
-            online.logical_state(model.state_dict()),
+            saved,
             folder,
             pattern=self.request.file_pattern,
             pp_rank=pp_rank,
@@ -45,8 +49,22 @@ class SavingModelLoader(DefaultModelLoader):
             quantization=model_config.quantization,
             architecture=model_config.hf_config.architectures[0],
             online_quantization=bool(online.layers),
+            aliases=aliases(state, saved),
             write_seconds=time.perf_counter() - start,
         ))
+
+
+def aliases(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Names left out of the files because they are a saved tensor under a
+    second name (tied embeddings), each with the name it was saved under: a
+    loader whose model unties them (vLLM 0.32 does, for every format but its
+    own sharded ones) fills both."""
+    def memory(t: torch.Tensor) -> tuple:
+        return t.device, t.data_ptr(), t.shape, t.stride(), t.dtype
+
+    by_memory = {memory(t): name for name, t in saved.items() if not t.is_meta}
+    return {name: by_memory[memory(t)] for name, t in state.items()
+            if name not in saved and not t.is_meta and memory(t) in by_memory}
 
 
 class BeforeQuantization:
@@ -72,13 +90,14 @@ class BeforeQuantization:
 
     def logical_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's state to save: each tensor once, and every
-        online-quantized layer's as it was before quantization. Stops keeping
-        them from here on."""
+        online-quantized layer's as it was before quantization: kept as it
+        was quantized during loading, or as it is now if vLLM quantizes it
+        only after loading (seen for layers with a bias). Stops keeping."""
         for method in self.methods:
             del method.process_weights_after_loading  # vLLM's own again
         kept, self.kept = self.kept, {}
-        if missing := sorted(set(self.layers) - {name.rsplit(".", 1)[0] for name in kept}):
-            raise RuntimeError(f"{missing[0]} was not quantized while loading: its weights cannot be saved")
-        inside = tuple(prefix + "." for prefix in self.layers)
-        rest = unique_tensors({k: t for k, t in state.items() if not k.startswith(inside) and not t.is_meta})
+        quantized = tuple(prefix + "." for prefix in {name.rsplit(".", 1)[0] for name in kept})
+        if unloaded := sorted(k for k, t in state.items() if t.is_meta and not k.startswith(quantized)):
+            raise RuntimeError(f"{unloaded[0]} was not loaded: its weights cannot be saved")
+        rest = unique_tensors({k: t for k, t in state.items() if not k.startswith(quantized) and not t.is_meta})
         return {**rest, **kept}

@@ -33,12 +33,13 @@ def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 30
                           timeout=timeout)
 
 
-def refused(case: str, script: str, *args: str, within: float | None = 5.0, unchanged: Path | None = None) -> str:
+def refused(case: str, script: str, *args: str, within: float | None = 5.0, unchanged: Path | None = None,
+            world_size: int = 1) -> str:
     """Run a bad input; assert exit 1, nothing on stdout, one `error:` line and
     no traceback, in time, and that the folder `unchanged` is. Returns the line."""
     before = snapshot(unchanged) if unchanged else None
     start = time.perf_counter()
-    proc = run_script(script, *args)
+    proc = run_script(script, *args, world_size=world_size)
     elapsed = time.perf_counter() - start
     if unchanged:
         assert snapshot(unchanged) == before

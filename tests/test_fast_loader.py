@@ -3,6 +3,7 @@ through vLLM's OpenAI server; exact shapes or a clear refusal."""
 
 import json
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PROMPT, ROOT, generate, script_env
+from conftest import PROMPT, ROOT, generate, refused, script_env
 from presharded.errors import UserError
+from presharded.formats import FAST_FORMAT
 from presharded.reader import Staging, load_files
 from presharded.safetensors_layout import Segment, chunks
 
@@ -100,3 +102,27 @@ def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, refer
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.mark.parametrize("world_size", [1, 2], ids=["in-process", "engine-process"])
+def test_a_refusal_inside_the_engine_is_one_line(checkpoints, world_size):
+    line = refused(f"fast_sharded_state: an unknown loader option ({'engine in its own process' if world_size > 1 else 'engine in-process'})",
+                   "load_sharded_state.py", "--model", str(checkpoints(1, 1)), "--load-format", FAST_FORMAT,
+                   "--model-loader-extra-config", '{"bogus": 1}', "--enforce-eager", within=None,
+                   world_size=world_size)
+    assert "unknown model_loader_extra_config keys for fast_sharded_state: ['bogus']" in line
+
+
+def test_a_worker_refusal_at_tp2_is_one_line(checkpoints, tmp_path):
+    """Without a manifest nothing is checked before the engine: rank 1's loader finds a tensor of another shape."""
+    checkpoint = shutil.copytree(checkpoints(2, 1), tmp_path / "tp2")
+    (checkpoint / "presharded.json").unlink()
+    path = checkpoint / "model-rank-1-part-0.safetensors"
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].decode().replace('"shape":[128,128]', '"shape":[256, 64]', 1)
+    path.write_bytes(data[:8] + header.encode() + data[8 + length :])
+    line = refused("fast_sharded_state: a tensor of another shape, found by rank 1 inside the engine",
+                   "load_sharded_state.py", "--model", str(checkpoint), "--load-format", FAST_FORMAT,
+                   "--enforce-eager", within=None, world_size=2)
+    assert "the model expects" in line and "load with the layout, dtype and quantization it was saved for" in line

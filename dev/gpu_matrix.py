@@ -1,0 +1,86 @@
+"""The architecture matrix on a GPU: for each tiny model of presharded/tiny.py,
+save it with save_sharded_state.py, then in this one process (vLLM imported
+once) start engines one after another from the source (`auto`) and from the
+checkpoint (`sharded_state`, `fast_sharded_state`), and compare greedy tokens.
+A load that the load script would refuse (vLLM 0.26's sharded_state on
+weights quantized while loading) is recorded as refused, not run.
+
+    PYTHONPATH=. python3 dev/gpu_matrix.py --out $OUT/bf16 [--archs qwen2,opt] [ENGINE FLAGS...]
+
+Prints one JSON line per architecture and writes them to OUT/matrix.jsonl.
+"""
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from presharded.load_checks import check_checkpoint
+from presharded.errors import UserError
+from presharded.tiny import ARCHITECTURES, build_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]
+
+
+def greedy(model: Path, load_format: str, flags: list[str]) -> list[list[int]]:
+    from vllm import LLM, EngineArgs, SamplingParams
+
+    from presharded.cli import apply_engine_defaults, full_parse
+    from presharded.verify_tokens import add_flags
+
+    args, parser = full_parse(["--model", str(model), "--load-format", load_format, "--prompts", "[]", *flags],
+                              add_flags, "")
+    apply_engine_defaults(args, parser, saving=False)
+    llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    del llm, outputs
+    gc.collect()
+    return tokens
+
+
+def one(arch: str, work: Path, flags: list[str]) -> dict:
+    source = build_tiny(work / arch, arch, num_layers=2)
+    checkpoint = work / f"{arch}-ckpt"
+    save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
+                           "--output", str(checkpoint), "--replace", *flags], capture_output=True, text=True)
+    if save.returncode != 0:
+        return {"arch": arch, "save": "failed", "error": save.stderr.strip().splitlines()[-1:]}
+    result = {"arch": arch, "auto": greedy(source, "auto", flags)}
+    for load_format in ("sharded_state", "fast_sharded_state"):
+        try:
+            check_checkpoint(checkpoint, load_format=load_format)
+        except UserError as e:
+            result[load_format] = f"refused: {e}"
+            continue
+        tokens = greedy(checkpoint, load_format, flags)
+        result[load_format] = "identical" if tokens == result["auto"] else {"differs": tokens}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--archs", default=",".join(ARCHITECTURES))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/presharded-matrix"))
+    args, flags = parser.parse_known_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for arch in args.archs.split(","):
+        start = time.perf_counter()
+        try:
+            result = one(arch, args.work, flags)
+        except Exception as e:  # one architecture's failure must not hide the others
+            result = {"arch": arch, "error": f"{type(e).__name__}: {e}"[:2000]}
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        line = json.dumps(result)
+        print(line, flush=True)
+        with open(args.out / "matrix.jsonl", "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
