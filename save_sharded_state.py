@@ -74,7 +74,7 @@ def main() -> None:
                 dtype=ranks[0].dtype,
                 quantization=ranks[0].quantization,
                 online_quantization=ranks[0].online_quantization,
-                aliases=ranks[0].aliases,
+                aliases={name: saved for rank in ranks for name, saved in rank.aliases.items()},
                 architecture=ranks[0].architecture,
                 source=early.model,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
