@@ -4,6 +4,7 @@ Ctrl-C ends in `interrupted` and exit 130."""
 import functools
 import os
 import select
+import shutil
 import sys
 import tempfile
 import threading
@@ -77,12 +78,12 @@ def engine_refusals() -> Iterator[None]:
     on_stuck_interrupt(lambda: os.dup2(terminal, 2))  # so that `interrupted` reaches the terminal
 
     def forward() -> None:
-        with open(log, "ab") as diverted:
-            while chunk := os.read(read_end, 65536):
-                if note.exists():
+        while chunk := os.read(read_end, 65536):
+            if note.exists():
+                with open(log, "ab") as diverted:
                     diverted.write(chunk)
-                else:
-                    os.write(terminal, chunk)
+            else:
+                os.write(terminal, chunk)
 
     forwarder = threading.Thread(target=forward, daemon=True)
     forwarder.start()
@@ -95,6 +96,8 @@ def engine_refusals() -> Iterator[None]:
         if note.exists() and (reasons := note.read_text().splitlines()):
             raise UserError(reasons[0]) from None
         raise
+    else:
+        shutil.rmtree(note.parent, ignore_errors=True)  # no refusal: nothing to keep
     finally:
         sys.stderr.flush()
         os.dup2(terminal, 2)  # the engine keeps the pipe; the forwarder serves it while it runs
