@@ -31,8 +31,9 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
         try:
             return main()
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)  # now: a running engine's shutdown would log after our line
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt) or interrupted():  # vLLM may turn it into an error of its own
                 print("interrupted", file=sys.stderr)

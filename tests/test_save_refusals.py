@@ -154,9 +154,11 @@ def test_max_file_size_zero(source, tmp_path):
 
 
 def test_checks_run_before_torch_or_vllm_is_imported(source, tmp_path):
-    probe = (f"import runpy, sys; sys.argv = ['save_sharded_state.py', '--model', {str(source)!r}, '--output', "
-             f"{str(source / 'x')!r}]\ntry:\n    runpy.run_path('save_sharded_state.py', run_name='__main__')\n"
-             "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules, 'vllm' in sys.modules)")
+    probe = ("import os, runpy, sys\nexit = os._exit\n"
+             "os._exit = lambda code: (print(code, 'torch' in sys.modules, 'vllm' in sys.modules, flush=True), "
+             "exit(code))\n"
+             f"sys.argv = ['save_sharded_state.py', '--model', {str(source)!r}, '--output', {str(source / 'x')!r}]\n"
+             "runpy.run_path('save_sharded_state.py', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["1", "False", "False"], proc.stderr[-2000:]
     assert "is inside the source model" in proc.stderr
