@@ -23,6 +23,7 @@ from presharded.cli import apply_engine_defaults, early_parse, fill_unset, full_
 from presharded.errors import UserError, engine_refusals, exits_cleanly
 from presharded.formats import CHECKPOINT_FORMATS, SHARDED_STATE
 from presharded.lifetime import engine_dies_with_this_process
+from presharded.nodes import Node
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="The quick brown fox")
@@ -52,27 +53,34 @@ def main() -> None:
         raise UserError("--model is required: a checkpoint folder from save_sharded_state.py")
     check_sampling(early)
     load_format = early.load_format or SHARDED_STATE
+    node = Node.from_args(early)  # one of several machines (--nnodes): presharded/nodes.py
     layout = {}
     if load_format in CHECKPOINT_FORMATS:
-        manifest = check_checkpoint(
+        manifest = check_checkpoint(  # of the ranks this node runs
             Path(early.model),
             tensor_parallel_size=early.tensor_parallel_size,
             pipeline_parallel_size=early.pipeline_parallel_size,
             verify_hashes=early.verify_hashes,
             load_format=load_format,
+            node=node,
         )
         layout = saved_layout(Path(early.model), manifest)
     t_checks = time.perf_counter()
 
     from vllm import LLM, EngineArgs, SamplingParams
 
-    from presharded.vllm_compat import REQUEST_ERRORS
+    from presharded.vllm_compat import REQUEST_ERRORS, run_workers
 
     t_import = time.perf_counter()
     args, parser = full_parse(sys.argv[1:], add_flags, __doc__, {"load_format": SHARDED_STATE})
     fill_unset(args, parser, layout)
     apply_engine_defaults(args, parser, saving=False)
     engine_dies_with_this_process()
+    if not node.is_driver:  # this node's workers serve the driver's engine until it ends
+        with engine_refusals():
+            run_workers(EngineArgs.from_cli_args(args), node.wait_for_driver)
+        print(f"{node}: the driver's engine has ended", file=sys.stderr)
+        return
     with engine_refusals():
         llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     t_engine = time.perf_counter()

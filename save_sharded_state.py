@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -21,9 +22,10 @@ from datetime import datetime, timezone
 
 from presharded.cli import apply_engine_defaults, early_parse, full_parse, parse_size, positive_size
 from presharded.errors import engine_refusals, exits_cleanly
-from presharded.handoff import SAVE_FORMAT, SaveRequest, read_records
+from presharded.handoff import SAVE_FORMAT, SAVE_RECORDS, RankRecord, SaveRequest, check_records
 from presharded.lifetime import engine_dies_with_this_process, interrupted
 from presharded.manifest import CopiedFile, Manifest, hash_file, write_manifest
+from presharded.nodes import Node, finish_other_node, take_shared_files
 from presharded.save_checks import check_save
 from presharded.source import copy_model_files
 from presharded.staging import output_locked, publish, staging_for
@@ -47,47 +49,70 @@ def main() -> None:
     # Checks first: importing vLLM takes seconds, bad input should not wait for it.
     early = early_parse(sys.argv[1:], add_flags, __doc__)
     target = check_save(early)
-    with output_locked(target.output):  # a second save to the same output is refused here
+    node = Node.from_args(early)  # one of several machines (--nnodes): presharded/nodes.py
+    with output_locked(target.output, node.rank):  # a second save to the same output is refused here
         from vllm import LLM, EngineArgs, __version__ as vllm_version
+
+        from presharded.vllm_compat import run_workers
 
         args, parser = full_parse(sys.argv[1:], add_flags, __doc__)
         apply_engine_defaults(args, parser, saving=True)
         engine_args = EngineArgs.from_cli_args(args)
         engine_dies_with_this_process()
-        with staging_for(target.output) as staging:
+        with staging_for(target.output, node.rank) as staging:
             # Each worker saves its own slice while it loads: see presharded/save_loader.py.
-            request = SaveRequest(str(staging), target.file_pattern, args.max_file_size, engine_args.load_format)
+            request = SaveRequest(str(staging), target.file_pattern, args.max_file_size, engine_args.load_format,
+                                  node.rank)
             engine_args.load_format = SAVE_FORMAT
             engine_args.model_loader_extra_config = request.as_extra_config(engine_args.model_loader_extra_config)
-            with engine_refusals():
-                LLM.from_engine_args(engine_args)  # workers write as they load; the engine is not kept
-            t_engine = time.perf_counter()
-
-            ranks = read_records(staging, target.tensor_parallel_size, target.pipeline_parallel_size)
-            copied = copy_model_files(target.source, staging)
-            manifest = Manifest(
-                vllm_version=vllm_version,
-                tensor_parallel_size=target.tensor_parallel_size,
-                pipeline_parallel_size=target.pipeline_parallel_size,
-                enable_expert_parallel=args.enable_expert_parallel,
-                file_pattern=target.file_pattern,
-                dtype=ranks[0].dtype,
-                quantization=ranks[0].quantization,
-                online_quantization=ranks[0].online_quantization,
-                aliases={name: saved for rank in ranks for name, saved in rank.aliases.items()},
-                architecture=ranks[0].architecture,
-                source=early.model,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                shards=[shard for rank in ranks for shard in rank.shards],
-                files=[CopiedFile(f, (staging / f).stat().st_size, hash_file(staging / f)) for f in copied],
-            )
-            write_manifest(staging, manifest)
+            engine_args.worker_extension_cls = SAVE_RECORDS  # the script asks the workers what they wrote
+            if not node.is_driver:  # this node's workers only; the driver writes the manifest
+                with engine_refusals():
+                    run_workers(engine_args, node.wait_for_driver)
+                manifest = finish_other_node(staging, target.source, node)
+            else:
+                with engine_refusals():
+                    llm = LLM.from_engine_args(engine_args)  # workers write as they load
+                t_engine = time.perf_counter()
+                records = check_records([RankRecord.from_dict(r) for r in llm.collective_rpc("presharded_record")],
+                                        target.tensor_parallel_size, target.pipeline_parallel_size)
+                elsewhere = take_shared_files(records, staging)
+                copied = copy_model_files(target.source, staging)
+                manifest = Manifest(
+                    vllm_version=vllm_version,
+                    tensor_parallel_size=target.tensor_parallel_size,
+                    pipeline_parallel_size=target.pipeline_parallel_size,
+                    enable_expert_parallel=args.enable_expert_parallel,
+                    file_pattern=target.file_pattern,
+                    dtype=records[0].dtype,
+                    quantization=records[0].quantization,
+                    online_quantization=records[0].online_quantization,
+                    aliases={name: saved for rank in records for name, saved in rank.aliases.items()},
+                    architecture=records[0].architecture,
+                    source=early.model,
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    shards=[dataclasses.replace(s, node=rank.node) for rank in records for s in rank.shards],
+                    files=[CopiedFile(f, (staging / f).stat().st_size, hash_file(staging / f)) for f in copied],
+                    nodes=node.count,
+                )
+                write_manifest(staging, manifest)
+                if elsewhere:  # nodes with disks of their own publish their files with this manifest
+                    llm.collective_rpc("presharded_manifest", args=(manifest.to_json(), sorted(elsewhere)))
             if interrupted():  # a Ctrl-C that Python or vLLM swallowed
                 raise KeyboardInterrupt
-            publish(staging, target.output)
+            if manifest is not None:
+                publish(staging, target.output)
 
+    if manifest is None:
+        print(f"{node}: the driver moved this node's files into its own folder (they share one)", file=sys.stderr)
+        return
+    here = [s for s in manifest.shards if s.node == node.rank or (target.output / s.path).exists()]
+    if not node.is_driver:
+        print(target.output)
+        print(f"{node}: saved {len(here)} of the checkpoint's {len(manifest.shards)} files", file=sys.stderr)
+        return
     # Ranks write in parallel: the slowest one sets the pace.
-    write_seconds = max(rank.write_seconds for rank in ranks)
+    write_seconds = max(rank.write_seconds for rank in records)
     seconds = {"engine": round(t_engine - t0, 2), "write": round(write_seconds, 3),
                "total": round(time.perf_counter() - t0, 2)}
     if args.json:
@@ -98,6 +123,9 @@ def main() -> None:
         print(f"saved {manifest.total_bytes / 1e9:.2f} GB in {len(manifest.shards)} files for "
               f"TP={target.tensor_parallel_size} PP={target.pipeline_parallel_size} in {seconds['total']:.1f} s",
               file=sys.stderr)
+        if len(here) < len(manifest.shards):
+            print(f"this folder holds {len(here)} of them; the other nodes hold theirs: see the README, "
+                  "\"Several machines\"", file=sys.stderr)
 
 
 if __name__ == "__main__":

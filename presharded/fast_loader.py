@@ -67,7 +67,8 @@ class FastShardedStateLoader(BaseModelLoader):
         folder = Path(model_config.model_weights or model_config.model)
         pp_size, tp_size = parallel_sizes()
         pp_rank, tp_rank = parallel_ranks()
-        manifest = check_checkpoint(folder, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size)
+        manifest = check_checkpoint(folder, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size,
+                                    rank=(pp_rank, tp_rank))
         aliases = manifest.aliases if manifest is not None else {}
         if manifest is not None:
             paths = [folder / s.path for s in manifest.shards if (s.pp_rank, s.tp_rank) == (pp_rank, tp_rank)]

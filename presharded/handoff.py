@@ -1,15 +1,18 @@
 """What the save script and the engine's workers tell each other. The script
-asks through the engine's model_loader_extra_config; each worker answers with
-a record file in the staging folder, since the engine reports no more than
-that a worker died. No torch here: the script reads these before vLLM starts."""
+asks through the engine's model_loader_extra_config; each worker keeps a
+record of what it wrote, which the script asks for through the engine (the
+workers may be on other machines); a worker that fails leaves its reason in
+its node's staging folder, since the engine reports no more than that a
+worker died. No torch here."""
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from presharded.manifest import Shard
 from presharded.formats import SAVE_FORMAT
+
+SAVE_RECORDS = "presharded.save_loader.SaveRecords"  # the workers' side: --worker-extension-cls
 
 
 @dataclass
@@ -20,6 +23,7 @@ class SaveRequest:
     file_pattern: str
     max_file_size: int | None = None
     source_load_format: str = "auto"
+    node: int = 0  # the --node-rank of the script that asks (several machines: presharded/nodes.py)
 
     def as_extra_config(self, extra: dict | None) -> dict:
         return {**(extra or {}), SAVE_FORMAT: dataclasses.asdict(self)}
@@ -42,14 +46,17 @@ class RankRecord:
     online_quantization: bool
     aliases: dict[str, str]  # tensors saved once under another name: presharded/save_loader.py
     write_seconds: float
+    node: int = 0  # the node (--node-rank) whose worker wrote the files
+    host: str = ""
+    folder: str = ""  # where, on that node
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "RankRecord":
+        return cls(**{**raw, "shards": [Shard(**s) for s in raw["shards"]]})
 
 
 def _rank_file(folder: Path, pp_rank: int, tp_rank: int, suffix: str) -> Path:
     return folder / f".rank-pp{pp_rank}-tp{tp_rank}.{suffix}"
-
-
-def write_record(folder: Path, pp_rank: int, tp_rank: int, record: RankRecord) -> None:
-    _rank_file(folder, pp_rank, tp_rank, "json").write_text(json.dumps(dataclasses.asdict(record)))
 
 
 def write_failure(folder: Path, pp_rank: int, tp_rank: int, reason: str) -> None:
@@ -57,20 +64,14 @@ def write_failure(folder: Path, pp_rank: int, tp_rank: int, reason: str) -> None
     _rank_file(folder, pp_rank, tp_rank, "failed").write_text(reason)
 
 
-def read_records(folder: Path, tp_size: int, pp_size: int) -> list[RankRecord]:
-    """Every rank's record, removed from the folder; a missing one means that
-    rank never wrote its state."""
-    records = []
+def check_records(records: list[RankRecord], tp_size: int, pp_size: int) -> list[RankRecord]:
+    """Every rank's record, in order; a missing one means that rank never wrote its state."""
+    by_rank = {(s.pp_rank, s.tp_rank): r for r in records for s in r.shards}
     for pp_rank in range(pp_size):
         for tp_rank in range(tp_size):
-            path = _rank_file(folder, pp_rank, tp_rank, "json")
-            if not path.exists():
-                raise RuntimeError(f"rank pp={pp_rank} tp={tp_rank} wrote no weights to {folder}")
-            raw = json.loads(path.read_text())
-            raw["shards"] = [Shard(**s) for s in raw["shards"]]
-            records.append(RankRecord(**raw))
-            path.unlink()
-    return records
+            if (pp_rank, tp_rank) not in by_rank:
+                raise RuntimeError(f"rank pp={pp_rank} tp={tp_rank} wrote no weights")
+    return [by_rank[pp, tp] for pp in range(pp_size) for tp in range(tp_size)]
 
 
 def why_save_failed(folder: Path, error: BaseException) -> str | None:

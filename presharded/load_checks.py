@@ -9,6 +9,7 @@ from presharded.errors import UserError
 from presharded.formats import SHARDED_STATE
 from presharded.staging import UNFINISHED_MARKER
 from presharded.manifest import MANIFEST_NAME, Manifest, hash_file, hash_header, read_manifest
+from presharded.nodes import Node
 
 # vLLM's own file names: what a checkpoint without a manifest says of its layout.
 NAMES_LAYOUT = (
@@ -56,12 +57,15 @@ def check_checkpoint(
     every_file: bool = False,
     require_manifest: bool = False,
     load_format: str | None = None,
+    node: Node = Node(),
+    rank: tuple[int, int] | None = None,
 ) -> Manifest | None:
     """The checkpoint's manifest once every check passes; None (with a warning)
     for a checkpoint made without one, such as vLLM's own example writes.
     The copied files (config, tokenizer) and every weight file's tensor table
     are always hashed, the weights themselves with `verify_hashes`. Stray
-    files are looked for among the weights, or with `every_file` among all files."""
+    files are looked for among the weights, or with `every_file` among all files.
+    Only the weights of the ranks that `node` runs (of one `rank`) are required."""
     if not folder.is_dir():
         raise UserError(f"checkpoint {folder} is not a folder; pass the --output of save_sharded_state.py")
     if (folder / UNFINISHED_MARKER).exists():
@@ -84,7 +88,12 @@ def check_checkpoint(
             "load it with --load-format fast_sharded_state"
         )
     check_layout(folder, manifest.engine_defaults(), tensor_parallel_size, pipeline_parallel_size)
-    for entry in [*manifest.shards, *manifest.files]:
+    ranks = {rank} if rank else set(node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size))
+    shards = [s for s in manifest.shards if (s.pp_rank, s.tp_rank) in ranks]
+    for shard in shards:
+        if not (folder / shard.path).is_file():
+            raise UserError(missing(folder, manifest, shard, node))
+    for entry in [*shards, *manifest.files]:
         path = folder / entry.path
         if not path.is_file():
             raise UserError(f"{path} is missing; copy the whole checkpoint folder, or save it again")
@@ -101,16 +110,29 @@ def check_checkpoint(
                 f"{path} is not part of this checkpoint (not in its manifest); remove it, "
                 "or save the checkpoint into an empty folder"
             )
-    for shard in manifest.shards:
+    for shard in shards:
         if shard.header_blake3 and hash_header(folder / shard.path) != shard.header_blake3:
             raise UserError(
                 f"{folder / shard.path}: its tensor table (names, shapes, dtypes) is not the one saved; "
                 "copy it again, or save again"
             )
-    for entry in [*manifest.files, *(manifest.shards if verify_hashes else [])]:
+    for entry in [*manifest.files, *(shards if verify_hashes else [])]:
         if hash_file(folder / entry.path) != entry.blake3:
             raise UserError(
                 f"{folder / entry.path} does not match its hash in the manifest: "
                 "it was changed or damaged; copy it again, or save again"
             )
     return manifest
+
+
+def missing(folder: Path, manifest: Manifest, shard, node: Node) -> str:
+    where = f"{folder / shard.path} is missing"
+    if manifest.nodes == 1:
+        return f"{where}; copy the whole checkpoint folder, or save it again"
+    ranks = f"pp={shard.pp_rank} tp={shard.tp_rank}"
+    if node.count == 1:
+        return (f"{where}: {manifest.nodes} nodes saved this checkpoint, each keeping its own ranks' files, and rank "
+                f"{ranks} is node {shard.node}'s; copy every node's files into this folder, or load across the nodes "
+                "(--nnodes, --node-rank)")
+    return (f"{where} on {node}, which runs rank {ranks}: the node that saved it was node {shard.node}; "
+            "copy its files here, or start each node with the --node-rank it saved with")

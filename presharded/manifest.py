@@ -13,7 +13,7 @@ from presharded.errors import UserError
 
 MANIFEST_NAME = "presharded.json"
 FORMAT_NAME = "presharded"
-FORMAT_VERSION = 2  # 2: each weight file's header hash
+FORMAT_VERSION = 3  # 2: each weight file's header hash; 3: the node that wrote each
 # vLLM's own names, so its built-in sharded_state loader reads our files too.
 TP_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 PP_PATTERN = "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
@@ -49,6 +49,7 @@ class Shard:
     size: int
     blake3: str
     header_blake3: str | None = None  # its tensor table, checked on every load (version 2 on)
+    node: int = 0  # the node that wrote it, when several saved together (--nnodes)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Manifest:
     files: list[CopiedFile]
     online_quantization: bool = False  # saved unquantized; vLLM quantizes while loading
     aliases: dict[str, str] = field(default_factory=dict)  # a tensor saved once under another name -> that name
+    nodes: int = 1  # how many nodes saved it; each may hold only its own ranks' files
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     hash: str = "blake3"

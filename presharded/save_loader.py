@@ -4,6 +4,8 @@ process_weights_after_loading: the logical weights, which loading and
 post-processing again rebuild exactly, on every backend and quantization."""
 
 import dataclasses
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -11,9 +13,29 @@ import torch
 from torch import nn
 
 from presharded.errors import refuses
-from presharded.handoff import RankRecord, SaveRequest, write_record
+from presharded.handoff import RankRecord, SaveRequest
+from presharded.manifest import MANIFEST_NAME
 from presharded.vllm_compat import DefaultModelLoader, online_quantized_layers, parallel_ranks, unique_tensors
 from presharded.writer import write_rank
+
+_record: RankRecord | None = None  # what this worker wrote, until the save script asks
+
+
+class SaveRecords:
+    """Mixed into vLLM's workers (--worker-extension-cls): what the save script
+    asks of each worker through the engine, wherever the worker runs."""
+
+    def presharded_record(self) -> dict | None:
+        return dataclasses.asdict(_record) if _record else None
+
+    def presharded_manifest(self, text: str, nodes: list[int]) -> None:
+        """The driver's manifest, into this worker's staging folder if its node
+        keeps its own files (a disk of its own), for that node to publish."""
+        if _record and _record.node in nodes:
+            path = Path(_record.folder) / MANIFEST_NAME
+            temporary = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}")  # workers of one node write the same
+            temporary.write_text(text)
+            temporary.replace(path)
 
 
 class SavingModelLoader(DefaultModelLoader):
@@ -43,7 +65,8 @@ class SavingModelLoader(DefaultModelLoader):
             tp_rank=tp_rank,
             max_file_size=self.request.max_file_size,
         )
-        write_record(folder, pp_rank, tp_rank, RankRecord(
+        global _record
+        _record = RankRecord(
             shards=shards,
             dtype=str(model_config.dtype).removeprefix("torch."),
             quantization=model_config.quantization,
@@ -51,7 +74,10 @@ class SavingModelLoader(DefaultModelLoader):
             online_quantization=bool(online.layers),
             aliases=aliases(state, saved),
             write_seconds=time.perf_counter() - start,
-        ))
+            node=self.request.node,
+            host=socket.gethostname(),
+            folder=str(folder),
+        )
 
 
 def aliases(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> dict[str, str]:

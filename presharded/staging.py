@@ -23,17 +23,22 @@ def _beside(output: Path, suffix: str) -> Path:
     return output.parent / f".{output.name}.presharded-{suffix}"
 
 
+def _lock_name(node: int) -> str:
+    return "lock" if node == 0 else f"lock-node{node}"  # the nodes of one save may share a folder
+
+
 @contextmanager
-def output_locked(output: Path) -> Iterator[None]:
+def output_locked(output: Path, node: int = 0) -> Iterator[None]:
     """One save at a time to one output: a lock file beside it, held until the
     block ends (the kernel releases it even after kill -9); a second save is
     refused at once."""
-    fd = _lock(_beside(output, "lock"), output)
-    on_stuck_interrupt(lambda: _unlock(_beside(output, "lock"), fd))
+    lock = _beside(output, _lock_name(node))
+    fd = _lock(lock, output)
+    on_stuck_interrupt(lambda: _unlock(lock, fd))
     try:
         yield
     finally:
-        _unlock(_beside(output, "lock"), fd)
+        _unlock(lock, fd)
 
 
 def _lock(path: Path, output: Path) -> int:
@@ -65,23 +70,24 @@ def _unlock(path: Path, fd: int) -> None:
     os.close(fd)
 
 
-def staging_folders(output: Path) -> list[Path]:
-    """The staging folders of saves to `output`: the one under way, or what
-    interrupted ones left."""
-    return sorted(output.parent.glob(f".{glob.escape(output.name)}.presharded-staging-*"))
+def staging_folders(output: Path, node: int | None = None) -> list[Path]:
+    """The staging folders of saves to `output` (of one node's part of them):
+    the one under way, or what interrupted ones left."""
+    nodes = "*" if node is None else node
+    return sorted(output.parent.glob(f".{glob.escape(output.name)}.presharded-staging-node{nodes}-*"))
 
 
 @contextmanager
-def staging_for(output: Path) -> Iterator[Path]:
+def staging_for(output: Path, node: int = 0) -> Iterator[Path]:
     """A new staging folder of this save's own, beside `output` (so the final
     move is a rename on one filesystem), marked unfinished. Use with the
     output locked: what interrupted saves left there is removed first. If
     the block fails, the folder goes, and a failure to write files becomes
     one line."""
-    for left in staging_folders(output):
+    for left in staging_folders(output, node):
         shutil.rmtree(left, ignore_errors=True)
     try:
-        staging = _beside(output, f"staging-{os.getpid()}-{secrets.token_hex(4)}")
+        staging = _beside(output, f"staging-node{node}-{os.getpid()}-{secrets.token_hex(4)}")
         staging.mkdir()
         (staging / UNFINISHED_MARKER).touch()
     except OSError as e:
@@ -95,6 +101,7 @@ def staging_for(output: Path) -> Iterator[Path]:
         if reason:
             raise UserError(f"{reason}; nothing was saved: free space or choose another --output") from None
         raise
+    shutil.rmtree(staging, ignore_errors=True)  # unless published: a node whose files the driver took
 
 
 def publish(staging: Path, output: Path) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "parallel_ranks",
     "parallel_sizes",
     "register_model_loader",
+    "run_workers",
     "unique_tensors",
 ]
 
@@ -75,3 +76,16 @@ def online_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     quantized as soon as all of its weights have arrived."""
     return {name: m for name, m in model.named_modules()
             if getattr(getattr(m, "quant_method", None), "uses_meta_device", False)}
+
+
+def run_workers(engine_args, wait) -> None:
+    """This node's workers of a multi-node engine whose driver runs on another
+    node (what `vllm serve --headless` runs), until `wait(failed)` returns."""
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    executor = MultiprocExecutor(engine_args.create_engine_config(headless=True), monitor_workers=False)
+    executor.start_worker_monitor()  # a thread: a worker that dies shuts the others down
+    try:
+        wait(lambda: executor.is_failed)
+    finally:
+        executor.shutdown()

@@ -61,7 +61,7 @@ def test_manifest_records_the_checkpoint(checkpoints, tiny_model):
 
     checkpoint = checkpoints(2, 1)
     m = read_manifest(checkpoint)
-    assert (m.format, m.format_version, m.hash) == ("presharded", 2, "blake3")
+    assert (m.format, m.format_version, m.hash) == ("presharded", 3, "blake3")
     assert (m.tensor_parallel_size, m.pipeline_parallel_size) == (2, 1)
     assert m.file_pattern == "model-rank-{rank}-part-{part}.safetensors"
     assert m.architecture == "LlamaForCausalLM"

@@ -1,0 +1,112 @@
+"""Two nodes on one machine, as vLLM's multiprocessing executor runs one model
+over several (--nnodes 2, --node-rank, --master-addr 127.0.0.1): each node
+its own processes and, for node-local disks, its own folder bound to one
+path in a mount namespace of its own (`unshare`)."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROMPT, ROOT, refused, script_env
+from presharded.manifest import read_manifest
+
+
+def own_disks_possible() -> bool:
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_two_nodes(script: str, *args: str, disks: tuple[Path, Path] | None = None, mount: Path | None = None,
+                 timeout: float = 400) -> list[subprocess.CompletedProcess]:
+    """Run `script` as node 0 and node 1 of one engine; with `disks`, each node
+    sees its own disk at `mount`."""
+    port = str(free_port())
+    procs = []
+    for node in (1, 0):  # the other node first: it waits for the driver
+        cmd = [sys.executable, str(ROOT / script), *args, "--nnodes", "2", "--node-rank", str(node),
+               "--master-addr", "127.0.0.1", "--master-port", port]
+        if disks:
+            cmd = ["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
+                   str(disks[node]), str(mount), *cmd]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=script_env(world_size=2), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in reversed(procs):  # node 0, node 1
+        stdout, stderr = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    for node, result in enumerate(results):
+        assert result.returncode == 0, f"node {node}:\n{result.stderr[-3000:]}"
+    return results
+
+
+def tokens(result: subprocess.CompletedProcess) -> list[int]:
+    return json.loads(result.stdout)["token_ids"]
+
+
+@pytest.fixture(scope="module")
+def own_disks(tiny_model, tmp_path_factory):
+    """The tiny model saved at TP=2 by two nodes, each onto a disk of its own."""
+    if not own_disks_possible():
+        pytest.skip("unshare -rm is not allowed here: no mount namespace to give each node a disk of its own")
+    root = tmp_path_factory.mktemp("nodes")
+    disks, mount = (root / "disk0", root / "disk1"), root / "mnt"
+    for folder in (*disks, mount):
+        folder.mkdir()
+    saved = on_two_nodes("save_sharded_state.py", "--model", str(tiny_model), "--output", str(mount / "ckpt"),
+                         "-tp", "2", disks=disks, mount=mount)
+    assert saved[0].stdout.strip() == saved[1].stdout.strip() == str(mount / "ckpt")
+    return disks, mount
+
+
+def test_each_node_keeps_its_own_ranks(own_disks):
+    disks, _ = own_disks
+    manifests = [read_manifest(d / "ckpt") for d in disks]
+    assert manifests[0] == manifests[1] and manifests[0].nodes == 2
+    for node, disk in enumerate(disks):
+        weights = sorted(p.name for p in (disk / "ckpt").glob("*.safetensors"))
+        assert weights == [f"model-rank-{node}-part-0.safetensors"]
+        assert {s.path: s.node for s in manifests[0].shards}[weights[0]] == node
+        assert (disk / "ckpt" / "config.json").exists()
+        assert not list(disk.glob(".ckpt.presharded-*"))
+
+
+def test_load_across_nodes_with_own_disks(own_disks, reference_tokens):
+    disks, mount = own_disks
+    driver, other = on_two_nodes("load_sharded_state.py", "--model", str(mount / "ckpt"), "--prompt", PROMPT,
+                                 "--max-tokens", "24", "--enforce-eager", "--json",
+                                 "--load-format", "fast_sharded_state", disks=disks, mount=mount)
+    assert tokens(driver) == reference_tokens(tp=2)
+    assert other.stdout == ""
+
+
+def test_a_node_without_its_files_is_refused(own_disks):
+    disks, _ = own_disks
+    line = refused("a node without its ranks' files", "load_sharded_state.py", "--model", str(disks[0] / "ckpt"),
+                   "--nnodes", "2", "--node-rank", "1", world_size=2)
+    assert "model-rank-1-part-0.safetensors is missing on node 1 of 2, which runs rank pp=0 tp=1" in line
+    line = refused("one node's folder loaded alone", "load_sharded_state.py", "--model", str(disks[1] / "ckpt"),
+                   world_size=2)
+    assert "2 nodes saved this checkpoint" in line and "node 0's" in line
+
+
+def test_shared_folder_pipeline_stages(tiny_model, tmp_path, reference_tokens):
+    """PP=2, one stage per node, both writing into one folder (as on NFS): the
+    driver gathers a complete checkpoint that any one node loads."""
+    output = tmp_path / "ckpt"
+    on_two_nodes("save_sharded_state.py", "--model", str(tiny_model), "--output", str(output), "-pp", "2")
+    manifest = read_manifest(output)
+    assert sorted(p.name for p in output.glob("*.safetensors")) == sorted(s.path for s in manifest.shards)
+    assert [s.node for s in manifest.shards] == [0, 1]
+    assert not list(tmp_path.glob(".ckpt.presharded-*"))
+    driver, _ = on_two_nodes("load_sharded_state.py", "--model", str(output), "--prompt", PROMPT,
+                             "--max-tokens", "24", "--json", "--load-format", "fast_sharded_state")
+    assert tokens(driver) == reference_tokens(pp=2)
