@@ -4,6 +4,7 @@ its own processes and, for node-local disks, its own folder bound to one
 path in a mount namespace of its own (`unshare`)."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROMPT, ROOT, refused, script_env
+from conftest import PROMPT, ROOT, refused, run_script, script_env
 from presharded.manifest import read_manifest
 
 
@@ -96,6 +97,15 @@ def test_a_node_without_its_files_is_refused(own_disks):
     line = refused("one node's folder loaded alone", "load_sharded_state.py", "--model", str(disks[1] / "ckpt"),
                    world_size=2)
     assert "2 nodes saved this checkpoint" in line and "node 0's" in line
+
+
+def test_gathered_folders_are_one_checkpoint(own_disks, tmp_path):
+    disks, _ = own_disks
+    gathered = tmp_path / "ckpt"
+    shutil.copytree(disks[0] / "ckpt", gathered)
+    shutil.copy(disks[1] / "ckpt" / "model-rank-1-part-0.safetensors", gathered)
+    proc = run_script("presharded.verify_cli", str(gathered), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_shared_folder_pipeline_stages(tiny_model, tmp_path, reference_tokens):
