@@ -12,6 +12,8 @@ from pathlib import Path
 from presharded.load_checks import check_checkpoint
 from presharded.errors import UserError, exits_cleanly
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
+from presharded.manifest import read_manifest
+from presharded.nodes import Node
 
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is", "def fibonacci(n):"]
 
@@ -41,10 +43,20 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--source", help="the model it was saved from: compare greedy tokens too")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--node-rank", type=int, default=None,
+                        help="saved by several nodes onto disks of their own: check the ranks of this node only")
     args, engine_extra = parser.parse_known_args()
 
-    manifest = check_checkpoint(args.checkpoint, verify_hashes=True, every_file=True, require_manifest=True)
-    files = len(manifest.shards) + len(manifest.files)
+    node = Node()
+    if args.node_rank is not None and (saved := read_manifest(args.checkpoint)):
+        if not 0 <= args.node_rank < saved.nodes:
+            raise UserError(f"--node-rank {args.node_rank}: {args.checkpoint} was saved by {saved.nodes} node(s), "
+                            f"ranked 0 to {saved.nodes - 1}")
+        node = Node(args.node_rank, saved.nodes)
+    manifest = check_checkpoint(args.checkpoint, verify_hashes=True, every_file=True, require_manifest=True,
+                                node=node)
+    ranks = node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
+    files = len([s for s in manifest.shards if (s.pp_rank, s.tp_rank) in ranks]) + len(manifest.files)
     result = {"checkpoint": str(args.checkpoint), "files": files, "hashes_match": True}
     lines = [f"ok: {files} files in {args.checkpoint} match the manifest's sizes and hashes"]
     if args.source:

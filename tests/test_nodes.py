@@ -101,6 +101,9 @@ def test_a_node_without_its_files_is_refused(own_disks):
 
 def test_gathered_folders_are_one_checkpoint(own_disks, tmp_path):
     disks, _ = own_disks
+    for node, disk in enumerate(disks):  # each node's folder is complete for its own ranks
+        proc = run_script("presharded.verify_cli", str(disk / "ckpt"), "--node-rank", str(node))
+        assert proc.returncode == 0 and "ok: 6 files" in proc.stdout, proc.stderr[-3000:]
     gathered = tmp_path / "ckpt"
     shutil.copytree(disks[0] / "ckpt", gathered)
     shutil.copy(disks[1] / "ckpt" / "model-rank-1-part-0.safetensors", gathered)
