@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from presharded.cli import apply_engine_defaults, early_parse, full_parse, parse_size, positive_size
 from presharded.errors import engine_refusals, exits_cleanly
@@ -26,7 +27,7 @@ from presharded.handoff import SAVE_FORMAT, SAVE_RECORDS, RankRecord, SaveReques
 from presharded.lifetime import engine_dies_with_this_process, interrupted
 from presharded.manifest import CopiedFile, Manifest, hash_file, write_manifest
 from presharded.nodes import Node, finish_other_node, take_shared_files
-from presharded.save_checks import check_save
+from presharded.save_checks import SaveTarget, check_save
 from presharded.source import copy_model_files
 from presharded.staging import output_locked, publish, staging_for
 
@@ -51,7 +52,7 @@ def main() -> None:
     target = check_save(early)
     node = Node.from_args(early)  # one of several machines (--nnodes): presharded/nodes.py
     with output_locked(target.output, node.rank):  # a second save to the same output is refused here
-        from vllm import LLM, EngineArgs, __version__ as vllm_version
+        from vllm import LLM, EngineArgs
 
         from presharded.vllm_compat import run_workers
 
@@ -78,23 +79,7 @@ def main() -> None:
                                         target.tensor_parallel_size, target.pipeline_parallel_size)
                 elsewhere = take_shared_files(records, staging)
                 copied = copy_model_files(target.source, staging)
-                manifest = Manifest(
-                    vllm_version=vllm_version,
-                    tensor_parallel_size=target.tensor_parallel_size,
-                    pipeline_parallel_size=target.pipeline_parallel_size,
-                    enable_expert_parallel=args.enable_expert_parallel,
-                    file_pattern=target.file_pattern,
-                    dtype=records[0].dtype,
-                    quantization=records[0].quantization,
-                    online_quantization=records[0].online_quantization,
-                    aliases={name: saved for rank in records for name, saved in rank.aliases.items()},
-                    architecture=records[0].architecture,
-                    source=early.model,
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    shards=[dataclasses.replace(s, node=rank.node) for rank in records for s in rank.shards],
-                    files=[CopiedFile(f, (staging / f).stat().st_size, hash_file(staging / f)) for f in copied],
-                    nodes=node.count,
-                )
+                manifest = make_manifest(records, target, args, early.model, staging, copied, node.count)
                 write_manifest(staging, manifest)
                 if elsewhere:  # nodes with disks of their own publish their files with this manifest
                     llm.collective_rpc("presharded_manifest", args=(manifest.to_json(), sorted(elsewhere)))
@@ -126,6 +111,29 @@ def main() -> None:
         if len(here) < len(manifest.shards):
             print(f"this folder holds {len(here)} of them; the other nodes hold theirs: see the README, "
                   "\"Several machines\"", file=sys.stderr)
+
+
+def make_manifest(records: list[RankRecord], target: SaveTarget, args: argparse.Namespace, model: str,
+                  staging: Path, copied: list[str], nodes: int) -> Manifest:
+    from vllm import __version__ as vllm_version
+
+    return Manifest(
+        vllm_version=vllm_version,
+        tensor_parallel_size=target.tensor_parallel_size,
+        pipeline_parallel_size=target.pipeline_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        file_pattern=target.file_pattern,
+        dtype=records[0].dtype,
+        quantization=records[0].quantization,
+        online_quantization=records[0].online_quantization,
+        aliases={name: saved for rank in records for name, saved in rank.aliases.items()},
+        architecture=records[0].architecture,
+        source=model,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        shards=[dataclasses.replace(s, node=rank.node) for rank in records for s in rank.shards],
+        files=[CopiedFile(f, (staging / f).stat().st_size, hash_file(staging / f)) for f in copied],
+        nodes=nodes,
+    )
 
 
 if __name__ == "__main__":
