@@ -32,6 +32,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
     parser.add_argument("--verify-hashes", action="store_true",
                         help="hash every file against the manifest before loading")
+    parser.add_argument("--no-start-caches", dest="start_caches", action="store_false",
+                        help="start without the checkpoint's start-up caches (presharded-caches)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -54,7 +56,7 @@ def main() -> None:
     check_sampling(early)
     load_format = early.load_format or SHARDED_STATE
     node = Node.from_args(early)  # one of several machines (--nnodes): presharded/nodes.py
-    layout = {}
+    layout, manifest = {}, None
     if load_format in CHECKPOINT_FORMATS:
         manifest = check_checkpoint(  # of the ranks this node runs
             Path(early.model),
@@ -69,6 +71,7 @@ def main() -> None:
 
     from vllm import LLM, EngineArgs, SamplingParams
 
+    from presharded import start_caches
     from presharded.vllm_compat import REQUEST_ERRORS, run_workers
 
     t_import = time.perf_counter()
@@ -81,9 +84,16 @@ def main() -> None:
             run_workers(EngineArgs.from_cli_args(args), node.wait_for_driver)
         print(f"{node}: the driver's engine has ended", file=sys.stderr)
         return
+    caches = start_caches.Use("none", Path(args.model), {})
+    if args.start_caches and manifest is not None and node.count == 1:  # presharded/start_caches.py
+        caches = start_caches.prepare(Path(args.model), manifest, args.tensor_parallel_size,
+                                      args.pipeline_parallel_size)
+        start_caches.apply(caches)
+        args.model = str(caches.model)
     with engine_refusals():
         llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     t_engine = time.perf_counter()
+    caches.settle()
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
     try:
@@ -106,11 +116,12 @@ def main() -> None:
             "load_format": args.load_format,
             "tensor_parallel_size": args.tensor_parallel_size,
             "pipeline_parallel_size": args.pipeline_parallel_size,
+            "caches": caches.status,
             "seconds": seconds,
         }))
     else:
         print(printable(output.text))
-        print(" · ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
+        print(" · ".join(f"{k} {v:.2f} s" for k, v in seconds.items()) + f" · start-up caches: {caches.status}")
 
 
 def printable(text: str) -> str:

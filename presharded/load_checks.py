@@ -102,7 +102,8 @@ def check_checkpoint(
                 f"{path} has {path.stat().st_size} bytes, the manifest says {entry.size}; "
                 "the copy is incomplete or damaged: copy it again, or save again"
             )
-    listed = {e.path for e in [*manifest.shards, *manifest.files]} | {MANIFEST_NAME}
+    cached = [e for entries in manifest.caches.values() for e in entries]  # checked where used
+    listed = {e.path for e in [*manifest.shards, *manifest.files, *cached]} | {MANIFEST_NAME}
     candidates = folder.rglob("*") if every_file else folder.glob("*.safetensors")
     for path in sorted(p for p in candidates if p.is_file()):
         if path.relative_to(folder).as_posix() not in listed:

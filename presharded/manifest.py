@@ -76,6 +76,7 @@ class Manifest:
     online_quantization: bool = False  # saved unquantized; vLLM quantizes while loading
     aliases: dict[str, str] = field(default_factory=dict)  # a tensor saved once under another name -> that name
     nodes: int = 1  # how many nodes saved it; each may hold only its own ranks' files
+    caches: dict[str, list[CopiedFile]] = field(default_factory=dict)  # start-up caches: presharded/start_caches.py
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     hash: str = "blake3"
@@ -118,6 +119,7 @@ class Manifest:
             raw.pop("total_bytes", None)
             raw["shards"] = [Shard(**s) for s in raw["shards"]]
             raw["files"] = [CopiedFile(**f) for f in raw["files"]]
+            raw["caches"] = {name: [CopiedFile(**f) for f in files] for name, files in raw.get("caches", {}).items()}
             return cls(**raw)
         except KeyError as e:
             raise UserError(f"{where} lacks the field {e}; save the checkpoint again")

@@ -26,11 +26,12 @@ def script_env(world_size: int = 1) -> dict[str, str]:
     return env
 
 
-def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """A root script (`save_sharded_state.py`) or a module (`presharded.verify_cli`), run as a user runs it."""
     cmd = [sys.executable, str(ROOT / script)] if script.endswith(".py") else [sys.executable, "-m", script]
-    return subprocess.run([*cmd, *args], cwd=ROOT, env=script_env(world_size), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*cmd, *args], cwd=ROOT, env={**script_env(world_size), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def refused(case: str, script: str, *args: str, within: float | None = 5.0, unchanged: Path | None = None,

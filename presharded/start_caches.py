@@ -1,0 +1,141 @@
+"""Start-up caches shipped inside the checkpoint: what vLLM, Inductor and
+Triton compile when an engine starts, kept from one start and used by later
+starts on any machine of the same kind, wherever the checkpoint lives.
+
+vLLM's cache keys hash the model's path and compiled artifacts hold absolute
+paths, so a set is made and used at fixed paths: the caches under
+WORKSPACE/ID/{vllm,inductor,triton} and the model as the symlink
+WORKSPACE/ID/model to the checkpoint. A set is named by what the caches
+depend on (versions, device, layout); inside it vLLM's own hash folders tell
+the engine flags apart. A set that does not match is left unused: slower,
+never wrong."""
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from presharded.manifest import MANIFEST_NAME, CopiedFile, Manifest, hash_file
+
+CACHES_DIR = "start-caches"  # in the checkpoint: start-caches/SET/{vllm,inductor,triton}/...
+KINDS = {"vllm": "VLLM_CACHE_ROOT", "inductor": "TORCHINDUCTOR_CACHE_DIR", "triton": "TRITON_CACHE_DIR"}
+WORKSPACE = Path(tempfile.gettempdir()) / "presharded-start"
+
+
+def set_name(tensor_parallel_size: int, pipeline_parallel_size: int) -> str:
+    """What the caches depend on, as a folder name."""
+    import torch
+    import vllm
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        device = f"{torch.cuda.get_device_name().replace(' ', '-')}-sm{major}{minor}"
+    else:
+        device = f"cpu-{platform.machine()}"
+    try:
+        import triton
+
+        compiler = f"_triton-{triton.__version__}"
+    except ImportError:
+        compiler = ""
+    name = f"vllm-{vllm.__version__}_torch-{torch.__version__}{compiler}_{device}"
+    return f"{name}_tp{tensor_parallel_size}-pp{pipeline_parallel_size}".replace("+", "-")
+
+
+def checkpoint_id(manifest: Manifest) -> str:
+    """The same for every copy of one checkpoint, wherever it is."""
+    return blake3.blake3("".join(s.blake3 for s in manifest.shards).encode()).hexdigest()[:16]
+
+
+def engine_env(workspace: Path) -> dict[str, str]:
+    env = {var: str(workspace / kind) for kind, var in KINDS.items()}
+    if not _has_cuda():
+        # vLLM 0.32's CPU build cannot load its own ahead-of-time artifact (dev/notebook.md, section 6);
+        # without it the compiled code is Inductor's cache, which loads.
+        env["VLLM_USE_AOT_COMPILE"] = "0"
+    return env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fresh_workspace(folder: Path, manifest: Manifest) -> Path:
+    """WORKSPACE/ID, emptied, its model link pointing at `folder`."""
+    workspace = WORKSPACE / checkpoint_id(manifest)
+    shutil.rmtree(workspace, ignore_errors=True)
+    workspace.mkdir(parents=True)
+    (workspace / "model").symlink_to(folder.resolve(), target_is_directory=True)
+    return workspace
+
+
+def files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.exists() else set()
+
+
+def keep(workspace: Path, folder: Path, manifest: Manifest, name: str) -> list[CopiedFile]:
+    """The caches a start filled in `workspace`, as the set `name` of the checkpoint in `folder`."""
+    dest = folder / CACHES_DIR / name
+    shutil.rmtree(dest, ignore_errors=True)
+    entries = []
+    for kind in KINDS:
+        for relative in sorted(files_under(workspace / kind)):
+            target = dest / kind / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(workspace / kind / relative, target)
+            path = target.relative_to(folder).as_posix()
+            entries.append(CopiedFile(path, target.stat().st_size, hash_file(target)))
+    return entries
+
+
+@dataclass
+class Use:
+    """How a start uses the checkpoint's caches: `model` and `env` for the engine."""
+
+    status: str  # "none" (no matching set, or it is damaged), then "hit" or "miss" once the engine has started
+    model: Path
+    env: dict[str, str]
+    workspace: Path | None = None
+    before: frozenset[str] = frozenset()
+
+    def settle(self) -> str:
+        """After the engine has started: whether it compiled anything (new files) or used the set."""
+        if self.workspace is not None:
+            after = {f"{k}/{f}" for k in KINDS for f in files_under(self.workspace / k)}
+            self.status = "miss" if after - self.before else "hit"
+        return self.status
+
+
+def prepare(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, pipeline_parallel_size: int) -> Use:
+    """The matching set, checked and put in place; or a start without caches."""
+    none = Use("none", folder, {})
+    if manifest is None or not manifest.caches:
+        return none
+    name = set_name(tensor_parallel_size, pipeline_parallel_size)
+    entries = manifest.caches.get(name)
+    if entries is None:
+        print(f"warning: {folder} has start-up caches for {', '.join(manifest.caches)}, none for {name}: "
+              "starting without them", file=sys.stderr)
+        return none
+    for entry in entries:
+        path = folder / entry.path
+        if not path.is_file() or path.stat().st_size != entry.size or hash_file(path) != entry.blake3:
+            print(f"warning: {path} is missing or damaged (not as in {MANIFEST_NAME}): starting without the "
+                  f"start-up caches {name}", file=sys.stderr)
+            return none
+    workspace = fresh_workspace(folder, manifest)
+    shutil.copytree(folder / CACHES_DIR / name, workspace, dirs_exist_ok=True)
+    before = frozenset(f"{k}/{f}" for k in KINDS for f in files_under(workspace / k))
+    return Use("none", workspace / "model", engine_env(workspace), workspace, before)
+
+
+def apply(use: Use) -> None:
+    """The cache folders for this process and the engine it starts; the user's own are left alone."""
+    os.environ.update(use.env)
