@@ -91,7 +91,7 @@ def main() -> None:
     if manifest is None:
         print(f"{node}: the driver moved this node's files into its own folder (they share one)", file=sys.stderr)
         return
-    here = [s for s in manifest.shards if s.node == node.rank or (target.output / s.path).exists()]
+    here = [s for s in manifest.shards if (target.output / s.path).exists()]
     if not node.is_driver:
         print(target.output)
         print(f"{node}: saved {len(here)} of the checkpoint's {len(manifest.shards)} files", file=sys.stderr)

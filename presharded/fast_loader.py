@@ -71,7 +71,7 @@ class FastShardedStateLoader(BaseModelLoader):
                                     rank=(pp_rank, tp_rank))
         aliases = manifest.aliases if manifest is not None else {}
         if manifest is not None:
-            paths = [folder / s.path for s in manifest.shards if (s.pp_rank, s.tp_rank) == (pp_rank, tp_rank)]
+            paths = [folder / s.path for s in manifest.shards_of([(pp_rank, tp_rank)])]
         else:  # as vLLM's sharded_state finds them
             pattern = self.pattern or default_pattern(pp_size)
             paths = sorted(folder.glob(render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part="*")))

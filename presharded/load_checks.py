@@ -8,7 +8,7 @@ from pathlib import Path
 from presharded.errors import UserError
 from presharded.formats import SHARDED_STATE
 from presharded.staging import UNFINISHED_MARKER
-from presharded.manifest import MANIFEST_NAME, Manifest, hash_file, hash_header, read_manifest
+from presharded.manifest import MANIFEST_NAME, CopiedFile, Manifest, Shard, hash_file, hash_header, read_manifest
 from presharded.nodes import Node
 
 # vLLM's own file names: what a checkpoint without a manifest says of its layout.
@@ -88,15 +88,12 @@ def check_checkpoint(
             "load it with --load-format fast_sharded_state"
         )
     check_layout(folder, manifest.engine_defaults(), tensor_parallel_size, pipeline_parallel_size)
-    ranks = {rank} if rank else set(node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size))
-    shards = [s for s in manifest.shards if (s.pp_rank, s.tp_rank) in ranks]
-    for shard in shards:
-        if not (folder / shard.path).is_file():
-            raise UserError(missing(folder, manifest, shard, node))
+    shards = manifest.shards_of([rank] if rank else node.ranks(manifest.tensor_parallel_size,
+                                                               manifest.pipeline_parallel_size))
     for entry in [*shards, *manifest.files]:
         path = folder / entry.path
         if not path.is_file():
-            raise UserError(f"{path} is missing; copy the whole checkpoint folder, or save it again")
+            raise UserError(missing(folder, manifest, entry, node))
         if path.stat().st_size != entry.size:
             raise UserError(
                 f"{path} has {path.stat().st_size} bytes, the manifest says {entry.size}; "
@@ -126,14 +123,14 @@ def check_checkpoint(
     return manifest
 
 
-def missing(folder: Path, manifest: Manifest, shard, node: Node) -> str:
-    where = f"{folder / shard.path} is missing"
-    if manifest.nodes == 1:
+def missing(folder: Path, manifest: Manifest, entry: Shard | CopiedFile, node: Node) -> str:
+    where = f"{folder / entry.path} is missing"
+    if manifest.nodes == 1 or not isinstance(entry, Shard):
         return f"{where}; copy the whole checkpoint folder, or save it again"
-    ranks = f"pp={shard.pp_rank} tp={shard.tp_rank}"
+    ranks = f"pp={entry.pp_rank} tp={entry.tp_rank}"
     if node.count == 1:
         return (f"{where}: {manifest.nodes} nodes saved this checkpoint, each keeping its own ranks' files, and rank "
-                f"{ranks} is node {shard.node}'s; copy every node's files into this folder, or load across the nodes "
+                f"{ranks} is node {entry.node}'s; copy every node's files into this folder, or load across the nodes "
                 "(--nnodes, --node-rank)")
-    return (f"{where} on {node}, which runs rank {ranks}: the node that saved it was node {shard.node}; "
+    return (f"{where} on {node}, which runs rank {ranks}: the node that saved it was node {entry.node}; "
             "copy its files here, or start each node with the --node-rank it saved with")

@@ -85,6 +85,10 @@ class Manifest:
     def __post_init__(self) -> None:
         self.total_bytes = sum(s.size for s in self.shards)
 
+    def shards_of(self, ranks) -> list[Shard]:
+        """The shards of these (pipeline stage, tensor-parallel rank) pairs."""
+        return [s for s in self.shards if (s.pp_rank, s.tp_rank) in set(ranks)]
+
     def engine_defaults(self) -> dict:
         """Engine settings this checkpoint was saved for, to use where the user set none."""
         defaults = {

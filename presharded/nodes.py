@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from presharded.errors import UserError
+from presharded.manifest import hash_file, read_manifest
+from presharded.source import copy_model_files
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,6 @@ class Node:
         world = tensor_parallel_size * pipeline_parallel_size
         per_node = world // self.count
         return [divmod(r, tensor_parallel_size) for r in range(self.rank * per_node, (self.rank + 1) * per_node)]
-
-    def node_of(self, pp_rank: int, tp_rank: int, tensor_parallel_size: int, pipeline_parallel_size: int) -> int:
-        per_node = tensor_parallel_size * pipeline_parallel_size // self.count
-        return (pp_rank * tensor_parallel_size + tp_rank) // per_node
 
     def driver_listening(self) -> bool:
         """Whether the driver's workers hold the master port (their process group's store)."""
@@ -94,9 +92,6 @@ def finish_other_node(staging: Path, source: Path, node: Node):
     """After the driver is done: the manifest it sent if this node keeps its
     own files (then they are published here with the model's config and
     tokenizer), None if the driver took them into its folder."""
-    from presharded.manifest import hash_file, read_manifest
-    from presharded.source import copy_model_files
-
     manifest = read_manifest(staging)
     if manifest is None:
         if any(staging.glob("*.safetensors")):

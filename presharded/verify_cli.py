@@ -55,8 +55,8 @@ def main() -> None:
         node = Node(args.node_rank, saved.nodes)
     manifest = check_checkpoint(args.checkpoint, verify_hashes=True, every_file=True, require_manifest=True,
                                 node=node)
-    ranks = node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
-    files = len([s for s in manifest.shards if (s.pp_rank, s.tp_rank) in ranks]) + len(manifest.files)
+    shards = manifest.shards_of(node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size))
+    files = len(shards) + len(manifest.files)
     result = {"checkpoint": str(args.checkpoint), "files": files, "hashes_match": True}
     lines = [f"ok: {files} files in {args.checkpoint} match the manifest's sizes and hashes"]
     if args.source:
