@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from presharded.caches_cli import after_save
 from presharded.cli import apply_engine_defaults, early_parse, full_parse, parse_size, positive_size
 from presharded.errors import engine_refusals, exits_cleanly
 from presharded.handoff import SAVE_FORMAT, SAVE_RECORDS, RankRecord, SaveRequest, check_records
@@ -41,6 +42,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         "or model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors with pipeline stages")
     parser.add_argument("--replace", action="store_true",
                         help="replace the checkpoint in --output, once the new one is complete")
+    parser.add_argument("--start-caches", action=argparse.BooleanOptionalAction, default=None,
+                        help="then start vLLM once on the checkpoint with these engine flags and keep what it "
+                        "compiled in it (presharded-caches); default: on GPUs")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -54,7 +58,7 @@ def main() -> None:
     with output_locked(target.output, node.rank):  # a second save to the same output is refused here
         from vllm import LLM, EngineArgs
 
-        from presharded.vllm_compat import run_workers
+        from presharded.vllm_compat import is_cpu, run_workers, shut_down
 
         args, parser = full_parse(sys.argv[1:], add_flags, __doc__)
         apply_engine_defaults(args, parser, saving=True)
@@ -87,6 +91,12 @@ def main() -> None:
                 raise KeyboardInterrupt
             if manifest is not None:
                 publish(staging, target.output)
+        t_saved = time.perf_counter()
+        caches = None
+        if node.is_driver and node.count == 1 and (args.start_caches or (args.start_caches is None and not is_cpu())):
+            shut_down(llm)  # the caches' start needs the devices
+            del llm
+            caches = after_save(target.output, sys.argv[1:])  # presharded/caches_cli.py
 
     if manifest is None:
         print(f"{node}: the driver moved this node's files into its own folder (they share one)", file=sys.stderr)
@@ -98,16 +108,17 @@ def main() -> None:
         return
     # Ranks write in parallel: the slowest one sets the pace.
     write_seconds = max(rank.write_seconds for rank in records)
-    seconds = {"engine": round(t_engine - t0, 2), "write": round(write_seconds, 3),
-               "total": round(time.perf_counter() - t0, 2)}
+    seconds = {"engine": round(t_engine - t0, 2), "write": round(write_seconds, 3), "save": round(t_saved - t0, 2),
+               "caches": round(time.perf_counter() - t_saved, 2), "total": round(time.perf_counter() - t0, 2)}
     if args.json:
         print(json.dumps({"output": str(target.output), "files": len(manifest.shards), "bytes": manifest.total_bytes,
-                          "write_gbps": round(manifest.total_bytes / write_seconds / 1e9, 3), "seconds": seconds}))
+                          "write_gbps": round(manifest.total_bytes / write_seconds / 1e9, 3), "caches": caches,
+                          "seconds": seconds}))
     else:
         print(target.output)
         print(f"saved {manifest.total_bytes / 1e9:.2f} GB in {len(manifest.shards)} files for "
-              f"TP={target.tensor_parallel_size} PP={target.pipeline_parallel_size} in {seconds['total']:.1f} s",
-              file=sys.stderr)
+              f"TP={target.tensor_parallel_size} PP={target.pipeline_parallel_size} in {seconds['save']:.1f} s"
+              + (f", start-up caches {caches} in {seconds['caches']:.1f} s" if caches else ""), file=sys.stderr)
         if len(here) < len(manifest.shards):
             print(f"this folder holds {len(here)} of them; the other nodes hold theirs: see the README, "
                   "\"Several machines\"", file=sys.stderr)

@@ -10,11 +10,14 @@ depend on (versions, device, layout); inside it vLLM's own hash folders tell
 the engine flags apart. A set that does not match is left unused: slower,
 never wrong."""
 
+import fcntl
 import os
 import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +70,34 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def fresh_workspace(folder: Path, manifest: Manifest) -> Path:
-    """WORKSPACE/ID, emptied, its model link pointing at `folder`."""
+@contextmanager
+def workspace_locked(manifest: Manifest) -> Iterator[Path]:
+    """WORKSPACE/ID, for this process alone while it is being filled: starts of
+    one checkpoint on one machine (a replica per GPU) share it."""
     workspace = WORKSPACE / checkpoint_id(manifest)
-    shutil.rmtree(workspace, ignore_errors=True)
-    workspace.mkdir(parents=True)
-    (workspace / "model").symlink_to(folder.resolve(), target_is_directory=True)
-    return workspace
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    with open(workspace.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield workspace
+
+
+def link_model(workspace: Path, folder: Path) -> None:
+    """WORKSPACE/ID/model -> `folder`, replaced in one step (a running engine may read through it)."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    link = workspace / "model"
+    if link.is_symlink() and link.resolve() == folder.resolve():
+        return
+    tmp = workspace / f".model.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(folder.resolve(), target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def empty_workspace(workspace: Path, folder: Path) -> None:
+    """The caches emptied, so that a start fills them with exactly what it compiles."""
+    for kind in KINDS:
+        shutil.rmtree(workspace / kind, ignore_errors=True)
+    link_model(workspace, folder)
 
 
 def files_under(folder: Path) -> set[str]:
@@ -130,9 +154,16 @@ def prepare(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, 
             print(f"warning: {path} is missing or damaged (not as in {MANIFEST_NAME}): starting without the "
                   f"start-up caches {name}", file=sys.stderr)
             return none
-    workspace = fresh_workspace(folder, manifest)
-    shutil.copytree(folder / CACHES_DIR / name, workspace, dirs_exist_ok=True)
-    before = frozenset(f"{k}/{f}" for k in KINDS for f in files_under(workspace / k))
+    with workspace_locked(manifest) as workspace:
+        link_model(workspace, folder)
+        for entry in entries:  # what another start already put in place stays: it may be running from it
+            source = folder / entry.path
+            target = workspace / source.relative_to(folder / CACHES_DIR / name)
+            if not target.is_file() or target.stat().st_size != entry.size or hash_file(target) != entry.blake3:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target.with_name(f".{target.name}.{os.getpid()}"))
+                os.replace(target.with_name(f".{target.name}.{os.getpid()}"), target)
+        before = frozenset(f"{k}/{f}" for k in KINDS for f in files_under(workspace / k))
     return Use("none", workspace / "model", engine_env(workspace), workspace, before)
 
 

@@ -12,6 +12,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 __all__ = [
     "BaseModelLoader",
+    "finish_online_quantization",
     "DefaultModelLoader",
     "FlexibleArgumentParser",
     "REQUEST_ERRORS",
@@ -22,6 +23,7 @@ __all__ = [
     "parallel_sizes",
     "register_model_loader",
     "run_workers",
+    "shut_down",
     "unique_tensors",
 ]
 
@@ -78,6 +80,15 @@ def online_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
             if getattr(getattr(m, "quant_method", None), "uses_meta_device", False)}
 
 
+def finish_online_quantization(model: nn.Module, model_config) -> None:
+    """Quantize now the online-quantized layers that vLLM leaves for after
+    loading (a layer whose bias was loaded before its weight: the weight waits
+    on the meta device), as vLLM's own load_model would next."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_processing
+
+    finalize_layerwise_processing(model, model_config)
+
+
 def run_workers(engine_args, wait) -> None:
     """This node's workers of a multi-node engine whose driver runs on another
     node (what `vllm serve --headless` runs), until `wait(failed)` returns."""
@@ -89,3 +100,13 @@ def run_workers(engine_args, wait) -> None:
         wait(lambda: executor.is_failed)
     finally:
         executor.shutdown()
+
+
+def shut_down(llm) -> None:
+    """Stop an `LLM`'s engine and give its memory back, before another engine starts on the same devices."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

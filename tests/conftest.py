@@ -3,9 +3,13 @@ user runs them, in fresh processes, against real vLLM on CPU."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,6 +71,44 @@ def pytest_sessionfinish(session, exitstatus):
         out.parent.mkdir(exist_ok=True)
         rows = [f"| {case} | `{line}` |" for case, line in REFUSALS.items()]
         out.write_text("| bad input | what it prints |\n| --- | --- |\n" + "\n".join(rows) + "\n")
+
+
+@contextmanager
+def serving(model: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[Callable[[str, str], dict]]:
+    """vLLM's OpenAI server on `model`, up; yields complete(served name, prompt) -> the greedy choice."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *flags,
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1", **(env or {})),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+    def complete(name: str, prompt: str) -> dict:
+        body = {"model": name, "prompt": prompt, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        return json.load(urllib.request.urlopen(request, timeout=60))["choices"][0]
+
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the server did not come up in 240 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        yield complete
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def save(model: Path, output: Path, *flags: str, tp: int = 1, pp: int = 1) -> Path:

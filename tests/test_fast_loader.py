@@ -1,20 +1,14 @@
 """fast_sharded_state, our loader: the same tokens as auto, offline and
 through vLLM's OpenAI server; exact shapes or a clear refusal."""
 
-import json
 import random
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PROMPT, ROOT, generate, refused, script_env
+from conftest import PROMPT, generate, refused, serving
 from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT
 from presharded.reader import Staging, load_files
@@ -65,43 +59,12 @@ def test_fast_loader_round_trip(checkpoints, reference_tokens, tp, pp):
     assert out["token_ids"] == reference_tokens(tp, pp)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, reference_tokens):
-    checkpoint, port = checkpoints(1, 1), free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-         "--load-format", "fast_sharded_state", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, server.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the server did not come up in 240 s"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        body = {"model": str(checkpoint), "prompt": PROMPT, "max_tokens": 24, "temperature": 0,
-                "return_token_ids": True}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        choice = json.load(urllib.request.urlopen(request, timeout=60))["choices"][0]
-        assert choice["token_ids"] == reference_tokens(1, 1)
-        assert choice["text"] == generate(checkpoint, "--load-format", "fast_sharded_state")["text"]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    checkpoint = checkpoints(1, 1)
+    with serving(checkpoint, "--load-format", "fast_sharded_state", "--enforce-eager") as complete:
+        choice = complete(str(checkpoint), PROMPT)
+    assert choice["token_ids"] == reference_tokens(1, 1)
+    assert choice["text"] == generate(checkpoint, "--load-format", "fast_sharded_state")["text"]
 
 
 @pytest.mark.parametrize("world_size", [1, 2], ids=["in-process", "engine-process"])

@@ -1,35 +1,43 @@
-"""Start-up caches inside the checkpoint: made by one start, used by a later
-start of a moved copy with empty caches of its own (vLLM's CPU build compiles
-with Inductor), left unused with a warning when damaged."""
+"""Start-up caches inside the checkpoint: made by the save (or by
+presharded-caches) from one start, used by a later start of a moved copy with
+empty caches of its own (vLLM's CPU build compiles with Inductor), shared by
+starts at the same time, left unused with a warning when damaged."""
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import PROMPT, run_script
+from conftest import PROMPT, ROOT, run_script, script_env, serving
 from presharded.manifest import read_manifest
-from presharded.start_caches import CACHES_DIR, WORKSPACE, checkpoint_id
+from presharded.start_caches import CACHES_DIR, KINDS, WORKSPACE, checkpoint_id, files_under
+
+
+def user_caches(tmp_path, name: str = "user-caches") -> dict[str, str]:
+    """Empty cache folders of the user's own, for one start."""
+    shutil.rmtree(tmp_path / name, ignore_errors=True)
+    return {"VLLM_CACHE_ROOT": str(tmp_path / name / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name / "inductor")}
 
 
 def start(model, tmp_path, *flags: str) -> tuple[dict, str]:
     """A compiled start (no --enforce-eager) with empty user caches."""
-    user = tmp_path / "user-caches"
-    shutil.rmtree(user, ignore_errors=True)
     proc = run_script("load_sharded_state.py", "--model", str(model), "--prompt", PROMPT, "--max-tokens", "24",
-                      "--json", *flags,
-                      env={"VLLM_CACHE_ROOT": str(user / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(user / "inductor")})
+                      "--json", *flags, env=user_caches(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout), proc.stderr
 
 
 @pytest.fixture(scope="module")
-def cached(checkpoints, tmp_path_factory):
-    """A copy of the TP=1 checkpoint with a set of start-up caches, then moved."""
+def cached(tiny_model, tmp_path_factory):
+    """The tiny model saved with a set of start-up caches, then moved."""
     root = tmp_path_factory.mktemp("caches")
-    shutil.copytree(checkpoints(1, 1), root / "made-here")
-    proc = run_script("presharded.caches_cli", str(root / "made-here"))
+    proc = run_script("save_sharded_state.py", "--model", str(tiny_model), "--output", str(root / "made-here"),
+                      "--start-caches", "--json", env=user_caches(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["caches"] in read_manifest(root / "made-here").caches
     shutil.move(root / "made-here", root / "moved")
     return root / "moved"
 
@@ -62,3 +70,43 @@ def test_a_damaged_set_is_left_unused(cached, tmp_path):
     assert out["caches"] == "none" and out["token_ids"] == reference["token_ids"]
     warnings = [line for line in stderr.splitlines() if line.startswith("warning:") and "start-up caches" in line]
     assert len(warnings) == 1 and "missing or damaged" in warnings[0]
+
+
+def test_starts_at_the_same_time_share_the_set(cached, tmp_path):
+    """Replicas of one checkpoint on one machine (one per GPU) share its caches' fixed place."""
+    shutil.rmtree(WORKSPACE / checkpoint_id(read_manifest(cached)), ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(cached), "--prompt", PROMPT,
+           "--max-tokens", "24", "--json"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**script_env(1), **user_caches(tmp_path, f"user-{i}")},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    results = [json.loads(out) for out, _ in outs]
+    assert [r["caches"] for r in results] == ["hit", "hit"]
+    assert results[0]["token_ids"] == results[1]["token_ids"]
+
+
+def test_presharded_caches_adds_a_set_to_a_checkpoint(checkpoints, tmp_path):
+    ckpt = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
+    assert not read_manifest(ckpt).caches
+    proc = run_script("presharded.caches_cli", str(ckpt), env=user_caches(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (name, entries), = read_manifest(ckpt).caches.items()
+    assert proc.stdout.startswith(f"{ckpt}: start-up caches {name} ({len(entries)} files")
+
+
+def test_vllm_serve_starts_from_the_set(cached, tmp_path):
+    """`eval "$(presharded-caches --env CKPT)"`, then vLLM's server on $PRESHARDED_MODEL: nothing compiled."""
+    workspace = WORKSPACE / checkpoint_id(read_manifest(cached))
+    shutil.rmtree(workspace, ignore_errors=True)
+    proc = run_script("presharded.caches_cli", "--env", str(cached))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = dict(line.removeprefix("export ").split("=", 1) for line in proc.stdout.splitlines())
+    assert env["PRESHARDED_MODEL"] == str(workspace / "model")
+    before = {k: files_under(workspace / k) for k in KINDS}
+    with serving(Path(env.pop("PRESHARDED_MODEL")), "--served-model-name", "tiny", "--load-format",
+                 "fast_sharded_state", env=env) as complete:
+        choice = complete("tiny", PROMPT)
+    assert {k: files_under(workspace / k) for k in KINDS} == before  # a hit: the server compiled nothing
+    reference, _ = start(cached, tmp_path, "--no-start-caches")
+    assert choice["token_ids"] == reference["token_ids"]
