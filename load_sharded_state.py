@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from presharded import prefetch
 from presharded.load_checks import check_checkpoint, saved_layout
 from presharded.cli import apply_engine_defaults, early_parse, fill_unset, full_parse
 from presharded.errors import UserError, engine_refusals, exits_cleanly
@@ -34,6 +35,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="hash every file against the manifest before loading")
     parser.add_argument("--no-start-caches", dest="start_caches", action="store_false",
                         help="start without the checkpoint's start-up caches (presharded-caches)")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="read this node's weights into the page cache while vLLM imports")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -67,6 +70,9 @@ def main() -> None:
             node=node,
         )
         layout = saved_layout(Path(early.model), manifest)
+        if early.prefetch and manifest is not None:  # presharded/prefetch.py
+            ranks = node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
+            prefetch.start([Path(early.model) / s.path for s in manifest.shards_of(ranks)])
     t_checks = time.perf_counter()
 
     from vllm import LLM, EngineArgs, SamplingParams

@@ -1,0 +1,55 @@
+"""Reading the weights ahead (--prefetch): the files end up in the page cache,
+with no copy in the process; skipped when they do not fit; the tokens are the same."""
+
+import ctypes
+import mmap
+import os
+
+from conftest import generate
+from presharded import prefetch
+
+
+def cached_fraction(path) -> float:
+    """How much of `path` is in the page cache (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    fd = os.open(path, os.O_RDONLY)
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    try:
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
+    finally:
+        libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
+        os.close(fd)
+    return sum(b & 1 for b in vec) / pages
+
+
+def evict(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def test_prefetch_fills_the_page_cache(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(32 * 2**20))
+    evict(path)
+    before = cached_fraction(path)
+    prefetch.start([path]).join(timeout=60)
+    assert before < 0.5 and cached_fraction(path) > 0.95
+
+
+def test_prefetch_is_skipped_when_the_files_do_not_fit(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\0" * 2**20)
+    monkeypatch.setattr(prefetch, "available_memory", lambda: 2**19)
+    assert prefetch.start([path]) is None
+    assert capsys.readouterr().err.startswith("warning: not reading the weights ahead: ")
+
+
+def test_a_load_with_prefetch_gives_the_same_tokens(checkpoints, reference_tokens):
+    assert generate(checkpoints(1, 1), "--prefetch")["token_ids"] == reference_tokens(1, 1)
