@@ -10,6 +10,11 @@ and first token; plus `dummy` (no weights read: vLLM's own floor) and what
 `dd` reads cold from the same files. Prints a table, writes JSON and a PNG.
 
     presharded-bench --synthetic llama-3-8b --tp 1,2 --out results/
+
+`--fresh` measures a new node instead: every start with empty compile caches
+and a cold page cache (the weights and the Python packages), for vLLM's
+`sharded_state`, ours without and with the checkpoint's start-up caches (and
+with the weights read ahead), then the same node warm.
 """
 
 import argparse
@@ -23,11 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import shutil
+
 import torch
 from safetensors.torch import save_file
 
 from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV, SHARDED_STATE
 from presharded.manifest import read_manifest
+from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id
 from presharded.tiny import build_tiny_llama, build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,13 +132,13 @@ def parse_format(spec: str) -> tuple[str, dict]:
     return name, config
 
 
-def start_once(model: Path, spec: str, tp: int, extra: list[str]) -> dict:
+def start_once(model: Path, spec: str, tp: int, extra: list[str], env: dict | None = None) -> dict:
     load_format, config = parse_format(spec)
     options = ["--model-loader-extra-config", json.dumps(config)] if config else []
     cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(model), "--load-format", load_format,
            "-tp", str(tp), "--max-tokens", "1", "--json", *options, *extra]
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as report:  # our loader's timings, one line per rank
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", **{LOAD_REPORT_ENV: report.name})
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", **{LOAD_REPORT_ENV: report.name}, **(env or {}))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         loads = [json.loads(line) for line in report]
     if proc.returncode != 0:  # the engine's root cause comes before the front end's long traceback
@@ -150,6 +158,7 @@ def start_once(model: Path, spec: str, tp: int, extra: list[str]) -> dict:
         "profile_kv_warmup": init_engine,
         "engine_start": max(s["engine"] - model_loading - init_engine, 0.0),
         "token_ids": result["token_ids"],
+        "caches": result["caches"],
         "loads": loads,  # fast_sharded_state's own report per rank: staging wait and release
     }
 
@@ -197,6 +206,90 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
             print(f"TP={tp} {spec:<19} {cache}: weights {row['weights']:.2f} s "
                   f"({row['gbps']} GB/s), total {row['total']:.1f} s", file=sys.stderr, flush=True)
     return report
+
+
+FRESH = [  # (name, load format, load script flags): the checkpoint's start-up caches are used unless told not to
+    ("sharded_state", SHARDED_STATE, ["--no-start-caches"]),
+    ("ours, no caches", FAST_FORMAT, ["--no-start-caches"]),
+    ("ours + caches", FAST_FORMAT, []),
+    ("ours + caches + prefetch", FAST_FORMAT, ["--prefetch"]),
+]
+WARM_AGAIN = ["sharded_state", "ours + caches"]  # the same node again: its caches filled, the files in page cache
+
+
+def package_files() -> list[Path]:
+    """The Python packages' files (vLLM, torch, ...): a new node reads them from disk too."""
+    folders = {Path(p) for p in sys.path if "site-packages" in p or p.startswith("/root/site")}
+    return [f for folder in folders if folder.is_dir() for f in folder.rglob("*") if f.is_file()]
+
+
+def new_node(files: list[Path]) -> str:
+    """The page cache as on a node that just booted, as far as this machine allows; how."""
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        return "drop_caches"
+    except OSError:
+        set_cache(files + package_files(), warm=False)
+        return "fadvise (the weights and the Python packages)"
+
+
+def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
+    """A new node's start per format, then the same node warm, at each TP size."""
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(args.model or work / f"source-{args.synthetic}")
+    if not (source / "config.json").exists():
+        synthesize(args.synthetic, source)
+    report: dict = {"source": str(source), "runs": [], "saves": []}
+    for tp in args.tp:
+        checkpoint = work / f"tp{tp}"
+        if args.save or not getattr(read_manifest(checkpoint), "caches", None):
+            start = time.perf_counter()  # the save makes the start-up caches with the engine flags given
+            save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
+                                   "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json",
+                                   "--start-caches", *extra], capture_output=True, text=True)
+            if save.returncode != 0 or json.loads(save.stdout)["caches"] is None:
+                raise RuntimeError(f"save with start-up caches at TP={tp} failed:\n{save.stderr[-3000:]}")
+            report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2),
+                                    **json.loads(save.stdout)})
+        manifest = read_manifest(checkpoint)
+        rank_files = [checkpoint / s.path for s in manifest.shards]
+        rank_bytes = sum(f.stat().st_size for f in rank_files) // tp
+        user_caches = {name: work / "user-caches" / name.replace(" ", "").replace(",", "-") for name, _, _ in FRESH}
+        for cache, name, load_format, flags in [("fresh", *f) for f in FRESH] + \
+                [("warm", *f) for f in FRESH if f[0] in WARM_AGAIN]:
+            env = {var: str(user_caches[name] / kind) for kind, var in KINDS.items()}
+            if cache == "fresh":
+                shutil.rmtree(user_caches[name], ignore_errors=True)
+                shutil.rmtree(WORKSPACE / checkpoint_id(manifest), ignore_errors=True)
+                report["evicted"] = new_node(rank_files)
+            else:
+                set_cache(rank_files, warm=True)
+            row = start_once(checkpoint, load_format, tp, [*flags, *extra], env)
+            row.update(tp=tp, format=name, cache=cache, repeat=0, rank_bytes=rank_bytes,
+                       gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
+            row["token_ids"] = row["token_ids"][:1]
+            report["runs"].append(row)
+            (out / "bench.json").write_text(json.dumps(report, indent=1))
+            print(f"TP={tp} {name:<24} {cache}: caches {row['caches']}, weights {row['weights']:.2f} s, "
+                  f"total {row['total']:.1f} s", file=sys.stderr, flush=True)
+    return report
+
+
+def against_targets(rows: list[dict]) -> list[str]:
+    """Issue 11's targets: a fresh start with caches within 1.15 x of the same node warm, and at
+    least 2.5 x faster than vLLM's sharded_state on a fresh node."""
+    lines = []
+    for tp in sorted({r["tp"] for r in rows}):
+        total = {(r["format"], r["cache"]): r["total"] for r in rows if r["tp"] == tp}
+        ours = total.get(("ours + caches", "fresh"))
+        warm = min((v for (f, c), v in total.items() if c == "warm"), default=None)
+        if ours and warm:
+            lines.append(f"TP={tp}: fresh with caches / fastest warm start = {ours / warm:.2f} (target <= 1.15)")
+        if ours and ("sharded_state", "fresh") in total:
+            lines.append(f"TP={tp}: fresh sharded_state / fresh with caches = "
+                         f"{total[('sharded_state', 'fresh')] / ours:.2f} (target >= 2.5)")
+    return lines
 
 
 def starts(formats: list[str], repeats: int, cold: bool, warm: bool = True) -> list[tuple[str, int, str]]:
@@ -277,14 +370,18 @@ def main() -> None:
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache runs")
     parser.add_argument("--no-warm", dest="warm", action="store_false",
                         help="skip the warm-cache runs (and dummy, which is warm only)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="a new node instead: empty compile caches, cold page cache; see above")
     parser.add_argument("--work", default="build/bench", help="where models and checkpoints are written")
     parser.add_argument("--out", default="build/bench", help="where bench.json and bench.png go")
     args, extra = parser.parse_known_args()  # the rest goes to every engine, e.g. --enforce-eager
-    report = run(args, extra)
+    report = run_fresh(args, extra) if args.fresh else run(args, extra)
     rows = summarize(report)
     report["summary"] = rows
+    report["targets"] = against_targets(rows) if args.fresh else []
     Path(args.out, "bench.json").write_text(json.dumps(report, indent=1))
     print(table(rows))
+    print("\n".join(report["targets"]))
     try:
         chart(rows, Path(args.out) / "bench.png")
     except ImportError:
