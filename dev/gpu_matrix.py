@@ -48,8 +48,11 @@ def one(arch: str, work: Path, flags: list[str]) -> dict:
     checkpoint = work / f"{arch}-ckpt"
     save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
                            "--output", str(checkpoint), "--replace", *flags], capture_output=True, text=True)
-    if save.returncode != 0:
-        return {"arch": arch, "save": "failed", "error": save.stderr.strip().splitlines()[-1:]}
+    if save.returncode != 0:  # the worker's own error and where it was raised, before the engine's wrap-up
+        (work / f"{arch}-save.err").write_text(save.stderr)
+        lines = save.stderr.strip().splitlines()
+        causes = [i for i, line in enumerate(lines) if "Error" in line and "Engine core initialization" not in line]
+        return {"arch": arch, "save": "failed", "error": lines[max(0, causes[0] - 12):causes[0] + 1] if causes else lines[-1:]}
     result = {"arch": arch, "auto": greedy(source, "auto", flags)}
     for load_format in ("sharded_state", "fast_sharded_state"):
         try:

@@ -15,7 +15,8 @@ from torch import nn
 from presharded.errors import refuses
 from presharded.handoff import RankRecord, SaveRequest
 from presharded.manifest import MANIFEST_NAME
-from presharded.vllm_compat import DefaultModelLoader, online_quantized_layers, parallel_ranks, unique_tensors
+from presharded.vllm_compat import (DefaultModelLoader, finish_online_quantization, online_quantized_layers,
+                                    parallel_ranks, unique_tensors)
 from presharded.writer import write_rank
 
 _record: RankRecord | None = None  # what this worker wrote, until the save script asks
@@ -52,6 +53,8 @@ class SavingModelLoader(DefaultModelLoader):
     def load_weights(self, model: nn.Module, model_config) -> None:
         online = BeforeQuantization(model)
         super().load_weights(model, model_config)
+        if online.layers:  # every layer quantized, each kept as it was just before
+            finish_online_quantization(model, model_config)
         pp_rank, tp_rank = parallel_ranks()
         folder = Path(self.request.folder)
         start = time.perf_counter()
@@ -116,9 +119,8 @@ class BeforeQuantization:
 
     def logical_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's state to save: each tensor once, and every
-        online-quantized layer's as it was before quantization: kept as it
-        was quantized during loading, or as it is now if vLLM quantizes it
-        only after loading (seen for layers with a bias). Stops keeping."""
+        online-quantized layer's as it was just before vLLM quantized it.
+        Stops keeping."""
         for method in self.methods:
             del method.process_weights_after_loading  # vLLM's own again
         kept, self.kept = self.kept, {}
