@@ -12,7 +12,6 @@ never wrong."""
 
 import fcntl
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,18 +34,15 @@ def set_name(tensor_parallel_size: int, pipeline_parallel_size: int) -> str:
     import torch
     import vllm
 
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        device = f"{torch.cuda.get_device_name().replace(' ', '-')}-sm{major}{minor}"
-    else:
-        device = f"cpu-{platform.machine()}"
+    from presharded.vllm_compat import device_kind
+
     try:
         import triton
 
         compiler = f"_triton-{triton.__version__}"
     except ImportError:
         compiler = ""
-    name = f"vllm-{vllm.__version__}_torch-{torch.__version__}{compiler}_{device}"
+    name = f"vllm-{vllm.__version__}_torch-{torch.__version__}{compiler}_{device_kind()}"
     return f"{name}_tp{tensor_parallel_size}-pp{pipeline_parallel_size}".replace("+", "-")
 
 
@@ -57,17 +53,13 @@ def checkpoint_id(manifest: Manifest) -> str:
 
 def engine_env(workspace: Path) -> dict[str, str]:
     env = {var: str(workspace / kind) for kind, var in KINDS.items()}
-    if not _has_cuda():
+    from presharded.vllm_compat import is_cpu
+
+    if is_cpu():
         # vLLM 0.32's CPU build cannot load its own ahead-of-time artifact (dev/notebook.md, section 6);
         # without it the compiled code is Inductor's cache, which loads.
         env["VLLM_USE_AOT_COMPILE"] = "0"
     return env
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 @contextmanager

@@ -2,6 +2,8 @@
 Checked against vLLM 0.26 (CUDA) and 0.32 (CPU)."""
 
 import importlib
+import platform
+from collections import Counter
 
 import torch
 import vllm
@@ -12,6 +14,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 __all__ = [
     "BaseModelLoader",
+    "device_kind",
     "finish_online_quantization",
     "DefaultModelLoader",
     "FlexibleArgumentParser",
@@ -54,6 +57,17 @@ def is_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def device_kind() -> str:
+    """The device compiled code is for, e.g. `NVIDIA-H200-sm90`, read through
+    NVML: CUDA initialized in this process would make vLLM spawn its engine
+    process instead of forking it, which imports vLLM again (16 s on an H200)."""
+    if is_cpu():
+        return f"cpu-{platform.machine()}"
+    name = current_platform.get_device_name().replace(" ", "-")
+    capability = current_platform.get_device_capability()
+    return f"{name}-sm{capability.major}{capability.minor}" if capability else name
+
+
 def parallel_ranks() -> tuple[int, int]:
     """(pipeline stage, tensor-parallel rank) of the calling worker."""
     return get_pp_group().rank_in_group, get_tp_group().rank_in_group
@@ -66,10 +80,20 @@ def parallel_sizes() -> tuple[int, int]:
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict as vLLM's sharded_state loader expects it: tensors that
-    share memory with another (tied weights, fused views) appear once."""
+    share memory with another (tied weights, fused views) appear once. vLLM's
+    filter takes contiguous tensors only; one that is not is kept when it
+    shares its memory with no other."""
     from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
 
-    return ShardedStateLoader._filter_subtensors(state)
+    unique = ShardedStateLoader._filter_subtensors({k: t for k, t in state.items() if t.is_contiguous()})
+    storages = Counter((t.device, t.untyped_storage().data_ptr()) for t in state.values() if t.numel())
+    for name, t in state.items():
+        if not t.is_contiguous():
+            if storages[t.device, t.untyped_storage().data_ptr()] > 1:
+                raise RuntimeError(f"{name} ({tuple(t.shape)}, stride {t.stride()}, {t.dtype}) is a non-contiguous "
+                                   "view of another tensor: it cannot be saved")
+            unique[name] = t
+    return {k: unique[k] for k in state if k in unique}
 
 
 def online_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
