@@ -99,7 +99,6 @@ def main() -> None:
     with engine_refusals():
         llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     t_engine = time.perf_counter()
-    caches.settle()
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
     try:
@@ -107,6 +106,7 @@ def main() -> None:
     except REQUEST_ERRORS as e:  # vLLM checks the prompt against the context here, before generating
         raise UserError(f"{str(e).splitlines()[0]} (--prompt, --max-tokens, --max-model-len)") from None
     t_generate = time.perf_counter()
+    caches.settle()  # whether the start, first request included, compiled anything
 
     seconds = {
         "checks": round(t_checks - t0, 3),

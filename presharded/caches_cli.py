@@ -7,45 +7,115 @@ reports `caches: hit`). save_sharded_state.py does this by itself on GPUs.
 
     presharded-caches /models/llama-70b-tp8 [--max-model-len 8192 ...]
 
-For vLLM's server, `--env` puts the matching set in place and prints the
-shell lines that point vLLM at it (the model as $PRESHARDED_MODEL):
+A set grows: each run adds what its start compiled. vLLM's server compiles
+for other defaults than the load script (fewer batched tokens): `--serve`
+starts the server instead. `--env` then puts the matching set in place and
+prints the shell lines that point vLLM at it (the model as $PRESHARDED_MODEL):
 
+    presharded-caches --serve /models/llama-70b-tp8 -tp 8
     eval "$(presharded-caches --env /models/llama-70b-tp8)"
     vllm serve "$PRESHARDED_MODEL" --served-model-name llama-70b --load-format fast_sharded_state ...
 """
 
 import argparse
+import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from presharded.errors import UserError, exits_cleanly
 from presharded.load_checks import check_checkpoint
-from presharded.manifest import write_manifest
+from presharded.formats import FAST_FORMAT
+from presharded.manifest import Manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def add_caches(checkpoint: Path, engine_flags: list[str]) -> str:
-    """Start vLLM on `checkpoint` and keep what it compiled as a set; its name."""
+def add_caches(checkpoint: Path, engine_flags: list[str], serve: bool = False) -> str:
+    """Start vLLM on `checkpoint` (the load script, or with `serve` vLLM's
+    server) and keep what it compiled, with the set it started from, as the
+    set for this machine; its name."""
     from presharded import start_caches
 
     manifest = check_checkpoint(checkpoint, require_manifest=True)
     name = start_caches.set_name(manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
     with start_caches.workspace_locked(manifest) as workspace:  # loads of this checkpoint here wait for it
         start_caches.empty_workspace(workspace, checkpoint)
-        cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(workspace / "model"),
-               "--max-tokens", "1", "--no-start-caches", *engine_flags]
-        print(f"starting vLLM on {checkpoint} to fill the start-up caches {name}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, env={**os.environ, **start_caches.engine_env(workspace)}, stdout=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise UserError(f"vLLM did not start on {checkpoint} (exit {proc.returncode}; its messages are above); "
-                            "no start-up caches were added")
+        if name in manifest.caches and start_caches.intact(checkpoint, manifest, name):
+            start_caches.put_in_place(workspace, checkpoint, manifest, name)  # a set grows: other flags, the server
+        env = {**os.environ, **start_caches.engine_env(workspace)}
+        what = "vLLM's server" if serve else "vLLM"
+        print(f"starting {what} on {checkpoint} to fill the start-up caches {name}", file=sys.stderr, flush=True)
+        if serve:
+            start_server(workspace / "model", [*checkpoint_flags(manifest), *engine_flags], env)
+        else:
+            start_once(workspace / "model", engine_flags, env)
         manifest.caches[name] = start_caches.keep(workspace, checkpoint, manifest, name)
     write_manifest(checkpoint, manifest)
     return name
+
+
+def start_once(model: Path, engine_flags: list[str], env: dict[str, str]) -> None:
+    cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(model), "--max-tokens", "8",
+           "--no-start-caches", *engine_flags]  # a few tokens: the first decode step may compile too
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise UserError(f"vLLM did not start on {model.resolve()} (exit {proc.returncode}; its messages are above); "
+                        "no start-up caches were added")
+
+
+def checkpoint_flags(manifest: Manifest) -> list[str]:
+    """What the load script takes from the checkpoint by itself, for vLLM's server."""
+    layout = manifest.engine_defaults()
+    flags = ["--load-format", FAST_FORMAT, "--tensor-parallel-size", str(layout["tensor_parallel_size"]),
+             "--pipeline-parallel-size", str(layout["pipeline_parallel_size"]), "--dtype", layout["dtype"]]
+    if layout["enable_expert_parallel"]:
+        flags.append("--enable-expert-parallel")
+    if layout["quantization"]:
+        flags += ["--quantization", layout["quantization"]]
+    if "model_loader_extra_config" in layout:
+        flags += ["--model-loader-extra-config", json.dumps(layout["model_loader_extra_config"])]
+    return flags
+
+
+def start_server(model: Path, engine_flags: list[str], env: dict[str, str]) -> None:
+    """vLLM's OpenAI server on `model` until it answers one request: its defaults differ from the
+    load script's (fewer batched tokens), and so does what it compiles."""
+    from presharded.vllm_compat import is_cpu
+
+    if is_cpu():
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1", **env}  # GiB; else 90 % of RAM
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *engine_flags,
+           "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise UserError(f"vLLM's server did not start on {model.resolve()} (exit {server.returncode}; "
+                                "its messages are above); no start-up caches were added")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"model": str(model), "prompt": "Hello", "max_tokens": 8}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=600).read()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def after_save(checkpoint: Path, save_argv: list[str]) -> str | None:
@@ -86,13 +156,15 @@ def serving_flags(save_argv: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--serve", action="store_true",
+                        help="start vLLM's OpenAI server (what `vllm serve` compiles) instead of the load script")
     parser.add_argument("--env", action="store_true",
                         help="add nothing: put the matching set in place and print the shell lines to serve from it")
     args, engine_flags = parser.parse_known_args()
     if args.env:
         print(serving_env(args.checkpoint))
         return
-    name = add_caches(args.checkpoint, engine_flags)
+    name = add_caches(args.checkpoint, engine_flags, serve=args.serve)
     entries = check_checkpoint(args.checkpoint, require_manifest=True).caches[name]
     size = sum(e.size for e in entries)
     print(f"{args.checkpoint}: start-up caches {name} ({len(entries)} files, {size / 1e6:.1f} MB)")

@@ -135,28 +135,40 @@ def prepare(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, 
     if manifest is None or not manifest.caches:
         return none
     name = set_name(tensor_parallel_size, pipeline_parallel_size)
-    entries = manifest.caches.get(name)
-    if entries is None:
+    if name not in manifest.caches:
         print(f"warning: {folder} has start-up caches for {', '.join(manifest.caches)}, none for {name}: "
               "starting without them", file=sys.stderr)
         return none
-    for entry in entries:
+    if not intact(folder, manifest, name):
+        return none
+    with workspace_locked(manifest) as workspace:
+        link_model(workspace, folder)
+        put_in_place(workspace, folder, manifest, name)
+        before = frozenset(f"{k}/{f}" for k in KINDS for f in files_under(workspace / k))
+    return Use("none", workspace / "model", engine_env(workspace), workspace, before)
+
+
+def intact(folder: Path, manifest: Manifest, name: str) -> bool:
+    """Whether every file of the set `name` is as the manifest says; a warning if not."""
+    for entry in manifest.caches[name]:
         path = folder / entry.path
         if not path.is_file() or path.stat().st_size != entry.size or hash_file(path) != entry.blake3:
             print(f"warning: {path} is missing or damaged (not as in {MANIFEST_NAME}): starting without the "
                   f"start-up caches {name}", file=sys.stderr)
-            return none
-    with workspace_locked(manifest) as workspace:
-        link_model(workspace, folder)
-        for entry in entries:  # what another start already put in place stays: it may be running from it
-            source = folder / entry.path
-            target = workspace / source.relative_to(folder / CACHES_DIR / name)
-            if not target.is_file() or target.stat().st_size != entry.size or hash_file(target) != entry.blake3:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, target.with_name(f".{target.name}.{os.getpid()}"))
-                os.replace(target.with_name(f".{target.name}.{os.getpid()}"), target)
-        before = frozenset(f"{k}/{f}" for k in KINDS for f in files_under(workspace / k))
-    return Use("none", workspace / "model", engine_env(workspace), workspace, before)
+            return False
+    return True
+
+
+def put_in_place(workspace: Path, folder: Path, manifest: Manifest, name: str) -> None:
+    """The set's files in the workspace; what another start already put there stays: it may be running from it."""
+    for entry in manifest.caches[name]:
+        source = folder / entry.path
+        target = workspace / source.relative_to(folder / CACHES_DIR / name)
+        if not target.is_file() or target.stat().st_size != entry.size or hash_file(target) != entry.blake3:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.{os.getpid()}")
+            shutil.copy2(source, temporary)
+            os.replace(temporary, target)
 
 
 def apply(use: Use) -> None:

@@ -22,10 +22,10 @@ def user_caches(tmp_path, name: str = "user-caches") -> dict[str, str]:
     return {"VLLM_CACHE_ROOT": str(tmp_path / name / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name / "inductor")}
 
 
-def start(model, tmp_path, *flags: str) -> tuple[dict, str]:
+def start(model, tmp_path, *flags: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
     """A compiled start (no --enforce-eager) with empty user caches."""
     proc = run_script("load_sharded_state.py", "--model", str(model), "--prompt", PROMPT, "--max-tokens", "24",
-                      "--json", *flags, env=user_caches(tmp_path))
+                      "--json", *flags, env={**user_caches(tmp_path), **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout), proc.stderr
 
@@ -53,7 +53,9 @@ def test_a_set_is_in_the_manifest(cached):
 
 def test_a_moved_copy_starts_from_the_caches(cached, tmp_path):
     shutil.rmtree(WORKSPACE / checkpoint_id(read_manifest(cached)), ignore_errors=True)  # a fresh node
-    with_caches, _ = start(cached, tmp_path)
+    with_caches, log = start(cached, tmp_path, env={"TORCH_LOGS": "torch._inductor.codecache"})
+    # vLLM's CPU build logs nothing of its compile cache; the compiler (Inductor) does
+    assert "fx graph cache hit" in log and "fx graph cache miss" not in log, log[-3000:]
     assert not any(p.is_file() for p in (tmp_path / "user-caches").rglob("*"))  # the user's caches: untouched
     without, _ = start(cached, tmp_path, "--no-start-caches")
     assert (with_caches["caches"], without["caches"]) == ("hit", "none")
@@ -96,10 +98,16 @@ def test_presharded_caches_adds_a_set_to_a_checkpoint(checkpoints, tmp_path):
 
 
 def test_vllm_serve_starts_from_the_set(cached, tmp_path):
-    """`eval "$(presharded-caches --env CKPT)"`, then vLLM's server on $PRESHARDED_MODEL: nothing compiled."""
-    workspace = WORKSPACE / checkpoint_id(read_manifest(cached))
+    """`presharded-caches --serve` adds what vLLM's server compiles (on GPUs its defaults differ from the
+    load script's; on CPU they compile alike); `eval "$(presharded-caches --env CKPT)"`, then the server on
+    $PRESHARDED_MODEL compiles nothing, its first request included."""
+    served = shutil.copytree(cached, tmp_path / "served")
+    workspace = WORKSPACE / checkpoint_id(read_manifest(served))
+    proc = run_script("presharded.caches_cli", "--serve", str(served), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_script("presharded.verify_cli", str(served)).returncode == 0  # the set, as it is now, in the manifest
     shutil.rmtree(workspace, ignore_errors=True)
-    proc = run_script("presharded.caches_cli", "--env", str(cached))
+    proc = run_script("presharded.caches_cli", "--env", str(served))
     assert proc.returncode == 0, proc.stderr[-3000:]
     env = dict(line.removeprefix("export ").split("=", 1) for line in proc.stdout.splitlines())
     assert env["PRESHARDED_MODEL"] == str(workspace / "model")
@@ -108,5 +116,5 @@ def test_vllm_serve_starts_from_the_set(cached, tmp_path):
                  "fast_sharded_state", env=env) as complete:
         choice = complete("tiny", PROMPT)
     assert {k: files_under(workspace / k) for k in KINDS} == before  # a hit: the server compiled nothing
-    reference, _ = start(cached, tmp_path, "--no-start-caches")
+    reference, _ = start(served, tmp_path, "--no-start-caches")
     assert choice["token_ids"] == reference["token_ids"]
