@@ -1,7 +1,9 @@
 """Bad input ends in one line that names the problem and the fix, and exit 1;
 Ctrl-C ends in `interrupted` and exit 130."""
 
+import atexit
 import functools
+import logging
 import os
 import select
 import shutil
@@ -102,6 +104,37 @@ def engine_refusals() -> Iterator[None]:
     finally:
         sys.stderr.flush()
         os.dup2(terminal, 2)  # the engine keeps the pipe; the forwarder serves it while it runs
+
+
+def refusals_in_one_line() -> None:
+    """For processes our scripts did not start (`vllm serve`), called by the
+    plugin in each of vLLM's processes: once our code inside the engine has
+    refused, vLLM's log records lose their tracebacks, and the process that
+    started the engine ends on the refusal's `error:` line and exit 1."""
+    if not os.environ.get(REFUSAL_ENV):  # the first of the processes: children inherit the path
+        note = Path(tempfile.gettempdir()) / f"presharded-refusal-{os.getpid()}-{os.urandom(4).hex()}"
+        os.environ[REFUSAL_ENV] = str(note)
+        atexit.register(note.unlink, missing_ok=True)
+        previous = sys.excepthook
+
+        def one_line(kind, value, traceback) -> None:
+            if note.exists() and (reasons := note.read_text().splitlines()):
+                print(f"error: {reasons[0]}", file=sys.stderr, flush=True)
+                note.unlink(missing_ok=True)
+                sys.exit(1)
+            previous(kind, value, traceback)
+
+        sys.excepthook = one_line
+    note = Path(os.environ[REFUSAL_ENV])
+
+    class NoTracebacksOnceRefused(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and note.exists():
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for handler in logging.getLogger("vllm").handlers:
+        handler.addFilter(NoTracebacksOnceRefused())
 
 
 def _drained(fd: int, quiet: float = 0.3, limit: float = 5.0) -> None:

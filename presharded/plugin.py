@@ -2,16 +2,19 @@
 `register` in every process it starts, workers included, once this package is
 installed. Our load formats are registered when vLLM imports its model
 loaders, so that a process that never loads a model (the front end, the API
-server) does not pay for importing them."""
+server) does not pay for importing them. A refusal of ours inside the engine
+ends a server in one line as it ends our scripts (presharded/errors.py)."""
 
 import importlib.abc
 import importlib.util
 import sys
 
+from presharded.errors import refusals_in_one_line
 from presharded.vllm_compat import LOADER_PACKAGE
 
 
 def register() -> None:
+    refusals_in_one_line()
     if LOADER_PACKAGE in sys.modules:
         register_loaders()
     elif not any(isinstance(f, AfterImport) for f in sys.meta_path):

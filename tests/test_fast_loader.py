@@ -3,12 +3,14 @@ through vLLM's OpenAI server; exact shapes or a clear refusal."""
 
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PROMPT, generate, refused, serving
+from conftest import PROMPT, ROOT, generate, refused, script_env, serving
 from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT
 from presharded.reader import Staging, load_files
@@ -65,6 +67,21 @@ def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, refer
         choice = complete(str(checkpoint), PROMPT)
     assert choice["token_ids"] == reference_tokens(1, 1)
     assert choice["text"] == generate(checkpoint, "--load-format", "fast_sharded_state")["text"]
+
+
+def test_a_refusal_inside_vllm_serve_ends_on_its_line(checkpoints):
+    """The plugin, in every vLLM process: tracebacks leave vLLM's log once we refused; the server's last line
+    is ours, exit 1. (Python's multiprocessing still prints the engine process's own traceback.)"""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoints(1, 1)),
+         "--load-format", FAST_FORMAT, "--model-loader-extra-config", '{"bogus": 1}', "--enforce-eager",
+         "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, env=dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown model_loader_extra_config keys for fast_sharded_state: ['bogus']"), last
+    assert proc.stderr.count("Traceback") <= 1, proc.stderr[-3000:]
+    assert f'File "{ROOT / "presharded"}' not in proc.stderr, proc.stderr[-3000:]  # no frames of ours
 
 
 @pytest.mark.parametrize("world_size", [1, 2], ids=["in-process", "engine-process"])
