@@ -102,7 +102,12 @@ class BeforeQuantization:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = online_quantized_layers(model)
-        self.names = {id(layer): prefix for prefix, layer in self.layers.items()}
+        # Every path of each layer: a module registered twice (Qwen3-MoE's router gate, also under its
+        # experts) is in the state under both, and a loader keeps the smallest name (vLLM's filter).
+        self.paths: dict[int, list[str]] = {id(layer): [] for layer in self.layers.values()}
+        for path, module in model.named_modules(remove_duplicate=False):
+            if id(module) in self.paths:
+                self.paths[id(module)].append(path)
         self.kept: dict[str, torch.Tensor] = {}
         self.methods = list({id(layer.quant_method): layer.quant_method for layer in self.layers.values()}.values())
         for method in self.methods:
@@ -110,9 +115,9 @@ class BeforeQuantization:
 
     def keeping(self, process):
         def keep_then_process(layer: nn.Module) -> None:
-            prefix = self.names[id(layer)]
+            paths = self.paths[id(layer)]
             for name, tensor in layer.named_parameters(recurse=False):
-                self.kept.setdefault(f"{prefix}.{name}", tensor.detach().cpu())
+                self.kept.setdefault(min(f"{path}.{name}" for path in paths), tensor.detach().cpu())
             return process(layer)
 
         return keep_then_process
@@ -124,7 +129,8 @@ class BeforeQuantization:
         for method in self.methods:
             del method.process_weights_after_loading  # vLLM's own again
         kept, self.kept = self.kept, {}
-        quantized = tuple(prefix + "." for prefix in {name.rsplit(".", 1)[0] for name in kept})
+        names = {name.rsplit(".", 1)[0] for name in kept}
+        quantized = tuple(f"{path}." for paths in self.paths.values() if names & set(paths) for path in paths)
         if unloaded := sorted(k for k, t in state.items() if t.is_meta and not k.startswith(quantized)):
             raise RuntimeError(f"{unloaded[0]} was not loaded: its weights cannot be saved")
         rest = unique_tensors({k: t for k, t in state.items() if not k.startswith(quantized) and not t.is_meta})
