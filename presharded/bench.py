@@ -163,12 +163,18 @@ def start_once(model: Path, spec: str, tp: int, extra: list[str], env: dict | No
     }
 
 
-def run(args: argparse.Namespace, extra: list[str]) -> dict:
+def folders(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """The work folder, the output folder and the source model, made if missing."""
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     source = Path(args.model or work / f"source-{args.synthetic}")
     if not (source / "config.json").exists():
         synthesize(args.synthetic, source)
+    return work, out, source
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> dict:
+    work, out, source = folders(args)
     source_files = sorted(source.glob("*.safetensors"))
     report: dict = {"source": str(source), "source_bytes": sum(f.stat().st_size for f in source_files),
                     "runs": [], "saves": [], "dd": []}
@@ -235,11 +241,7 @@ def new_node(files: list[Path]) -> str:
 
 def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
     """A new node's start per format, then the same node warm, at each TP size."""
-    work, out = Path(args.work), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = Path(args.model or work / f"source-{args.synthetic}")
-    if not (source / "config.json").exists():
-        synthesize(args.synthetic, source)
+    work, out, source = folders(args)
     report: dict = {"source": str(source), "runs": [], "saves": []}
     for tp in args.tp:
         checkpoint = work / f"tp{tp}"

@@ -97,25 +97,12 @@ def start_server(model: Path, engine_flags: list[str], env: dict[str, str]) -> N
            "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     try:
-        while True:
-            if server.poll() is not None:
-                raise UserError(f"vLLM's server did not start on {model.resolve()} (exit {server.returncode}; "
-                                "its messages are above); no start-up caches were added")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        body = json.dumps({"model": str(model), "prompt": "Hello", "max_tokens": 8}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                         {"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=600).read()
+        if not serving(server, port):
+            raise UserError(f"vLLM's server did not start on {model.resolve()} (exit {server.returncode}; "
+                            "its messages are above); no start-up caches were added")
+        completion(port, {"model": str(model), "prompt": "Hello", "max_tokens": 8})
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
 
 
 def after_save(checkpoint: Path, save_argv: list[str]) -> str | None:
@@ -128,6 +115,32 @@ def after_save(checkpoint: Path, save_argv: list[str]) -> str | None:
         print(f"warning: {e}; the checkpoint is complete without them (add them with presharded-caches)",
               file=sys.stderr)
         return None
+
+
+def serving(server: subprocess.Popen, port: int, timeout: float = 3600) -> bool:
+    """Wait until vLLM's server answers on `port` (True), or has exited or taken longer than `timeout` (False)."""
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return True
+        except OSError:
+            time.sleep(1)
+    return False
+
+
+def completion(port: int, body: dict, timeout: float = 600) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(request, timeout=timeout))
+
+
+def stop(server: subprocess.Popen, timeout: float = 60) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def serving_env(checkpoint: Path) -> str:

@@ -7,13 +7,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import presharded.caches_cli as server_cli  # its helpers for vLLM's server
 from presharded.manifest import hash_file
 from presharded.tiny import build_tiny_llama
 
@@ -88,27 +88,15 @@ def serving(model: Path, *flags: str, env: dict[str, str] | None = None) -> Iter
 
     def complete(name: str, prompt: str) -> dict:
         body = {"model": name, "prompt": prompt, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        return json.load(urllib.request.urlopen(request, timeout=60))["choices"][0]
+        return server_cli.completion(port, body, timeout=60)["choices"][0]
 
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, server.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the server did not come up in 240 s"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+        if not server_cli.serving(server, port, timeout=240):
+            server.kill()
+            raise AssertionError(f"the server did not come up in 240 s:\n{server.communicate()[1][-3000:]}")
         yield complete
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server_cli.stop(server, timeout=30)
 
 
 def save(model: Path, output: Path, *flags: str, tp: int = 1, pp: int = 1) -> Path:
