@@ -47,7 +47,8 @@ def one(arch: str, work: Path, flags: list[str]) -> dict:
     source = build_tiny(work / arch, arch, num_layers=2)
     checkpoint = work / f"{arch}-ckpt"
     save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
-                           "--output", str(checkpoint), "--replace", *flags], capture_output=True, text=True)
+                           "--output", str(checkpoint), "--replace", "--no-start-caches", *flags],
+                          capture_output=True, text=True)
     if save.returncode != 0:  # the worker's own error and where it was raised, before the engine's wrap-up
         (work / f"{arch}-save.err").write_text(save.stderr)
         lines = save.stderr.strip().splitlines()

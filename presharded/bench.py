@@ -185,7 +185,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
         if args.save or read_manifest(checkpoint) is None:
             start = time.perf_counter()
             save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
-                                   "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json", *extra],
+                                   "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json",
+                                   "--no-start-caches", *extra],  # formats compared as they load; --fresh: caches
                                   capture_output=True, text=True)
             if save.returncode != 0:
                 raise RuntimeError(f"save at TP={tp} failed:\n{save.stderr[-3000:]}")

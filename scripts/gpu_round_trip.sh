@@ -17,7 +17,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade 
 mkdir -p "$results" && rm -rf "$work"
 python3 -m presharded.tiny "$work/tiny"
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
-python3 save_sharded_state.py --model "$work/tiny" --output "$work/tp$tp" -tp "$tp" "$@" --json | tee "$results/save.json"
+python3 save_sharded_state.py --model "$work/tiny" --output "$work/tp$tp" -tp "$tp" --no-start-caches "$@" --json | tee "$results/save.json"
 for format in sharded_state fast_sharded_state; do
   # sharded_state refuses weights that vLLM quantizes while loading (exit 1, one line): recorded, not fatal
   python3 load_sharded_state.py --model "$work/tp$tp" --load-format $format "$@" --json \
