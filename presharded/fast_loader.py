@@ -34,6 +34,7 @@ class LoadReport:
     chunk_mib: int
     staging_wait: float  # of `seconds`, waiting for the staging buffers to be pinned
     staging_release: float  # of `seconds`, giving them back
+    started: float  # wall clock (time.time()) when reading began: do ranks read at the same time?
 
     def line(self) -> str:
         return (f"{FAST_FORMAT}: rank pp={self.pp_rank} tp={self.tp_rank} read {self.bytes / 1e9:.3f} GB in "
@@ -82,12 +83,12 @@ class FastShardedStateLoader(BaseModelLoader):
         tied = {name: params[name] for name, saved in aliases.items() if name in params and saved in params}
         read_into = {name: p for name, p in params.items() if name not in tied}
         staging, self.staging = self.staging or Staging(self.threads, self.chunk_size, device), None
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
         nbytes = load_files(paths, read_into, staging)
         for name, param in tied.items():
             param.copy_(params[aliases[name]])
         report = LoadReport(pp_rank, tp_rank, nbytes, time.perf_counter() - start, self.threads,
-                            self.chunk_size >> 20, staging.waited, staging.released)
+                            self.chunk_size >> 20, staging.waited, staging.released, started)
         print(report.line(), file=sys.stderr, flush=True)
         if path := os.environ.get(LOAD_REPORT_ENV):
             with open(path, "a") as f:
