@@ -198,11 +198,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
         manifest = read_manifest(checkpoint)
         rank_files = [checkpoint / s.path for s in manifest.shards if s.tp_rank == 0]
         rank_bytes = sum(f.stat().st_size for f in rank_files)
+        every_rank = [checkpoint / s.path for s in manifest.shards]  # warm or cold for every rank, not rank 0 alone
         report["dd"].append({"tp": tp, "file": rank_files[0].name, "cold_gbps": round(dd_gbps(rank_files[0]), 2)})
         # formats take turns, so that a machine that drifts (its memory speed does) drifts for all of them
         for cache, repeat, spec in starts(args.formats, args.repeats, args.cold, args.warm):
             load_format, _ = parse_format(spec)
-            model, files = (source, source_files) if load_format in ("auto", "dummy") else (checkpoint, rank_files)
+            model, files = (source, source_files) if load_format in ("auto", "dummy") else (checkpoint, every_rank)
             set_cache(files, warm=cache == "warm")
             row = start_once(model, spec, tp, extra)
             row.update(tp=tp, format=spec, cache=cache, repeat=repeat, rank_bytes=rank_bytes,
