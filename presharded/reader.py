@@ -100,6 +100,8 @@ class Reader:
 
     def __init__(self, buffers: list[torch.Tensor], device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        if self.cuda:  # a new thread starts on GPU 0: on any other rank it would make a context there too
+            torch.cuda.set_device(device)
         self.buffers = buffers
         self.events = [None, None]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
