@@ -4,7 +4,7 @@ vLLM imports (seconds of Python), so that the loader finds them warm.
 The kernel reads them into the page cache and hands them to /dev/null
 (`sendfile`, a chunk at a time): nothing is copied into this process and the
 page cache holds the only copy; files already cached cost next to nothing.
-(`posix_fadvise(WILLNEED)` reads only the first megabyte or so here.) Skipped
+(`posix_fadvise(WILLNEED)` read 8 MiB of a 64 MiB file here: dev/willneed.py.) Skipped
 when the files do not fit in the memory available."""
 
 import os

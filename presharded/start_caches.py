@@ -152,11 +152,16 @@ def intact(folder: Path, manifest: Manifest, name: str) -> bool:
     """Whether every file of the set `name` is as the manifest says; a warning if not."""
     for entry in manifest.caches[name]:
         path = folder / entry.path
-        if not path.is_file() or path.stat().st_size != entry.size or hash_file(path) != entry.blake3:
+        if not matches(path, entry):
             print(f"warning: {path} is missing or damaged (not as in {MANIFEST_NAME}): starting without the "
                   f"start-up caches {name}", file=sys.stderr)
             return False
     return True
+
+
+def matches(path: Path, entry: CopiedFile) -> bool:
+    """Whether `path` is the file that `entry` of the manifest describes (size first: cheap)."""
+    return path.is_file() and path.stat().st_size == entry.size and hash_file(path) == entry.blake3
 
 
 def put_in_place(workspace: Path, folder: Path, manifest: Manifest, name: str) -> None:
@@ -164,7 +169,7 @@ def put_in_place(workspace: Path, folder: Path, manifest: Manifest, name: str) -
     for entry in manifest.caches[name]:
         source = folder / entry.path
         target = workspace / source.relative_to(folder / CACHES_DIR / name)
-        if not target.is_file() or target.stat().st_size != entry.size or hash_file(target) != entry.blake3:
+        if not matches(target, entry):
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = target.with_name(f".{target.name}.{os.getpid()}")
             shutil.copy2(source, temporary)
