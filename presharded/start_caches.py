@@ -97,17 +97,24 @@ def files_under(folder: Path) -> set[str]:
 
 
 def keep(workspace: Path, folder: Path, manifest: Manifest, name: str) -> list[CopiedFile]:
-    """The caches a start filled in `workspace`, as the set `name` of the checkpoint in `folder`."""
+    """The caches a start filled in `workspace`, as the set `name` of the checkpoint in `folder`.
+    Copied beside the set first, then swapped in by renames: a kill while copying leaves the old set
+    as the manifest lists it (and a hidden folder that verify names)."""
     dest = folder / CACHES_DIR / name
-    shutil.rmtree(dest, ignore_errors=True)
+    new, old = dest.with_name(f".{name}.new-{os.getpid()}"), dest.with_name(f".{name}.old-{os.getpid()}")
     entries = []
     for kind in KINDS:
         for relative in sorted(files_under(workspace / kind)):
-            target = dest / kind / relative
+            target = new / kind / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(workspace / kind / relative, target)
-            path = target.relative_to(folder).as_posix()
+            path = (dest / kind / relative).relative_to(folder).as_posix()
             entries.append(CopiedFile(path, target.stat().st_size, hash_file(target)))
+    if dest.exists():
+        dest.rename(old)
+    new.mkdir(parents=True, exist_ok=True)  # a start that compiled nothing
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
     return entries
 
 
