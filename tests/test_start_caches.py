@@ -13,6 +13,7 @@ import pytest
 
 from conftest import PROMPT, ROOT, run_script, script_env, serving
 from presharded.manifest import read_manifest
+from presharded import start_caches
 from presharded.start_caches import CACHES_DIR, KINDS, WORKSPACE, checkpoint_id, files_under
 
 
@@ -118,3 +119,34 @@ def test_vllm_serve_starts_from_the_set(cached, tmp_path):
     assert {k: files_under(workspace / k) for k in KINDS} == before  # a hit: the server compiled nothing
     reference, _ = start(served, tmp_path, "--no-start-caches")
     assert choice["token_ids"] == reference["token_ids"]
+
+
+def test_a_kill_while_a_set_is_copied_leaves_the_old_set(cached, tmp_path, monkeypatch):
+    """A failure while keep() copies the caches into the checkpoint (as a kill would leave it):
+    the set is still the one the manifest lists; copied again, the new set replaces it whole."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(cached, checkpoint, symlinks=True)
+    manifest = read_manifest(checkpoint)
+    name = next(iter(manifest.caches))
+    workspace = tmp_path / "workspace"
+    for kind in KINDS:
+        if (checkpoint / CACHES_DIR / name / kind).is_dir():
+            shutil.copytree(checkpoint / CACHES_DIR / name / kind, workspace / kind)
+    (workspace / "vllm" / "compiled-later.bin").write_bytes(b"new code")
+    copied = []
+
+    def copy_then_fail(src, dst):
+        if len(copied) == 2:
+            raise OSError("killed")
+        copied.append(dst)
+        return shutil.copyfile(src, dst)
+
+    monkeypatch.setattr(start_caches.shutil, "copy2", copy_then_fail)
+    with pytest.raises(OSError, match="killed"):
+        start_caches.keep(workspace, checkpoint, manifest, name)
+    monkeypatch.undo()
+    assert start_caches.intact(checkpoint, read_manifest(checkpoint), name)
+    assert [p.name for p in (checkpoint / CACHES_DIR).iterdir() if p.name.startswith(".")] != []  # verify names it
+    manifest.caches[name] = start_caches.keep(workspace, checkpoint, manifest, name)
+    assert f"{CACHES_DIR}/{name}/vllm/compiled-later.bin" in {e.path for e in manifest.caches[name]}
+    assert start_caches.intact(checkpoint, manifest, name)
