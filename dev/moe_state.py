@@ -1,31 +1,96 @@
-"""The model's whole state after loading, for one load format: to compare
-vLLM's own load (`auto` on the source) with ours (`fast_sharded_state` on
-the checkpoint) tensor by tensor, on the GPU matrix's tiny Qwen3-MoE with
-`--quantization fp8` (dev/gpu_matrix.py made both folders). One engine per
-process (one in-process engine does not give its GPU memory back).
+"""Where vLLM's own load (`auto` on the source) and ours (`fast_sharded_state`
+on the checkpoint) part ways, on a tiny Qwen3-MoE with `--quantization fp8`
+(docs/gpu.md): `save` makes the source and the checkpoint with our refusal
+of such a model lifted in this process; then for each run the model's whole
+state after loading and every module's output on one prompt's prefill, in
+the order the modules ran. One engine per process, in-process (one engine
+does not give its GPU memory back); `compare` prints the first state tensor
+and the first module output that differ.
 
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_ALLOW_INSECURE_SERIALIZATION=1 PYTHONPATH=. python3 dev/moe_state.py $OUT auto
-    ... python3 dev/moe_state.py $OUT fast      # then torch.load both and compare
+    export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_ALLOW_INSECURE_SERIALIZATION=1 PYTHONPATH=.
+    for step in save auto fast compare; do python3 dev/moe_state.py $OUT $step; done
 """
 
 import sys
 from pathlib import Path
 
 import torch
-from vllm import LLM, EngineArgs
 
-from presharded.cli import apply_engine_defaults, full_parse
-from presharded.verify_tokens import add_flags
+WORK = Path("/tmp/presharded-moe")
+RUNS = {"auto": (WORK / "source", "auto"), "fast": (WORK / "checkpoint", "fast_sharded_state")}
+PROMPT = "The quick brown fox"
+OUTPUTS: list[tuple[str, torch.Tensor]] = []  # filled by the hooks, in this process (in-process engine)
 
-RUNS = {"auto": ("/tmp/presharded-matrix/qwen3-moe", "auto"),
-        "fast": ("/tmp/presharded-matrix/qwen3-moe-ckpt", "fast_sharded_state")}
 
-out, name = Path(sys.argv[1]), sys.argv[2]
-model, load_format = RUNS[name]
-args, parser = full_parse(["--model", model, "--load-format", load_format, "--prompts", "[]",
-                           "--quantization", "fp8", "--enforce-eager"], add_flags, "")
-apply_engine_defaults(args, parser, saving=False)
-llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
-state = llm.apply_model(lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()})[0]
-torch.save(state, out / f"{name}.pt")
-print(name, len(state), flush=True)
+def allow_online_experts() -> None:
+    """Lift, in this process, the refusal this script is here to look into."""
+    from presharded import fast_loader, save_loader
+
+    fast_loader.refuse_online_experts = save_loader.refuse_online_experts = lambda *args: None
+
+
+def save() -> None:
+    import runpy
+
+    from presharded.tiny import build_tiny
+
+    build_tiny(RUNS["auto"][0], "qwen3-moe", num_layers=2)
+    allow_online_experts()
+    sys.argv = ["save_sharded_state.py", "--model", str(RUNS["auto"][0]), "--output", str(RUNS["fast"][0]),
+                "--replace", "--no-start-caches", "--quantization", "fp8", "--enforce-eager"]
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "save_sharded_state.py"), run_name="__main__")
+
+
+def record(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def hook(name):
+        def save(module, args, output):
+            first = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(first, torch.Tensor):
+                OUTPUTS.append((name, first.detach().float().cpu().clone()))
+        return save
+
+    for name, module in model.named_modules():
+        module.register_forward_hook(hook(name))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def capture(out: Path, name: str) -> None:
+    from vllm import LLM, EngineArgs, SamplingParams
+
+    from presharded.cli import apply_engine_defaults, full_parse
+    from presharded.verify_tokens import add_flags
+
+    allow_online_experts()
+    model, load_format = RUNS[name]
+    args, parser = full_parse(["--model", str(model), "--load-format", load_format, "--prompts", "[]",
+                               "--quantization", "fp8", "--enforce-eager"], add_flags, "")
+    apply_engine_defaults(args, parser, saving=False)
+    llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
+    state = llm.apply_model(record)[0]
+    tokens = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    prefill = [(n, t) for n, t in OUTPUTS]  # the one step: the prompt's prefill
+    torch.save({"state": state, "outputs": prefill, "token": tokens[0].outputs[0].token_ids}, out / f"{name}.pt")
+    print(name, len(state), "tensors,", len(prefill), "module outputs", flush=True)
+
+
+def compare(out: Path) -> None:
+    a, b = torch.load(out / "auto.pt"), torch.load(out / "fast.pt")
+
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        raw = (lambda t: t.view(torch.uint8) if t.element_size() == 1 else t)
+        return x.shape == y.shape and x.dtype == y.dtype and torch.equal(raw(x), raw(y))
+
+    print("first tokens:", a["token"], b["token"])
+    differ = [k for k in a["state"] if k not in b["state"] or not same(a["state"][k], b["state"][k])]
+    print(f"state: {len(differ)} of {len(a['state'])} tensors differ", differ[:5])
+    for (name, x), (name_b, y) in zip(a["outputs"], b["outputs"]):
+        if name != name_b or not same(x, y):
+            gap = (x - y).abs().max().item() if x.shape == y.shape else "shapes differ"
+            print(f"first module output that differs: {name} (fast: {name_b}), max |difference| {gap}")
+            return
+    print(f"all {len(a['outputs'])} module outputs identical")
+
+
+if __name__ == "__main__":
+    target, what = Path(sys.argv[1]), sys.argv[2]
+    {"save": lambda: save(), "compare": lambda: compare(target)}.get(what, lambda: capture(target, what))()
