@@ -14,7 +14,7 @@ from torch import nn
 
 from presharded.errors import UserError, refuses
 from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV
-from presharded.load_checks import check_checkpoint
+from presharded.load_checks import check_checkpoint, online_experts_refused
 from presharded.manifest import default_pattern, render
 from presharded.reader import Staging, load_files
 from presharded.vllm_compat import (BaseModelLoader, online_quantized_experts, parallel_ranks, parallel_sizes,
@@ -100,12 +100,7 @@ class FastShardedStateLoader(BaseModelLoader):
 def refuse_online_experts(model: nn.Module, quantization: str | None) -> None:
     """Neither saved nor loaded: a mixture of experts that vLLM quantizes while loading."""
     if experts := online_quantized_experts(model):
-        raise UserError(
-            f"a mixture of experts that vLLM quantizes ({quantization}) while loading ({experts[0]}, ...) is not "
-            f"supported yet: on vLLM 0.26 {FAST_FORMAT} gave other greedy tokens than vLLM's own loader, cause not "
-            f"found (docs/gpu.md); serve the source model with --quantization {quantization}, "
-            "or save and load it without --quantization"
-        )
+        raise online_experts_refused(quantization, f"{experts[0]}, ...")
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

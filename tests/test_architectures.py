@@ -95,7 +95,12 @@ def test_mixture_of_experts_quantized_while_loading_is_refused(source, tmp_path)
     assert "a mixture of experts that vLLM quantizes (fp8) while loading" in line and "without --quantization" in line
     assert not (tmp_path / "out").exists()
     checkpoint = save(model, tmp_path / "ckpt", tp=1)
+    line = refused("load: a mixture of experts saved unquantized, asked to quantize while loading",
+                   "load_sharded_state.py", "--model", str(checkpoint), "--load-format", FAST_FORMAT,
+                   "--quantization", "fp8", "--enforce-eager", unchanged=checkpoint)  # before vLLM: within 5 s
+    assert "a mixture of experts that vLLM quantizes (fp8) while loading (ckpt)" in line
+    (checkpoint / "presharded.json").unlink()  # nothing to check before the engine: our loader refuses it
     line = refused("fast_sharded_state: a mixture of experts that vLLM quantizes while loading",
                    "load_sharded_state.py", "--model", str(checkpoint), "--load-format", FAST_FORMAT,
                    "--quantization", "fp8", "--enforce-eager", within=None, unchanged=checkpoint)
-    assert "a mixture of experts that vLLM quantizes (fp8) while loading" in line
+    assert "a mixture of experts that vLLM quantizes (fp8) while loading (model.layers.0.mlp.experts" in line
