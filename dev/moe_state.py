@@ -2,8 +2,8 @@
 on the checkpoint) part ways, on a tiny Qwen3-MoE with `--quantization fp8`
 (docs/gpu.md): `save` makes the source and the checkpoint with our refusal
 of such a model lifted in this process; then for each run the model's whole
-state after loading and every module's output on one prompt's prefill, in
-the order the modules ran. One engine per process, in-process (one engine
+state after loading and every module's output at each step of two prompts' greedy
+tokens, in the order the modules ran, and each state tensor's layout. One engine per process, in-process (one engine
 does not give its GPU memory back); `compare` prints the first state tensor
 and the first module output that differ.
 
@@ -18,7 +18,8 @@ import torch
 
 WORK = Path("/tmp/presharded-moe")
 RUNS = {"auto": (WORK / "source", "auto"), "fast": (WORK / "checkpoint", "fast_sharded_state")}
-PROMPT = "The quick brown fox"
+PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]  # gpu_matrix's, in one batch
+STEPS = 16  # gpu_matrix's tokens per prompt
 OUTPUTS: list[tuple[str, torch.Tensor]] = []  # filled by the hooks, in this process (in-process engine)
 
 
@@ -51,7 +52,9 @@ def record(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     for name, module in model.named_modules():
         module.register_forward_hook(hook(name))
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    return {"state": {k: v.detach().cpu().clone() for k, v in state.items()},
+            "strides": {k: (tuple(v.stride()), v.storage_offset()) for k, v in state.items()}}
 
 
 def capture(out: Path, name: str) -> None:
@@ -66,11 +69,10 @@ def capture(out: Path, name: str) -> None:
                                "--quantization", "fp8", "--enforce-eager"], add_flags, "")
     apply_engine_defaults(args, parser, saving=False)
     llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
-    state = llm.apply_model(record)[0]
-    tokens = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
-    prefill = [(n, t) for n, t in OUTPUTS]  # the one step: the prompt's prefill
-    torch.save({"state": state, "outputs": prefill, "token": tokens[0].outputs[0].token_ids}, out / f"{name}.pt")
-    print(name, len(state), "tensors,", len(prefill), "module outputs", flush=True)
+    recorded = llm.apply_model(record)[0]
+    tokens = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=STEPS), use_tqdm=False)
+    torch.save({**recorded, "outputs": OUTPUTS, "tokens": [list(t.outputs[0].token_ids) for t in tokens]}, out / f"{name}.pt")
+    print(name, len(recorded["state"]), "tensors,", len(OUTPUTS), "module outputs", flush=True)
 
 
 def compare(out: Path) -> None:
@@ -80,13 +82,17 @@ def compare(out: Path) -> None:
         raw = (lambda t: t.view(torch.uint8) if t.element_size() == 1 else t)
         return x.shape == y.shape and x.dtype == y.dtype and torch.equal(raw(x), raw(y))
 
-    print("first tokens:", a["token"], b["token"])
+    print("tokens:", a["tokens"], b["tokens"], sep="\n")
     differ = [k for k in a["state"] if k not in b["state"] or not same(a["state"][k], b["state"][k])]
     print(f"state: {len(differ)} of {len(a['state'])} tensors differ", differ[:5])
-    for (name, x), (name_b, y) in zip(a["outputs"], b["outputs"]):
+    layout = [(k, a["strides"][k], b["strides"].get(k)) for k in a["strides"] if a["strides"][k] != b["strides"].get(k)]
+    print(f"layout (strides, offset): {len(layout)} tensors differ", layout[:8])
+    per_step = len(a["outputs"]) // STEPS if len(a["outputs"]) % STEPS == 0 else 0
+    for i, ((name, x), (name_b, y)) in enumerate(zip(a["outputs"], b["outputs"])):
         if name != name_b or not same(x, y):
             gap = (x - y).abs().max().item() if x.shape == y.shape else "shapes differ"
-            print(f"first module output that differs: {name} (fast: {name_b}), max |difference| {gap}")
+            step = i // per_step if per_step else "?"
+            print(f"first module output that differs: step {step}, {name} (fast: {name_b}), max |difference| {gap}")
             return
     print(f"all {len(a['outputs'])} module outputs identical")
 
