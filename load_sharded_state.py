@@ -65,7 +65,6 @@ def main() -> None:
             Path(early.model),
             tensor_parallel_size=early.tensor_parallel_size,
             pipeline_parallel_size=early.pipeline_parallel_size,
-            quantization=early.quantization,
             verify_hashes=early.verify_hashes,
             load_format=load_format,
             node=node,

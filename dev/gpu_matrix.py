@@ -1,7 +1,10 @@
 """The architecture matrix on a GPU: for each tiny model of presharded/tiny.py,
-save it with save_sharded_state.py, then in this one process (vLLM imported
-once) start engines one after another from the source (`auto`) and from the
+save it with save_sharded_state.py, then start an engine in a process of its
+own (presharded.verify_tokens) from the source (`auto`) and from the
 checkpoint (`sharded_state`, `fast_sharded_state`), and compare greedy tokens.
+Not one process for all: on vLLM 0.26 a second engine in a process can give
+other tokens than the first, whatever its format
+(dev/results/moe-fp8-2026-11-30-h200x2/).
 A load that the load script would refuse (vLLM 0.26's sharded_state on
 weights quantized while loading) is recorded as refused, not run.
 
@@ -11,7 +14,6 @@ Prints one JSON line per architecture and writes them to OUT/matrix.jsonl.
 """
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
@@ -27,20 +29,12 @@ PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]
 
 
 def greedy(model: Path, load_format: str, flags: list[str]) -> list[list[int]]:
-    from vllm import LLM, EngineArgs, SamplingParams
-
-    from presharded.cli import apply_engine_defaults, full_parse
-    from presharded.verify_tokens import add_flags
-
-    args, parser = full_parse(["--model", str(model), "--load-format", load_format, "--prompts", "[]", *flags],
-                              add_flags, "")
-    apply_engine_defaults(args, parser, saving=False)
-    llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
-    tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    del llm, outputs
-    gc.collect()
-    return tokens
+    run = subprocess.run([sys.executable, "-m", "presharded.verify_tokens", "--model", str(model),
+                          "--load-format", load_format, "--prompts", json.dumps(PROMPTS), *flags],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{load_format} on {model}: {run.stderr.strip().splitlines()[-1:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def one(arch: str, work: Path, flags: list[str]) -> dict:

@@ -1,11 +1,12 @@
 """Where vLLM's own load (`auto` on the source) and ours (`fast_sharded_state`
 on the checkpoint) part ways, on a tiny Qwen3-MoE with `--quantization fp8`
-(docs/gpu.md): `save` makes the source and the checkpoint with our refusal
-of such a model lifted in this process; then for each run the model's whole
-state after loading and every module's output at each step of two prompts' greedy
-tokens, in the order the modules ran, and each state tensor's layout. One engine per process, in-process (one engine
-does not give its GPU memory back); `compare` prints the first state tensor
-and the first module output that differ.
+(dev/results/moe-fp8-2026-11-30-h200x2/): `save` makes the source and the
+checkpoint; then for each run the model's whole state after loading, each
+state tensor's layout, and every module's output at each step of two
+prompts' greedy tokens, in the order the modules ran. One engine per
+process, in-process (one engine does not give its GPU memory back);
+`compare` prints the tokens, the state tensors that differ and the first
+module output that differs.
 
     export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_ALLOW_INSECURE_SERIALIZATION=1 PYTHONPATH=.
     for step in save auto fast compare; do python3 dev/moe_state.py $OUT $step; done
@@ -23,20 +24,12 @@ STEPS = 16  # gpu_matrix's tokens per prompt
 OUTPUTS: list[tuple[str, torch.Tensor]] = []  # filled by the hooks, in this process (in-process engine)
 
 
-def allow_online_experts() -> None:
-    """Lift, in this process, the refusal this script is here to look into."""
-    from presharded import fast_loader, save_loader
-
-    fast_loader.refuse_online_experts = save_loader.refuse_online_experts = lambda *args: None
-
-
 def save() -> None:
     import runpy
 
     from presharded.tiny import build_tiny
 
     build_tiny(RUNS["auto"][0], "qwen3-moe", num_layers=2)
-    allow_online_experts()
     sys.argv = ["save_sharded_state.py", "--model", str(RUNS["auto"][0]), "--output", str(RUNS["fast"][0]),
                 "--replace", "--no-start-caches", "--quantization", "fp8", "--enforce-eager"]
     runpy.run_path(str(Path(__file__).resolve().parent.parent / "save_sharded_state.py"), run_name="__main__")
@@ -63,7 +56,6 @@ def capture(out: Path, name: str) -> None:
     from presharded.cli import apply_engine_defaults, full_parse
     from presharded.verify_tokens import add_flags
 
-    allow_online_experts()
     model, load_format = RUNS[name]
     args, parser = full_parse(["--model", str(model), "--load-format", load_format, "--prompts", "[]",
                                "--quantization", "fp8", "--enforce-eager"], add_flags, "")

@@ -82,7 +82,6 @@ def early_parse(argv: Sequence[str], add_flags: AddFlags, description: str) -> a
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None)
     parser.add_argument("--data-parallel-size", "-dp", type=int, default=None)
     parser.add_argument("--load-format", default=None)
-    parser.add_argument("--quantization", "-q", default=None)
     parser.add_argument("--nnodes", "-n", type=int, default=None)
     parser.add_argument("--node-rank", "-r", type=int, default=None)
     parser.add_argument("--master-addr", default=None)

@@ -14,11 +14,10 @@ from torch import nn
 
 from presharded.errors import UserError, refuses
 from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV
-from presharded.load_checks import check_checkpoint, online_experts_refused
+from presharded.load_checks import check_checkpoint
 from presharded.manifest import default_pattern, render
 from presharded.reader import Staging, load_files
-from presharded.vllm_compat import (BaseModelLoader, online_quantized_experts, parallel_ranks, parallel_sizes,
-                                    unique_tensors)
+from presharded.vllm_compat import BaseModelLoader, parallel_ranks, parallel_sizes, unique_tensors
 
 
 
@@ -77,7 +76,6 @@ class FastShardedStateLoader(BaseModelLoader):
         else:  # as vLLM's sharded_state finds them
             pattern = self.pattern or default_pattern(pp_size)
             paths = sorted(folder.glob(render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part="*")))
-        refuse_online_experts(model, model_config.quantization)
         device = next(p.device for p in model.parameters() if not p.is_meta)
         materialize(model, device)
         params = unique_tensors(model.state_dict())
@@ -95,12 +93,6 @@ class FastShardedStateLoader(BaseModelLoader):
         if path := os.environ.get(LOAD_REPORT_ENV):
             with open(path, "a") as f:
                 f.write(json.dumps(dataclasses.asdict(report)) + "\n")
-
-
-def refuse_online_experts(model: nn.Module, quantization: str | None) -> None:
-    """Neither saved nor loaded: a mixture of experts that vLLM quantizes while loading."""
-    if experts := online_quantized_experts(model):
-        raise online_experts_refused(quantization, f"{experts[0]}, ...")
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

@@ -1,7 +1,6 @@
 """Checks of a checkpoint against its manifest, made before any engine starts."""
 
 import glob
-import json
 import re
 import sys
 from pathlib import Path
@@ -49,32 +48,11 @@ def saved_layout(folder: Path, manifest: Manifest | None) -> dict:
     return manifest.engine_defaults() if manifest else layout_from_names(folder)
 
 
-EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts")  # config.json keys of a mixture of experts
-
-
-def has_experts(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any(c.get(key) for c in (config, config.get("text_config") or {}) for key in EXPERTS)
-
-
-def online_experts_refused(quantization: str | None, where: str) -> UserError:
-    return UserError(
-        f"a mixture of experts that vLLM quantizes ({quantization}) while loading ({where}) is not supported yet: "
-        "on vLLM 0.26 fast_sharded_state gave other greedy tokens than vLLM's own loader, cause not found "
-        f"(docs/gpu.md); serve the source model with --quantization {quantization}, "
-        "or save and load it without --quantization"
-    )
-
-
 def check_checkpoint(
     folder: Path,
     *,
     tensor_parallel_size: int | None = None,
     pipeline_parallel_size: int | None = None,
-    quantization: str | None = None,
     verify_hashes: bool = False,
     every_file: bool = False,
     require_manifest: bool = False,
@@ -109,9 +87,6 @@ def check_checkpoint(
             "which its sharded_state loader cannot do (it would leave them empty); "
             "load it with --load-format fast_sharded_state"
         )
-    asked_other = quantization is not None and quantization != manifest.quantization  # over the saved weights
-    if load_format is not None and (manifest.online_quantization or asked_other) and has_experts(folder):
-        raise online_experts_refused(quantization or manifest.quantization, folder.name)
     check_layout(folder, manifest.engine_defaults(), tensor_parallel_size, pipeline_parallel_size)
     shards = manifest.shards_of([rank] if rank else node.ranks(manifest.tensor_parallel_size,
                                                                manifest.pipeline_parallel_size))

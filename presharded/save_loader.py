@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from presharded.errors import refuses
-from presharded.fast_loader import refuse_online_experts
 from presharded.handoff import RankRecord, SaveRequest
 from presharded.manifest import MANIFEST_NAME
 from presharded.vllm_compat import (DefaultModelLoader, finish_online_quantization, online_quantized_layers,
@@ -52,7 +51,6 @@ class SavingModelLoader(DefaultModelLoader):
 
     @refuses
     def load_weights(self, model: nn.Module, model_config) -> None:
-        refuse_online_experts(model, model_config.quantization)
         online = BeforeQuantization(model)
         super().load_weights(model, model_config)
         if online.layers:  # every layer quantized, each kept as it was just before

@@ -16,7 +16,6 @@ __all__ = [
     "BaseModelLoader",
     "device_kind",
     "finish_online_quantization",
-    "online_quantized_experts",
     "DefaultModelLoader",
     "FlexibleArgumentParser",
     "REQUEST_ERRORS",
@@ -103,11 +102,6 @@ def online_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     quantized as soon as all of its weights have arrived."""
     return {name: m for name, m in model.named_modules()
             if getattr(getattr(m, "quant_method", None), "uses_meta_device", False)}
-
-
-def online_quantized_experts(model: nn.Module) -> list[str]:
-    """Mixture-of-experts layers among the online-quantized ones (their fused expert weights)."""
-    return [name for name, m in online_quantized_layers(model).items() if hasattr(m, "w13_weight")]
 
 
 def finish_online_quantization(model: nn.Module, model_config) -> None:
