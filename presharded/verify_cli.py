@@ -28,9 +28,10 @@ def as_flags(settings: dict) -> list[str]:
     return flags
 
 
-def greedy_tokens(model: str, load_format: str, flags: list[str]) -> list[list[int]]:
+def greedy_tokens(model: str, load_format: str, flags: list[str], prompts: list[str] = PROMPTS) -> list[list[int]]:
+    """One engine in a process of its own: a second engine in one process can give other tokens."""
     cmd = [sys.executable, "-m", "presharded.verify_tokens", "--model", model, "--load-format", load_format,
-           "--prompts", json.dumps(PROMPTS), *flags]
+           "--prompts", json.dumps(prompts), *flags]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise UserError(f"loading {model} with {load_format} failed (exit {proc.returncode}); see the log above")
