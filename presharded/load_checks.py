@@ -34,12 +34,16 @@ def check_layout(folder: Path, saved: dict, tensor_parallel_size: int | None,
 def layout_from_names(folder: Path) -> dict:
     """Tensor- and pipeline-parallel sizes that vLLM's file names in `folder`
     tell (its highest ranks), as engine settings; {} where they tell none."""
-    tp = pp = 0
+    tp = pp = files = 0
     for path in folder.glob("*.safetensors"):
         for regex, staged in NAMES_LAYOUT:
             if m := regex.fullmatch(path.name):
                 tp = max(tp, int(m["tp"]) + 1)
                 pp = max(pp, int(m["pp"]) + 1 if staged else 1)
+                files += 1
+    if tp * pp > files:  # each rank has a file at least
+        raise UserError(f"{folder}'s file names number {tp * pp} ranks, but it holds {files} weight files: "
+                        "ranks are missing; copy the whole checkpoint folder")
     return {"tensor_parallel_size": tp, "pipeline_parallel_size": pp} if tp else {}
 
 
@@ -55,6 +59,7 @@ def check_checkpoint(
     pipeline_parallel_size: int | None = None,
     verify_hashes: bool = False,
     every_file: bool = False,
+    caches: bool = False,
     require_manifest: bool = False,
     load_format: str | None = None,
     node: Node = Node(),
@@ -63,8 +68,9 @@ def check_checkpoint(
     """The checkpoint's manifest once every check passes; None (with a warning)
     for a checkpoint made without one, such as vLLM's own example writes.
     The copied files (config, tokenizer) and every weight file's tensor table
-    are always hashed, the weights themselves with `verify_hashes`. Stray
-    files are looked for among the weights, or with `every_file` among all files.
+    are always hashed, the weights themselves (and with `caches` the start-up
+    caches) with `verify_hashes`. Stray files are looked for among the
+    weights, or with `every_file` among all files.
     Only the weights of the ranks that `node` runs (of one `rank`) are required."""
     if not folder.is_dir():
         raise UserError(f"checkpoint {folder} is not a folder; pass the --output of save_sharded_state.py")
@@ -90,7 +96,8 @@ def check_checkpoint(
     check_layout(folder, manifest.engine_defaults(), tensor_parallel_size, pipeline_parallel_size)
     shards = manifest.shards_of([rank] if rank else node.ranks(manifest.tensor_parallel_size,
                                                                manifest.pipeline_parallel_size))
-    for entry in [*shards, *manifest.files]:
+    cached = [e for entries in manifest.caches.values() for e in entries]
+    for entry in [*shards, *manifest.files, *(cached if caches else [])]:
         path = folder / entry.path
         if not path.is_file():
             raise UserError(missing(folder, manifest, entry, node))
@@ -99,8 +106,7 @@ def check_checkpoint(
                 f"{path} has {path.stat().st_size} bytes, the manifest says {entry.size}; "
                 "the copy is incomplete or damaged: copy it again, or save again"
             )
-    cached = [e for entries in manifest.caches.values() for e in entries]  # checked where used
-    listed = {e.path for e in [*manifest.shards, *manifest.files, *cached]} | {MANIFEST_NAME}
+    listed = {e.path for e in manifest.entries()} | {MANIFEST_NAME}
     candidates = folder.rglob("*") if every_file else folder.glob("*.safetensors")
     for path in sorted(p for p in candidates if p.is_file()):
         if path.relative_to(folder).as_posix() not in listed:
@@ -114,7 +120,7 @@ def check_checkpoint(
                 f"{folder / shard.path}: its tensor table (names, shapes, dtypes) is not the one saved; "
                 "copy it again, or save again"
             )
-    for entry in [*manifest.files, *(shards if verify_hashes else [])]:
+    for entry in [*manifest.files, *(shards if verify_hashes else []), *(cached if caches and verify_hashes else [])]:
         if hash_file(folder / entry.path) != entry.blake3:
             raise UserError(
                 f"{folder / entry.path} does not match its hash in the manifest: "

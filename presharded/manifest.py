@@ -4,6 +4,9 @@ with its size and hash. Written last: a folder without one is not finished."""
 import dataclasses
 import json
 import os
+import re
+import stat
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +15,8 @@ import blake3
 from presharded.errors import UserError
 
 MANIFEST_NAME = "presharded.json"
+CACHES_DIR = "start-caches"  # start-up caches: start-caches/SET/KIND/... (presharded/start_caches.py)
+CACHE_KINDS = ("vllm", "inductor", "triton")
 FORMAT_NAME = "presharded"
 FORMAT_VERSION = 3  # 2: each weight file's header hash; 3: the node that wrote each
 # vLLM's own names, so its built-in sharded_state loader reads our files too.
@@ -107,40 +112,197 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> "Manifest":
+        """A manifest is untrusted input: its types, numbers and paths are checked before anything uses them."""
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where} is not valid JSON ({e}); save the checkpoint again")
+        except (json.JSONDecodeError, RecursionError) as e:
+            reason = str(e) if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise UserError(f"{where} is not valid JSON ({reason}); save the checkpoint again")
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
             raise UserError(f"{where} is not a presharded manifest; save the checkpoint again")
         version = raw.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if type(version) is not int or version > FORMAT_VERSION:
             raise UserError(
                 f"{where} has format version {version!r}, newer than this presharded reads "
                 f"({FORMAT_VERSION}); upgrade presharded"
             )
-        try:
-            raw.pop("total_bytes", None)
-            raw["shards"] = [Shard(**s) for s in raw["shards"]]
-            raw["files"] = [CopiedFile(**f) for f in raw["files"]]
-            raw["caches"] = {name: [CopiedFile(**f) for f in files] for name, files in raw.get("caches", {}).items()}
-            return cls(**raw)
-        except KeyError as e:
-            raise UserError(f"{where} lacks the field {e}; save the checkpoint again")
-        except TypeError as e:
-            raise UserError(f"{where} is malformed ({e}); save the checkpoint again")
+        raw = {k: v for k, v in raw.items() if k != "total_bytes"}
+        fields_of(raw, MANIFEST_FIELDS, where, "the manifest")
+        raw["shards"] = [Shard(**fields_of(s, SHARD_FIELDS, where, "a weight file's entry")) for s in raw["shards"]]
+        raw["files"] = [CopiedFile(**fields_of(f, FILE_FIELDS, where, "a copied file's entry")) for f in raw["files"]]
+        raw["caches"] = {name: [CopiedFile(**fields_of(f, FILE_FIELDS, where, "a start-up cache file's entry"))
+                                for f in listed(files, where, f"start-up cache set {name!r}")]
+                         for name, files in raw.get("caches", {}).items()}
+        manifest = cls(**raw)
+        if problem := manifest.problem():
+            raise UserError(f"{where}: {problem}; this is not a manifest presharded writes: save the checkpoint again")
+        return manifest
+
+    def problem(self) -> str | None:
+        """What is out of range or leads out of the checkpoint, if anything: numbers
+        are bounded by the files listed, and every path names a file inside it."""
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        if not (1 <= tp and 1 <= pp and tp * pp <= len(self.shards)):
+            return (f"tensor_parallel_size {tp} and pipeline_parallel_size {pp} do not fit its "
+                    f"{len(self.shards)} weight files (each rank has at least one)")
+        if not 1 <= self.nodes <= tp * pp:
+            return f"nodes {self.nodes} is not between 1 and the {tp * pp} ranks"
+        if problem := pattern_problem(self.file_pattern, tp, pp):
+            return f"its file_pattern {self.file_pattern!r} {problem}"
+        for name, value in [("dtype", self.dtype), ("quantization", self.quantization or "none")]:
+            if not WORD.fullmatch(value):
+                return f"{name} {value!r} is not a name"
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.aliases.items()):
+            return "aliases must map names to names"
+        parts: dict[tuple[int, int], set[int]] = {}
+        for s in self.shards:
+            if not (0 <= s.pp_rank < pp and 0 <= s.tp_rank < tp and 0 <= s.node < self.nodes):
+                return f"{s.path!r} is for rank pp={s.pp_rank} tp={s.tp_rank} of node {s.node}, outside the layout"
+            if s.path != render(self.file_pattern, pp_rank=s.pp_rank, tp_rank=s.tp_rank, part=s.part):
+                return f"{s.path!r} is not the file_pattern's name for its rank and part {s.part}"
+            if s.header_blake3 is not None and not HEX64.fullmatch(s.header_blake3):
+                return f"{s.path!r} has a header hash that is not a blake3 hex digest"
+            parts.setdefault((s.pp_rank, s.tp_rank), set()).add(s.part)
+        for rank, numbers in parts.items():
+            if numbers != set(range(len(numbers))):
+                return f"rank pp={rank[0]} tp={rank[1]} has parts {sorted(numbers)[:8]}, not 0, 1, 2, ..."
+        if len(parts) != tp * pp:
+            return f"{tp * pp - len(parts)} of its {tp * pp} ranks have no weight file"
+        for f in self.files:
+            if f.path == MANIFEST_NAME or f.path.endswith(".safetensors") or f.path.split("/")[0] == CACHES_DIR:
+                return f"copied file {f.path!r} is a weight file, the manifest or a start-up cache"
+        for name, entries in self.caches.items():
+            if not WORD.fullmatch(name):
+                return f"start-up cache set {name!r} is not a plain folder name"
+            for f in entries:
+                if f.path.split("/")[:2] != [CACHES_DIR, name] or f.path.count("/") < 3 \
+                        or f.path.split("/")[2] not in CACHE_KINDS:
+                    return f"start-up cache file {f.path!r} is not under {CACHES_DIR}/{name}/{{{','.join(CACHE_KINDS)}}}/"
+        paths = [e.path for e in self.entries()]
+        for entry in self.entries():
+            if not (0 <= entry.size <= MAX_FILE_BYTES and HEX64.fullmatch(entry.blake3)):
+                return f"{entry.path!r} has a size or hash out of range"
+            if problem := path_problem(entry.path):
+                return f"the path {entry.path!r} {problem}"
+        if len(set(paths)) != len(paths):
+            return "a path is listed twice"
+        return None
+
+    def entries(self) -> list["Shard | CopiedFile"]:
+        """Every file the manifest lists: weights, copied files, start-up caches."""
+        return [*self.shards, *self.files, *(e for entries in self.caches.values() for e in entries)]
+
+
+# A manifest is bounded before it is parsed: a 70B model at TP=8 with its caches lists a few thousand files.
+MAX_MANIFEST_BYTES = 64 * 2**20
+MAX_FILE_BYTES = 2**50
+HEX64 = re.compile(r"[0-9a-f]{64}")
+WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+# field: (types it may have, required); `type(value) in types`, so True is no int
+MANIFEST_FIELDS = {
+    "format": ((str,), True), "format_version": ((int,), True), "hash": ((str,), False),
+    "vllm_version": ((str,), True), "tensor_parallel_size": ((int,), True), "pipeline_parallel_size": ((int,), True),
+    "enable_expert_parallel": ((bool,), True), "file_pattern": ((str,), True), "dtype": ((str,), True),
+    "quantization": ((str, type(None)), True), "architecture": ((str,), True), "source": ((str,), True),
+    "created": ((str,), True), "shards": ((list,), True), "files": ((list,), True),
+    "online_quantization": ((bool,), False), "aliases": ((dict,), False), "nodes": ((int,), False),
+    "caches": ((dict,), False),
+}
+SHARD_FIELDS = {
+    "path": ((str,), True), "pp_rank": ((int,), True), "tp_rank": ((int,), True), "part": ((int,), True),
+    "size": ((int,), True), "blake3": ((str,), True), "header_blake3": ((str, type(None)), False),
+    "node": ((int,), False),
+}
+FILE_FIELDS = {"path": ((str,), True), "size": ((int,), True), "blake3": ((str,), True)}
+
+
+def fields_of(raw, spec: dict, where: Path, what: str) -> dict:
+    """`raw`, once it is a JSON object with exactly the fields of `spec`, each of its types."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: {what} is not a JSON object; save the checkpoint again")
+    for name, (types, required) in spec.items():
+        if name not in raw:
+            if required:
+                raise UserError(f"{where} lacks the field '{name}' in {what}; save the checkpoint again")
+        elif type(raw[name]) not in types:
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise UserError(f"{where}: '{name}' in {what} is {type(raw[name]).__name__}, not {kinds}; "
+                            "save the checkpoint again")
+    if unknown := sorted(set(raw) - set(spec)):
+        raise UserError(f"{where}: {what} has unknown fields {unknown[:5]}; save the checkpoint again, "
+                        "or upgrade presharded")
+    return raw
+
+
+def listed(value, where: Path, what: str) -> list:
+    if not isinstance(value, list):
+        raise UserError(f"{where}: {what} is not a list; save the checkpoint again")
+    return value
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` is not a plain relative path inside a folder, if it is not."""
+    parts = path.split("/")
+    if path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in path:
+        return "is not a plain relative path (no leading /, no . or .., no empty parts)"
+    return None
+
+
+def pattern_problem(pattern: str, tensor_parallel_size: int, pipeline_parallel_size: int) -> str | None:
+    """Why a file pattern cannot name every rank's plain files, if it cannot:
+    ranks would overwrite each other's files; vLLM's loader refuses {pp_rank}
+    without pipeline stages."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    except ValueError:
+        fields = {"?"}
+    if fields - {"rank", "tp_rank", "pp_rank", "part"}:
+        return f"may only use {{rank}} {{tp_rank}} {{pp_rank}} {{part}}, not {sorted(fields)}"
+    if any(c in render(pattern, pp_rank=0, tp_rank=0, part=0) for c in "/\\") or pattern.startswith("."):
+        return "must name a plain file in the checkpoint folder (no '/', no leading '.')"
+    if not pattern.endswith(".safetensors"):
+        return "must end in .safetensors"
+    if "part" not in fields:
+        return "must contain {part}"
+    if tensor_parallel_size > 1 and not fields & {"rank", "tp_rank"}:
+        return "must contain {rank} or {tp_rank} for tensor parallelism"
+    if (pipeline_parallel_size > 1) != ("pp_rank" in fields):
+        return "must contain {pp_rank} exactly when --pipeline-parallel-size > 1"
+    return None
 
 
 def read_manifest(folder: Path) -> Manifest | None:
-    """The folder's manifest, or None when it has none."""
+    """The folder's manifest, or None when it has none; every path it lists
+    resolves (symlinks too) to a place inside the folder."""
     path = folder / MANIFEST_NAME
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}); check its permissions or save again")
-    return Manifest.from_json(text, path)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); it must be a plain file: save the checkpoint again")
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path} is not a plain file; save the checkpoint again")
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UserError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, far more than any manifest; "
+                        "save the checkpoint again")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot read {path}: it is not UTF-8 text ({e.reason}); save the checkpoint again")
+    manifest = Manifest.from_json(text, path)
+    root = folder.resolve()
+    for entry in manifest.entries():
+        try:
+            inside = (folder / entry.path).resolve().is_relative_to(root)
+        except (OSError, RuntimeError):  # a symlink loop
+            inside = False
+        if not inside:
+            raise UserError(f"{folder / entry.path}, listed in {path}, leads out of the checkpoint (a symlink); "
+                            "a checkpoint holds its own files: copy them in, or save it again")
+    return manifest
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

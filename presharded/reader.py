@@ -36,6 +36,9 @@ def plan_file(path: Path, params: dict[str, torch.Tensor]) -> list[Segment]:
         if not param.is_contiguous():
             raise UserError(f"{name} is not contiguous in this model; load with --load-format sharded_state")
         begin, end = info["data_offsets"]
+        if end - begin != param.nbytes:
+            raise UserError(f"{path.name}: {name} holds {end - begin} bytes, its shape and dtype {param.nbytes}; "
+                            "copy it again, or save again")
         segments.append(Segment(data_start + begin, data_start + end, flat_bytes(param)))
     return sorted(segments, key=lambda s: s.start)
 

@@ -4,6 +4,7 @@ Written by hand (a small format) so bytes can stream between the GPU and the
 file through a few staging buffers."""
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,30 @@ def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on a tensor table
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's tensor table, and where its data begins."""
+    """A safetensors file's tensor table, and where its data begins; every
+    tensor's bytes lie inside the file."""
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = None
+        if 0 < length <= min(size - 8, MAX_HEADER):
+            try:
+                header = json.loads(f.read(length))
+            except (ValueError, RecursionError):
+                pass
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (no readable tensor table); copy it again, or save again")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= size - 8 - length):
+            raise UserError(f"{path}: {name}'s bytes do not lie inside the file; copy it again, or save again")
     return header, 8 + length
 
 

@@ -4,13 +4,12 @@ plain files that ranks cannot share."""
 
 import argparse
 import os
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 from presharded.errors import UserError
 from presharded.source import has_weights, is_checkpoint, resolve_model
-from presharded.manifest import default_pattern, read_manifest, render
+from presharded.manifest import default_pattern, pattern_problem, read_manifest
 
 SOURCE_FORMATS = ("auto", "safetensors", "hf", "pt", "npcache", "fastsafetensors", "mistral")
 
@@ -72,25 +71,5 @@ def check_output(source: Path, output: Path, *, replace: bool) -> None:
 
 
 def check_pattern(pattern: str, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
-    """A file pattern must name a plain file, and every rank that differs, or
-    ranks overwrite each other's files; vLLM's loader refuses {pp_rank}
-    without pipeline stages."""
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
-    except ValueError:
-        fields = {"?"}
-    problem = None
-    if fields - {"rank", "tp_rank", "pp_rank", "part"}:
-        problem = f"may only use {{rank}} {{tp_rank}} {{pp_rank}} {{part}}, not {sorted(fields)}"
-    elif any(c in render(pattern, pp_rank=0, tp_rank=0, part=0) for c in "/\\") or pattern.startswith("."):
-        problem = "must name a plain file in the checkpoint folder (no '/', no leading '.')"
-    elif not pattern.endswith(".safetensors"):
-        problem = "must end in .safetensors"
-    elif "part" not in fields:
-        problem = "must contain {part}"
-    elif tensor_parallel_size > 1 and not fields & {"rank", "tp_rank"}:
-        problem = "must contain {rank} or {tp_rank} for tensor parallelism"
-    elif (pipeline_parallel_size > 1) != ("pp_rank" in fields):
-        problem = "must contain {pp_rank} exactly when --pipeline-parallel-size > 1"
-    if problem:
+    if problem := pattern_problem(pattern, tensor_parallel_size, pipeline_parallel_size):
         raise UserError(f"--file-pattern {pattern!r} {problem}; or leave it out for vLLM's default")

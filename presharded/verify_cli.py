@@ -54,12 +54,14 @@ def main() -> None:
             raise UserError(f"--node-rank {args.node_rank}: {args.checkpoint} was saved by {saved.nodes} node(s), "
                             f"ranked 0 to {saved.nodes - 1}")
         node = Node(args.node_rank, saved.nodes)
-    manifest = check_checkpoint(args.checkpoint, verify_hashes=True, every_file=True, require_manifest=True,
-                                node=node)
+    manifest = check_checkpoint(args.checkpoint, verify_hashes=True, every_file=True, caches=True,
+                                require_manifest=True, node=node)
     shards = manifest.shards_of(node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size))
-    files = len(shards) + len(manifest.files)
-    result = {"checkpoint": str(args.checkpoint), "files": files, "hashes_match": True}
-    lines = [f"ok: {files} files in {args.checkpoint} match the manifest's sizes and hashes"]
+    cached = sum(len(entries) for entries in manifest.caches.values())
+    files = len(shards) + len(manifest.files) + cached
+    result = {"checkpoint": str(args.checkpoint), "files": files, "start_cache_files": cached, "hashes_match": True}
+    lines = [f"ok: {files} files in {args.checkpoint} ({cached} of them start-up caches) match the manifest's "
+             "sizes and hashes"]
     if args.source:
         # The same layout and dtype for both; the file pattern only concerns the checkpoint.
         layout = manifest.engine_defaults()

@@ -38,10 +38,11 @@ def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 30
                           capture_output=True, text=True, timeout=timeout)
 
 
-def refused(case: str, script: str, *args: str, within: float | None = 5.0, unchanged: Path | None = None,
+def refused(case: str | None, script: str, *args: str, within: float | None = 5.0, unchanged: Path | None = None,
             world_size: int = 1) -> str:
     """Run a bad input; assert exit 1, nothing on stdout, one `error:` line and
-    no traceback, in time, and that the folder `unchanged` is. Returns the line."""
+    no traceback, in time, and that the folder `unchanged` is. Returns the line,
+    kept for docs/refusals.md under `case` (if one is given)."""
     before = snapshot(unchanged) if unchanged else None
     start = time.perf_counter()
     proc = run_script(script, *args, world_size=world_size)
@@ -56,7 +57,8 @@ def refused(case: str, script: str, *args: str, within: float | None = 5.0, unch
     if within is not None:
         assert len(lines) == 1, proc.stderr[-3000:]
         assert elapsed < within, f"refused only after {elapsed:.1f} s"
-    REFUSALS[case] = lines[-1]
+    if case:
+        REFUSALS[case] = lines[-1]
     return lines[-1]
 
 
@@ -73,12 +75,16 @@ def pytest_sessionfinish(session, exitstatus):
         out.write_text("| bad input | what it prints |\n| --- | --- |\n" + "\n".join(rows) + "\n")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
 def serving(model: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[Callable[[str, str], dict]]:
     """vLLM's OpenAI server on `model`, up; yields complete(served name, prompt) -> the greedy choice."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *flags,
          "--host", "127.0.0.1", "--port", str(port)],
@@ -151,3 +157,32 @@ def checkpoints(tiny_model, tmp_path_factory):
         return cache[tp, pp]
 
     return checkpoint
+
+
+@pytest.fixture(scope="session")
+def files_only(tiny_model, tmp_path_factory) -> Path:
+    """A TP=2 checkpoint written without vLLM, for checks that only read files: each rank's
+    file holds one small tensor, beside the tiny model's config and tokenizer and a set of
+    start-up caches of one file (text, not compiled code)."""
+    import torch
+
+    from presharded.manifest import TP_PATTERN, CopiedFile, Manifest, write_manifest
+    from presharded.source import copy_model_files
+    from presharded.writer import write_rank
+
+    folder = tmp_path_factory.mktemp("files-only") / "ckpt"
+    folder.mkdir()
+    shards = [s for rank in range(2) for s in write_rank({"weight": torch.full((4,), float(rank))}, folder,
+                                                          pattern=TP_PATTERN, pp_rank=0, tp_rank=rank,
+                                                          max_file_size=None)]
+    kernel = folder / "start-caches" / "S" / "inductor" / "kernel.py"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_text("# compiled\n")
+    entry = lambda path: CopiedFile(path, (folder / path).stat().st_size, hash_file(folder / path))  # noqa: E731
+    write_manifest(folder, Manifest(
+        vllm_version="none", tensor_parallel_size=2, pipeline_parallel_size=1, enable_expert_parallel=False,
+        file_pattern=TP_PATTERN, dtype="bfloat16", quantization=None, architecture="LlamaForCausalLM",
+        source=str(tiny_model), created="2026-11-30T00:00:00+00:00", shards=shards,
+        files=[entry(f) for f in copy_model_files(tiny_model, folder)],
+        caches={"S": [entry(kernel.relative_to(folder).as_posix())]}))
+    return folder

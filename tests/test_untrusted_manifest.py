@@ -1,0 +1,160 @@
+"""A checkpoint is untrusted input: a manifest edited by someone else, written
+as an attacker would write it, is refused in one line by every reader (the
+load script, verify, inspect, presharded-caches), before anything is read
+through it or vLLM is imported; and by the fast loader under vLLM's server,
+where no script checked first. Bounded time, no traceback."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port, refused, run_script, script_env
+from presharded.manifest import MANIFEST_NAME, hash_file
+
+READERS = {
+    "load": ("load_sharded_state.py", "--model"),
+    "verify": ("presharded.verify_cli",),
+    "inspect": ("presharded.inspect_cli",),
+    "caches": ("presharded.caches_cli", "--env"),
+}
+SET = "start-caches/S"
+
+
+def edit(folder: Path, change) -> None:
+    path = folder / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+
+
+def outside(folder: Path) -> Path:
+    """A copy of the checkpoint's first weight file outside it: what an attacker points at."""
+    target = folder.parent / f"{folder.name}-outside"
+    target.mkdir(exist_ok=True)
+    shutil.copy(folder / "model-rank-0-part-0.safetensors", target)
+    return target
+
+
+def set_path(raw: dict, path: str) -> None:
+    raw["caches"]["S"][0]["path"] = path
+
+
+def link_weight_out(folder: Path) -> None:
+    target = outside(folder) / "model-rank-0-part-0.safetensors"
+    (folder / "model-rank-0-part-0.safetensors").unlink()
+    (folder / "model-rank-0-part-0.safetensors").symlink_to(target)
+
+
+def link_set_out(folder: Path) -> None:
+    target = outside(folder) / "S"
+    shutil.move(folder / SET, target)
+    (folder / SET).symlink_to(target, target_is_directory=True)
+
+
+def fifo_manifest(folder: Path) -> None:
+    (folder / MANIFEST_NAME).unlink()
+    os.mkfifo(folder / MANIFEST_NAME)
+
+
+def huge_manifest(folder: Path) -> None:
+    with open(folder / MANIFEST_NAME, "ab") as f:
+        f.write(b" " * (64 * 2**20))
+
+
+def pattern_out(raw: dict) -> None:
+    raw["file_pattern"] = "../{rank}-{part}.safetensors"
+    for s in raw["shards"]:
+        s["path"] = f"../{s['tp_rank']}-{s['part']}.safetensors"
+
+
+# case: (what it does to the checkpoint, a piece of the refusal)
+CASES = {
+    "a weight path that is absolute": (
+        lambda f: edit(f, lambda r: r["shards"][0].update(path=str(outside(f) / "model-rank-0-part-0.safetensors"))),
+        "is not the file_pattern's name"),
+    "a weight path that climbs out": (
+        lambda f: edit(f, lambda r: r["shards"][0].update(path="../x/model-rank-0-part-0.safetensors")),
+        "is not the file_pattern's name"),
+    "a weight file that is a symlink out": (link_weight_out, "leads out of the checkpoint"),
+    "a file pattern that climbs out": (lambda f: edit(f, pattern_out), "must name a plain file"),
+    "a copied file /etc/passwd": (
+        lambda f: edit(f, lambda r: r["files"].append({"path": "/etc/passwd", "size": 1, "blake3": "0" * 64})),
+        "is not a plain relative path"),
+    "a copied file that is a weight file": (
+        lambda f: edit(f, lambda r: r["files"].append({"path": "model-rank-0-part-1.safetensors", "size": 1,
+                                                       "blake3": "0" * 64})),
+        "is a weight file"),
+    "a start-up cache path that climbs out": (
+        lambda f: edit(f, lambda r: set_path(r, f"{SET}/inductor/../../../../escaped.py")),
+        "is not a plain relative path"),
+    "an absolute start-up cache path": (
+        lambda f: edit(f, lambda r: set_path(r, "/tmp/escaped.py")), "is not under start-caches/S/"),
+    "a start-up cache file beside the caches": (
+        lambda f: edit(f, lambda r: set_path(r, f"{SET}/model/x")), "is not under start-caches/S/"),
+    "a start-up cache folder that is a symlink out": (link_set_out, "leads out of the checkpoint"),
+    "a start-up cache set named with a path": (
+        lambda f: edit(f, lambda r: r["caches"].update({"../S": r["caches"].pop("S")})), "not a plain folder name"),
+    "tensor_parallel_size 10**30": (
+        lambda f: edit(f, lambda r: r.update(tensor_parallel_size=10**30)), "do not fit its 2 weight files"),
+    "tensor_parallel_size 0": (
+        lambda f: edit(f, lambda r: r.update(tensor_parallel_size=0)), "do not fit its 2 weight files"),
+    "a rank that is a string": (
+        lambda f: edit(f, lambda r: r["shards"][1].update(tp_rank="1")), "'tp_rank' in a weight file's entry is str"),
+    "a size that is true": (
+        lambda f: edit(f, lambda r: r["shards"][0].update(size=True)), "'size' in a weight file's entry is bool"),
+    "shards that are an object": (
+        lambda f: edit(f, lambda r: r.update(shards={})), "'shards' in the manifest is dict, not list"),
+    "a weight entry that is a list": (
+        lambda f: edit(f, lambda r: r["shards"].__setitem__(0, [1, 2])), "a weight file's entry is not a JSON object"),
+    "a rank outside the layout": (
+        lambda f: edit(f, lambda r: r["shards"][1].update(tp_rank=7)), "outside the layout"),
+    "a rank's parts 0 and 2": (
+        lambda f: edit(f, lambda r: r["shards"][1].update(tp_rank=0, part=2, path="model-rank-0-part-2.safetensors")),
+        "has parts [0, 2]"),
+    "nodes 0": (lambda f: edit(f, lambda r: r.update(nodes=0)), "nodes 0 is not between 1 and the 2 ranks"),
+    "an unknown field": (lambda f: edit(f, lambda r: r.update(run="rm -rf /")), "unknown fields ['run']"),
+    "a manifest nested 100000 deep": (
+        lambda f: (f / MANIFEST_NAME).write_text('{"format": "presharded", "format_version": 3, "x": '
+                                                 + "[" * 100000 + "]" * 100000 + "}"), "nested too deeply"),
+    "a manifest that is a named pipe": (fifo_manifest, "not a plain file"),
+    "a manifest of 64 MiB": (huge_manifest, "larger than 64 MiB"),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("case", CASES)
+def test_every_reader_refuses(files_only, tmp_path, case, reader):
+    ckpt = shutil.copytree(files_only, tmp_path / "ckpt", symlinks=True)
+    change, expected = CASES[case]
+    change(ckpt)
+    line = refused(f"manifest: {case}" if reader == "load" else None, *READERS[reader], str(ckpt))
+    assert expected in line, line
+    assert not (tmp_path / "escaped.py").exists() and not Path("/tmp/escaped.py").exists()
+
+
+def test_verify_checks_the_start_up_caches(files_only, tmp_path):
+    ckpt = shutil.copytree(files_only, tmp_path / "ckpt")
+    proc = run_script("presharded.verify_cli", str(ckpt))
+    assert proc.returncode == 0 and "(1 of them start-up caches)" in proc.stdout, proc.stderr
+    cached = ckpt / SET / "inductor" / "kernel.py"
+    cached.write_text(cached.read_text().replace("compiled", "replaced"))  # same size, other bytes
+    line = refused("a start-up cache file changed (verify)", "presharded.verify_cli", str(ckpt))
+    assert f"{cached} does not match its hash" in line
+
+
+def test_the_loader_under_vllms_server_refuses_a_path_that_leads_out(checkpoints, tmp_path):
+    """`vllm serve` with our loader: no script checked the checkpoint first."""
+    ckpt = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
+    link_weight_out(ckpt)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
+         "--load-format", "fast_sharded_state", "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=ROOT, env=dict(script_env(1), VLLM_CPU_KVCACHE_SPACE="1"), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines[-1].startswith("error: "), proc.stderr[-3000:]
+    assert "leads out of the checkpoint" in lines[-1]
