@@ -25,6 +25,7 @@ from presharded.errors import UserError, engine_refusals, exits_cleanly
 from presharded.formats import CHECKPOINT_FORMATS, SHARDED_STATE
 from presharded.lifetime import engine_dies_with_this_process
 from presharded.nodes import Node
+from presharded.trust import TRUST_ENV, TRUST_FLAG
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="The quick brown fox")
@@ -35,6 +36,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="hash every file against the manifest before loading")
     parser.add_argument("--no-start-caches", dest="start_caches", action="store_false",
                         help="start without the checkpoint's start-up caches (presharded-caches)")
+    parser.add_argument(TRUST_FLAG, dest="trust_start_caches", action="store_true",
+                        help="use the checkpoint's start-up caches though this user did not make them here: "
+                        f"they hold compiled code that will run (or {TRUST_ENV}=1)")
     parser.add_argument("--prefetch", action="store_true",
                         help="read this node's weights into the page cache while vLLM imports")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -93,7 +97,7 @@ def main() -> None:
     caches = start_caches.Use("none", Path(args.model), {})
     if args.start_caches and manifest is not None and node.count == 1:  # presharded/start_caches.py
         caches = start_caches.prepare(Path(args.model), manifest, args.tensor_parallel_size,
-                                      args.pipeline_parallel_size)
+                                      args.pipeline_parallel_size, args.trust_start_caches)
         start_caches.apply(caches)
         args.model = str(caches.model)
     with engine_refusals():

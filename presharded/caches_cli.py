@@ -32,22 +32,24 @@ from presharded.errors import UserError, exits_cleanly
 from presharded.load_checks import check_checkpoint
 from presharded.formats import FAST_FORMAT
 from presharded.manifest import Manifest, write_manifest
+from presharded.trust import TRUST_ENV, TRUST_FLAG, record
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def add_caches(checkpoint: Path, engine_flags: list[str], serve: bool = False) -> str:
+def add_caches(checkpoint: Path, engine_flags: list[str], serve: bool = False, trust: bool = False) -> str:
     """Start vLLM on `checkpoint` (the load script, or with `serve` vLLM's
-    server) and keep what it compiled, with the set it started from, as the
-    set for this machine; its name."""
+    server) and keep what it compiled, with the set it started from if that
+    may run, as the set for this machine; records that this user made it. Its name."""
     from presharded import start_caches
 
     manifest = check_checkpoint(checkpoint, require_manifest=True)
     name = start_caches.set_name(manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
     with start_caches.workspace_locked(manifest) as workspace:  # loads of this checkpoint here wait for it
         start_caches.empty_workspace(workspace, checkpoint)
-        if name in manifest.caches and start_caches.intact(checkpoint, manifest, name):
-            start_caches.put_in_place(workspace, checkpoint, manifest, name)  # a set grows: other flags, the server
+        if name in manifest.caches and start_caches.trusted(checkpoint, name, manifest.caches[name], trust,
+                                                            "it is replaced by what this start compiles"):
+            start_caches.put_in_place(workspace, checkpoint, name, manifest.caches[name])  # a set grows
         env = {**os.environ, **start_caches.engine_env(workspace)}
         what = "vLLM's server" if serve else "vLLM"
         print(f"starting {what} on {checkpoint} to fill the start-up caches {name}", file=sys.stderr, flush=True)
@@ -57,6 +59,10 @@ def add_caches(checkpoint: Path, engine_flags: list[str], serve: bool = False) -
             start_once(workspace / "model", engine_flags, env)
         manifest.caches[name] = start_caches.keep(workspace, checkpoint, manifest, name)
     write_manifest(checkpoint, manifest)
+    try:
+        record(name, manifest.caches[name], checkpoint)
+    except UserError as e:
+        print(f"warning: {e}; this set will need {TRUST_FLAG} to be used", file=sys.stderr)
     return name
 
 
@@ -143,13 +149,14 @@ def stop(server: subprocess.Popen, timeout: float = 60) -> None:
         server.kill()
 
 
-def serving_env(checkpoint: Path) -> str:
+def serving_env(checkpoint: Path, trust: bool = False) -> str:
     """`export` lines for a server started on $PRESHARDED_MODEL: the checkpoint
     through its caches' fixed place, or the checkpoint itself (with a warning) without a set."""
     from presharded import start_caches
 
     manifest = check_checkpoint(checkpoint, require_manifest=True)
-    use = start_caches.prepare(checkpoint, manifest, manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
+    use = start_caches.prepare(checkpoint, manifest, manifest.tensor_parallel_size, manifest.pipeline_parallel_size,
+                               trust)
     env = {**use.env, "PRESHARDED_MODEL": str(use.model.absolute())}
     return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items())
 
@@ -173,11 +180,14 @@ def main() -> None:
                         help="start vLLM's OpenAI server (what `vllm serve` compiles) instead of the load script")
     parser.add_argument("--env", action="store_true",
                         help="add nothing: put the matching set in place and print the shell lines to serve from it")
+    parser.add_argument(TRUST_FLAG, dest="trust", action="store_true",
+                        help=f"use the checkpoint's set though this user did not make it here (or {TRUST_ENV}=1): "
+                        "it holds compiled code that will run")
     args, engine_flags = parser.parse_known_args()
     if args.env:
-        print(serving_env(args.checkpoint))
+        print(serving_env(args.checkpoint, args.trust))
         return
-    name = add_caches(args.checkpoint, engine_flags, serve=args.serve)
+    name = add_caches(args.checkpoint, engine_flags, serve=args.serve, trust=args.trust)
     entries = check_checkpoint(args.checkpoint, require_manifest=True).caches[name]
     size = sum(e.size for e in entries)
     print(f"{args.checkpoint}: start-up caches {name} ({len(entries)} files, {size / 1e6:.1f} MB)")

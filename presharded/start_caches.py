@@ -5,10 +5,13 @@ starts on any machine of the same kind, wherever the checkpoint lives.
 vLLM's cache keys hash the model's path and compiled artifacts hold absolute
 paths, so a set is made and used at fixed paths: the caches under
 WORKSPACE/ID/{vllm,inductor,triton} and the model as the symlink
-WORKSPACE/ID/model to the checkpoint. A set is named by what the caches
-depend on (versions, device, layout); inside it vLLM's own hash folders tell
-the engine flags apart. A set that does not match is left unused: slower,
-never wrong."""
+WORKSPACE/ID/model to the checkpoint. WORKSPACE is this user's own
+(presharded/private.py): the same path on every machine for the same user.
+A set is named by what the caches depend on (versions, device, layout);
+inside it vLLM's own hash folders tell the engine flags apart. A set that
+does not match, is damaged or is not trusted (presharded/trust.py) is left
+unused: slower, never wrong. Its files are copied into the workspace and
+hashed there, so what runs is what was checked."""
 
 import fcntl
 import os
@@ -22,11 +25,13 @@ from pathlib import Path
 
 import blake3
 
-from presharded.manifest import MANIFEST_NAME, CopiedFile, Manifest, hash_file
+from presharded.errors import UserError
+from presharded.manifest import CACHE_KINDS, CACHES_DIR, MANIFEST_NAME, CopiedFile, Manifest, hash_file
+from presharded.private import private_folder
+from presharded.trust import TRUST_ENV, TRUST_FLAG, made_here, trusted_by_user
 
-CACHES_DIR = "start-caches"  # in the checkpoint: start-caches/SET/{vllm,inductor,triton}/...
-KINDS = {"vllm": "VLLM_CACHE_ROOT", "inductor": "TORCHINDUCTOR_CACHE_DIR", "triton": "TRITON_CACHE_DIR"}
-WORKSPACE = Path(tempfile.gettempdir()) / "presharded-start"
+KINDS = dict(zip(CACHE_KINDS, ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")))
+WORKSPACE = Path(tempfile.gettempdir()) / f"presharded-{os.getuid()}"
 
 
 def set_name(tensor_parallel_size: int, pipeline_parallel_size: int) -> str:
@@ -66,11 +71,15 @@ def engine_env(workspace: Path) -> dict[str, str]:
 def workspace_locked(manifest: Manifest) -> Iterator[Path]:
     """WORKSPACE/ID, for this process alone while it is being filled: starts of
     one checkpoint on one machine (a replica per GPU) share it."""
-    workspace = WORKSPACE / checkpoint_id(manifest)
-    workspace.parent.mkdir(parents=True, exist_ok=True)
-    with open(workspace.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    root = private_folder(WORKSPACE)
+    workspace = root / checkpoint_id(manifest)
+    fd = os.open(root / f"{workspace.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        workspace.mkdir(mode=0o700, exist_ok=True)
         yield workspace
+    finally:
+        os.close(fd)
 
 
 def link_model(workspace: Path, folder: Path) -> None:
@@ -136,8 +145,9 @@ class Use:
         return self.status
 
 
-def prepare(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, pipeline_parallel_size: int) -> Use:
-    """The matching set, checked and put in place; or a start without caches."""
+def prepare(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, pipeline_parallel_size: int,
+            trust: bool = False) -> Use:
+    """The matching set, trusted, checked and put in place; or a start without caches."""
     none = Use("none", folder, {})
     if manifest is None or not manifest.caches:
         return none
@@ -146,24 +156,28 @@ def prepare(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, 
         print(f"warning: {folder} has start-up caches for {', '.join(manifest.caches)}, none for {name}: "
               "starting without them", file=sys.stderr)
         return none
-    if not intact(folder, manifest, name):
+    if not trusted(folder, name, manifest.caches[name], trust, "starting without them"):
+        return Use("untrusted", folder, {})
+    try:
+        with workspace_locked(manifest) as workspace:
+            link_model(workspace, folder)
+            if not put_in_place(workspace, folder, name, manifest.caches[name]):
+                return none
+            before = frozenset(f"{k}/{f}" for k in KINDS for f in files_under(workspace / k))
+    except UserError as e:
+        print(f"warning: {e}; starting without the start-up caches", file=sys.stderr)
         return none
-    with workspace_locked(manifest) as workspace:
-        link_model(workspace, folder)
-        put_in_place(workspace, folder, manifest, name)
-        before = frozenset(f"{k}/{f}" for k in KINDS for f in files_under(workspace / k))
     return Use("none", workspace / "model", engine_env(workspace), workspace, before)
 
 
-def intact(folder: Path, manifest: Manifest, name: str) -> bool:
-    """Whether every file of the set `name` is as the manifest says; a warning if not."""
-    for entry in manifest.caches[name]:
-        path = folder / entry.path
-        if not matches(path, entry):
-            print(f"warning: {path} is missing or damaged (not as in {MANIFEST_NAME}): starting without the "
-                  f"start-up caches {name}", file=sys.stderr)
-            return False
-    return True
+def trusted(folder: Path, name: str, entries: list[CopiedFile], trust: bool, otherwise: str) -> bool:
+    """Whether the set may run: the user trusts it, or made it here; a warning if not."""
+    if trusted_by_user(trust) or made_here(name, entries):
+        return True
+    print(f"warning: the start-up caches {name} in {folder} hold compiled code that this user did not make "
+          f"on this machine: {otherwise}; if you trust whoever made them, pass {TRUST_FLAG} "
+          f"(or set {TRUST_ENV}=1)", file=sys.stderr)
+    return False
 
 
 def matches(path: Path, entry: CopiedFile) -> bool:
@@ -171,16 +185,28 @@ def matches(path: Path, entry: CopiedFile) -> bool:
     return path.is_file() and path.stat().st_size == entry.size and hash_file(path) == entry.blake3
 
 
-def put_in_place(workspace: Path, folder: Path, manifest: Manifest, name: str) -> None:
-    """The set's files in the workspace; what another start already put there stays: it may be running from it."""
-    for entry in manifest.caches[name]:
-        source = folder / entry.path
-        target = workspace / source.relative_to(folder / CACHES_DIR / name)
-        if not matches(target, entry):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.{os.getpid()}")
-            shutil.copy2(source, temporary)
-            os.replace(temporary, target)
+def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedFile]) -> bool:
+    """The set's files in the workspace, each copied there and checked there, where no one
+    else can change it; False (with a warning) if one is missing or damaged. What another
+    start already put there stays: it may be running from it."""
+    for entry in entries:
+        source, target = folder / entry.path, workspace / entry.path.removeprefix(f"{CACHES_DIR}/{name}/")
+        if matches(target, entry):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}")
+        try:
+            if source.stat().st_size == entry.size:
+                shutil.copyfile(source, temporary)
+        except OSError:
+            pass
+        if not matches(temporary, entry):
+            temporary.unlink(missing_ok=True)
+            print(f"warning: {source} is missing or damaged (not as in {MANIFEST_NAME}): starting without the "
+                  f"start-up caches {name}", file=sys.stderr)
+            return False
+        os.replace(temporary, target)
+    return True
 
 
 def apply(use: Use) -> None:

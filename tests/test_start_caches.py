@@ -4,17 +4,21 @@ empty caches of its own (vLLM's CPU build compiles with Inductor), shared by
 starts at the same time, left unused with a warning when damaged."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from conftest import PROMPT, ROOT, run_script, script_env, serving
-from presharded.manifest import read_manifest
 from presharded import start_caches
-from presharded.start_caches import CACHES_DIR, KINDS, WORKSPACE, checkpoint_id, files_under
+from presharded.load_checks import check_checkpoint
+from presharded.manifest import CACHES_DIR, hash_file, read_manifest, write_manifest
+from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, files_under
+from presharded.trust import TRUST_ENV, TRUST_FLAG
 
 
 def user_caches(tmp_path, name: str = "user-caches") -> dict[str, str]:
@@ -68,6 +72,7 @@ def test_a_damaged_set_is_left_unused(cached, tmp_path):
     shutil.copytree(cached, damaged)
     entry = read_manifest(damaged).caches.popitem()[1][0]
     (damaged / entry.path).write_bytes(b"not what was compiled")
+    shutil.rmtree(WORKSPACE / checkpoint_id(read_manifest(damaged)), ignore_errors=True)  # a new node
     out, stderr = start(damaged, tmp_path)
     reference, _ = start(cached, tmp_path, "--no-start-caches")
     assert out["caches"] == "none" and out["token_ids"] == reference["token_ids"]
@@ -145,8 +150,128 @@ def test_a_kill_while_a_set_is_copied_leaves_the_old_set(cached, tmp_path, monke
     with pytest.raises(OSError, match="killed"):
         start_caches.keep(workspace, checkpoint, manifest, name)
     monkeypatch.undo()
-    assert start_caches.intact(checkpoint, read_manifest(checkpoint), name)
+    check_checkpoint(checkpoint, verify_hashes=True, caches=True)  # the set the manifest lists, intact
     assert [p.name for p in (checkpoint / CACHES_DIR).iterdir() if p.name.startswith(".")] != []  # verify names it
     manifest.caches[name] = start_caches.keep(workspace, checkpoint, manifest, name)
     assert f"{CACHES_DIR}/{name}/vllm/compiled-later.bin" in {e.path for e in manifest.caches[name]}
-    assert start_caches.intact(checkpoint, manifest, name)
+    write_manifest(checkpoint, manifest)
+    check_checkpoint(checkpoint, verify_hashes=True, caches=True)
+
+
+def planted(cached: Path, folder: Path, marker: Path) -> Path:
+    """A copy whose set someone else edited, as an attacker who can write the checkpoint
+    would: each compiled Python file first creates `marker`; the manifest's hashes match."""
+    ckpt = shutil.copytree(cached, folder)
+    manifest = read_manifest(ckpt)
+    edited = [e for entries in manifest.caches.values() for e in entries if e.path.endswith(".py")]
+    assert edited, "the set holds no Python file to plant code in"
+    for entry in edited:
+        path = ckpt / entry.path
+        path.write_text(f"open({str(marker)!r}, 'w').close()\n" + path.read_text())
+        entry.size, entry.blake3 = path.stat().st_size, hash_file(path)
+    write_manifest(ckpt, manifest)
+    return ckpt
+
+
+def test_a_set_someone_else_edited_runs_only_when_trusted(cached, tmp_path):
+    marker = tmp_path / "planted-code-ran"
+    ckpt = planted(cached, tmp_path / "planted", marker)
+    out, stderr = start(ckpt, tmp_path)
+    reference, _ = start(cached, tmp_path, "--no-start-caches")
+    assert out["caches"] == "untrusted" and out["token_ids"] == reference["token_ids"]
+    assert not marker.exists()
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "did not make" in warnings[0] and TRUST_FLAG in warnings[0], warnings
+    out, _ = start(ckpt, tmp_path, TRUST_FLAG)
+    assert out["caches"] == "hit" and marker.exists()  # trusted, the planted code runs: the check above means something
+
+
+def test_vllm_serve_uses_a_set_it_did_not_make_only_when_told(cached, tmp_path):
+    ckpt = planted(cached, tmp_path / "planted", tmp_path / "planted-code-ran")
+    exported = {}
+    for trust in ("", "1"):
+        proc = run_script("presharded.caches_cli", "--env", str(ckpt), env={TRUST_ENV: trust})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        exported[trust] = dict(line.removeprefix("export ").split("=", 1) for line in proc.stdout.splitlines())
+    assert exported[""] == {"PRESHARDED_MODEL": str(ckpt)}  # the checkpoint itself, no caches
+    assert exported["1"]["PRESHARDED_MODEL"] == str(WORKSPACE / checkpoint_id(read_manifest(ckpt)) / "model")
+    assert set(KINDS.values()) <= set(exported["1"])
+
+
+# Another user on the same machine: CI runs as root, and `setpriv` acts as others.
+ATTACKER, NON_ROOT = 65534, 65533
+as_root_only = pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"),
+                                  reason="acting as other users needs root and setpriv")
+
+
+def as_user(uid: int, *cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`cmd` as user `uid`, who may read and search every folder (CAP_DAC_READ_SEARCH, to reach
+    this Python under a private home) but owns nothing and writes only where anyone may."""
+    setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+               "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    return subprocess.run([*setpriv, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder like /tmp (root's, sticky, writable by all), given as TMPDIR: where workspaces go."""
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="presharded-test-"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def take_first(shared_tmp: Path, victim: int, attacker: int, ckpt: Path, victim_file: Path) -> Path:
+    """What another user could do before the victim's first start: make the victim's workspace
+    (writable by all) with the lock a symlink to a file of the victim's, the model a link to other
+    weights and compiled code of their own in the caches."""
+    workspace = shared_tmp / f"presharded-{victim}" / checkpoint_id(read_manifest(ckpt))
+    script = (f'mkdir -m 777 "{workspace.parent}" "{workspace}" && ln -s "{victim_file}" "{workspace}.lock" '
+              f'&& ln -s /nonexistent/other-weights "{workspace}/model"')
+    proc = as_user(attacker, "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    name = next(iter(read_manifest(ckpt).caches))
+    shutil.copytree(ckpt / CACHES_DIR / name / "inductor", workspace / "inductor")  # as if the attacker had
+    subprocess.run(["chown", "-R", f"{attacker}:{attacker}", str(workspace / "inductor")], check=True)
+    return workspace
+
+
+@as_root_only
+def test_a_workspace_another_user_made_first_is_not_used(cached, tmp_path, shared_tmp):
+    marker = tmp_path / "planted-code-ran"
+    evil = planted(cached, shared_tmp / "evil", marker)
+    victim_file = tmp_path / "victims-file"
+    victim_file.write_text("precious")
+    take_first(shared_tmp, os.getuid(), ATTACKER, evil, victim_file)
+    out, stderr = start(cached, tmp_path, env={"TMPDIR": str(shared_tmp)})
+    reference, _ = start(cached, tmp_path, "--no-start-caches")
+    assert out["caches"] == "none" and out["token_ids"] == reference["token_ids"]
+    assert not marker.exists() and victim_file.read_text() == "precious"
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"belongs to uid {ATTACKER}" in warnings[0], warnings
+
+
+@as_root_only
+def test_a_user_who_is_not_root_starts_from_the_caches(cached, tmp_path, shared_tmp):
+    """The same attack on a user who is not root, then that user's own start: a check that
+    refused every user but root would fail here."""
+    ckpt = shutil.copytree(cached, shared_tmp / "ckpt")
+    home = shared_tmp / "home"
+    home.mkdir(mode=0o700)
+    os.chown(home, NON_ROOT, NON_ROOT)
+    reference, _ = start(cached, tmp_path, "--no-start-caches")
+    results = {}
+    for attacked in (True, False):
+        tmp = shared_tmp / f"tmp-{attacked}"
+        tmp.mkdir(mode=0o1777)
+        tmp.chmod(0o1777)
+        if attacked:
+            take_first(tmp, NON_ROOT, ATTACKER, ckpt, home / "victims-file")
+        env = {**script_env(1), "HOME": str(home), "TMPDIR": str(tmp), **user_caches(home)}
+        proc = as_user(NON_ROOT, sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(ckpt),
+                       "--prompt", PROMPT, "--max-tokens", "24", "--json", TRUST_FLAG, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[attacked] = (json.loads(proc.stdout), proc.stderr)
+    assert results[True][0]["caches"] == "none" and f"belongs to uid {ATTACKER}" in results[True][1]
+    assert results[False][0]["caches"] == "hit"
+    assert results[True][0]["token_ids"] == results[False][0]["token_ids"] == reference["token_ids"]
