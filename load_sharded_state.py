@@ -23,8 +23,8 @@ from presharded.load_checks import check_checkpoint, saved_layout
 from presharded.cli import apply_engine_defaults, early_parse, fill_unset, full_parse
 from presharded.errors import UserError, engine_refusals, exits_cleanly
 from presharded.formats import CHECKPOINT_FORMATS, SHARDED_STATE
-from presharded.lifetime import engine_dies_with_this_process
-from presharded.nodes import Node
+from presharded.lifetime import engine_dies_with_this_process, fail
+from presharded.nodes import Liveness, Node
 from presharded.trust import TRUST_ENV, TRUST_FLAG
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +63,7 @@ def main() -> None:
     check_sampling(early)
     load_format = early.load_format or SHARDED_STATE
     node = Node.from_args(early)  # one of several machines (--nnodes): presharded/nodes.py
+    nodes = Liveness(node, "the load", fail) if node.count > 1 else None  # a node that dies ends the others
     layout, manifest = {}, None
     if load_format in CHECKPOINT_FORMATS:
         manifest = check_checkpoint(  # of the ranks this node runs
@@ -91,7 +92,7 @@ def main() -> None:
     engine_dies_with_this_process()
     if not node.is_driver:  # this node's workers serve the driver's engine until it ends
         with engine_refusals():
-            run_workers(EngineArgs.from_cli_args(args), node.wait_for_driver)
+            run_workers(EngineArgs.from_cli_args(args), nodes.wait_for_driver)
         print(f"{node}: the driver's engine has ended", file=sys.stderr)
         return
     caches = start_caches.Use("none", Path(args.model), {})
@@ -110,6 +111,8 @@ def main() -> None:
     except REQUEST_ERRORS as e:  # vLLM checks the prompt against the context here, before generating
         raise UserError(f"{str(e).splitlines()[0]} (--prompt, --max-tokens, --max-model-len)") from None
     t_generate = time.perf_counter()
+    if nodes:
+        nodes.finish()
     caches.settle()  # whether the start, first request included, compiled anything
 
     seconds = {

@@ -25,9 +25,9 @@ from presharded.caches_cli import after_save
 from presharded.cli import apply_engine_defaults, early_parse, full_parse, parse_size, positive_size
 from presharded.errors import engine_refusals, exits_cleanly
 from presharded.handoff import SAVE_FORMAT, SAVE_RECORDS, RankRecord, SaveRequest, check_records
-from presharded.lifetime import engine_dies_with_this_process, interrupted
+from presharded.lifetime import engine_dies_with_this_process, fail, interrupted
 from presharded.manifest import CopiedFile, Manifest, hash_file, write_manifest
-from presharded.nodes import Node, finish_other_node, take_shared_files
+from presharded.nodes import Liveness, Node, finish_other_node, take_shared_files
 from presharded.save_checks import SaveTarget, check_save
 from presharded.source import copy_model_files
 from presharded.staging import output_locked, publish, staging_for
@@ -55,6 +55,7 @@ def main() -> None:
     early = early_parse(sys.argv[1:], add_flags, __doc__)
     target = check_save(early)
     node = Node.from_args(early)  # one of several machines (--nnodes): presharded/nodes.py
+    nodes = Liveness(node, "the save", fail) if node.count > 1 else None  # a node that dies ends the others
     with output_locked(target.output, node.rank):  # a second save to the same output is refused here
         from vllm import LLM, EngineArgs
 
@@ -73,7 +74,7 @@ def main() -> None:
             engine_args.worker_extension_cls = SAVE_RECORDS  # the script asks the workers what they wrote
             if not node.is_driver:  # this node's workers only; the driver writes the manifest
                 with engine_refusals():
-                    run_workers(engine_args, node.wait_for_driver)
+                    run_workers(engine_args, nodes.wait_for_driver)
                 manifest = finish_other_node(staging, target.source, node)
             else:
                 with engine_refusals():
@@ -91,6 +92,8 @@ def main() -> None:
                 raise KeyboardInterrupt
             if manifest is not None:
                 publish(staging, target.output)
+        if nodes and node.is_driver:
+            nodes.finish()  # the other nodes publish their files now
         t_saved = time.perf_counter()
         caches = None
         if node.is_driver and node.count == 1 and (args.start_caches or (args.start_caches is None and not is_cpu())):

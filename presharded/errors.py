@@ -11,12 +11,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from presharded.lifetime import interrupted, on_stuck_interrupt
+from presharded.lifetime import REFUSAL_ENV, failure, interrupted, on_stuck_interrupt, watched
 
 T = TypeVar("T")
 
@@ -37,6 +38,9 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
             sys.stdout.flush()
             os._exit(1)  # now: a running engine's shutdown would log after our line
         except BaseException as e:
+            if reason := failure(wait=True):  # another thread ended the script (presharded/lifetime.py)
+                print(f"error: {reason}", file=sys.stderr, flush=True)
+                os._exit(1)
             if isinstance(e, KeyboardInterrupt) or interrupted():  # vLLM may turn it into an error of its own
                 print("interrupted", file=sys.stderr)
                 sys.exit(130)
@@ -45,7 +49,6 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
     return wrapper
 
 
-REFUSAL_ENV = "PRESHARDED_REFUSAL"  # where code inside vLLM's engine writes why it refused
 
 
 def refuses(method: Callable[..., T]) -> Callable[..., T]:
@@ -70,7 +73,9 @@ def refuses(method: Callable[..., T]) -> Callable[..., T]:
 def engine_refusals() -> Iterator[None]:
     """Around starting vLLM's engine: a refusal raised inside it ends the script
     with its own one line. From the moment one is written, what the engine
-    prints (vLLM's tracebacks of it) goes to a log file, not the terminal."""
+    prints (vLLM's tracebacks of it) goes to a log file, not the terminal.
+    Across several nodes the engine's output is held back 2 s first: vLLM
+    sees a dead node's sockets close a moment before our watcher names it."""
     note = Path(tempfile.mkdtemp(prefix="presharded-")) / "refusal"
     log = note.parent / "engine.log"
     os.environ[REFUSAL_ENV] = str(note)
@@ -79,17 +84,33 @@ def engine_refusals() -> Iterator[None]:
     os.dup2(write_end, 2)  # the engine's processes inherit it
     os.close(write_end)
     on_stuck_interrupt(lambda: os.dup2(terminal, 2))  # so that `interrupted` reaches the terminal
+    hold = 2.0 if watched() else 0.0
+    held: deque[tuple[float, bytes]] = deque()
+    lock = threading.Lock()
+
+    def release(everything: bool = False) -> None:
+        with lock:
+            diverted = note.exists()
+            while held and (everything or diverted or time.monotonic() - held[0][0] >= hold):
+                chunk = held.popleft()[1]
+                if diverted:
+                    with open(log, "ab") as f:
+                        f.write(chunk)
+                else:
+                    os.write(terminal, chunk)
 
     def forward() -> None:
-        while chunk := os.read(read_end, 65536):
-            if note.exists():
-                with open(log, "ab") as diverted:
-                    diverted.write(chunk)
-            else:
-                os.write(terminal, chunk)
+        while True:
+            if select.select([read_end], [], [], 0.2)[0]:
+                if not (chunk := os.read(read_end, 65536)):
+                    break
+                with lock:
+                    held.append((time.monotonic(), chunk))
+            release()
+        release(everything=True)
 
-    forwarder = threading.Thread(target=forward, daemon=True)
-    forwarder.start()
+    threading.Thread(target=forward, daemon=True).start()
+    atexit.register(release, everything=True)
     try:
         yield
     except Exception:
@@ -98,9 +119,10 @@ def engine_refusals() -> Iterator[None]:
         _drained(read_end)  # the engine's last words, before ours
         if note.exists() and (reasons := note.read_text().splitlines()):
             raise UserError(reasons[0]) from None
+        release(everything=True)
         raise
-    else:
-        shutil.rmtree(note.parent, ignore_errors=True)  # no refusal: nothing to keep
+    else:  # the note stays while the engine runs: a node lost later diverts its output too
+        atexit.register(shutil.rmtree, note.parent, ignore_errors=True)
     finally:
         sys.stderr.flush()
         os.dup2(terminal, 2)  # the engine keeps the pipe; the forwarder serves it while it runs

@@ -1,6 +1,8 @@
 """vLLM's engine and workers end with the script that started them: on
 Ctrl-C at once, and after kill -9 too (on a GPU they hold its memory
-otherwise). A Ctrl-C is never lost, even where Python drops it."""
+otherwise). A Ctrl-C is never lost, even where Python drops it. Another
+thread can end the script the same way with an `error:` line (`fail`): a
+node of several that stopped answering, say."""
 
 import os
 import select
@@ -12,25 +14,69 @@ import time
 from collections.abc import Callable
 
 ENV = "PRESHARDED_ENGINE_OF"  # every process under one of our scripts carries the script's pid
+REFUSAL_ENV = "PRESHARDED_REFUSAL"  # where code inside vLLM's engine writes why it refused (presharded/errors.py)
 _interrupted = threading.Event()
 _cleanups: list[Callable[[], None]] = []
+_failure: list[str] = []  # why another thread ended the script
+_failed = threading.Event()
+_watched: list[float] = []  # a watcher may yet call `fail`: how long to wait for its word
+_ending = threading.Event()  # the main thread is ending the script: signal it no more
+_guard: list[int] = []
 
 
 def engine_dies_with_this_process() -> None:
     """Call before vLLM starts any process. A small guard process waits for
-    this one to end, however it ends, then kills every process that carries
-    its mark; Ctrl-C ends them at once, then raises KeyboardInterrupt."""
+    this one to end, however it ends, then kills every process it started;
+    Ctrl-C ends them at once, then raises KeyboardInterrupt."""
     os.environ[ENV] = str(os.getpid())
-    subprocess.Popen([sys.executable, "-m", "presharded.lifetime", str(os.getpid())], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    guard = subprocess.Popen([sys.executable, "-m", "presharded.lifetime", str(os.getpid())], start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _guard.append(guard.pid)
 
     def interrupt(signum, frame) -> None:
         _interrupted.set()
-        end_marked(os.getpid())
+        end_started(os.getpid(), spare=_guard)
         threading.Thread(target=_exit_if_stuck, daemon=True).start()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
+
+
+def fail(reason: str) -> None:
+    """From any thread: end the engine and the script as Ctrl-C does, but with
+    `error: reason` and exit 1 (presharded/errors.py prints it)."""
+    if _failure or _interrupted.is_set():  # the first word stands; after a Ctrl-C, the user's
+        return
+    _failure.append(reason)
+    if path := os.environ.get(REFUSAL_ENV):  # the engine's last words go to its log, not the terminal
+        try:
+            with open(path, "a") as f:
+                f.write(f"{reason}\n")
+        except OSError:
+            pass
+    _failed.set()
+    if not _ending.is_set():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def watched_by(seconds: float) -> None:
+    """A watcher that may call `fail` runs: when the engine fails first (vLLM sees a
+    dead peer's sockets close before we do), wait this long for its word (`failure`)."""
+    _watched.append(seconds)
+
+
+def watched() -> bool:
+    return bool(_watched)
+
+
+def failure(wait: bool = False) -> str | None:
+    """Why another thread ended the script, if it did; with `wait`, the main thread
+    is ending the script and waits for a watcher's word first."""
+    if wait:
+        _ending.set()
+        if _watched and not _interrupted.is_set():
+            _failed.wait(max(_watched))
+    return _failure[0] if _failure else None
 
 
 def on_stuck_interrupt(cleanup: Callable[[], None]) -> None:
@@ -43,8 +89,8 @@ def _exit_if_stuck(grace: float = 3.0) -> None:
     time.sleep(grace)  # the main thread has had its chance to unwind and exit
     for cleanup in _cleanups:
         cleanup()
-    print("interrupted", file=sys.stderr, flush=True)
-    os._exit(130)
+    print(f"error: {failure()}" if failure() else "interrupted", file=sys.stderr, flush=True)
+    os._exit(1 if failure() else 130)
 
 
 def interrupted() -> bool:
@@ -54,27 +100,59 @@ def interrupted() -> bool:
     return _interrupted.is_set()
 
 
-def end_marked(pid: int) -> None:
-    """Kill every process that carries `pid`'s mark, but the caller."""
+def end_started(pid: int, spare: list[int] = ()) -> None:
+    """Kill every process `pid` started (forked ones too) and every process that carries its mark, but `spare`."""
+    end([*descendants(pid), *marked(pid)], spare)
+
+
+def descendants(pid: int) -> list:
     import psutil
 
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def marked(pid: int) -> list:
+    """Processes whose environment, as they were started, carries `pid`'s mark
+    (a forked process shows its parent's first environment: see `guard`)."""
+    import psutil
+
+    found = []
     for proc in psutil.process_iter():
         try:
-            if proc.pid != os.getpid() and proc.environ().get(ENV) == str(pid):
-                proc.kill()
+            if proc.environ().get(ENV) == str(pid):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def end(procs: list, spare: list[int] = ()) -> None:
+    import psutil
+
+    for proc in procs:
+        try:
+            if proc.pid != os.getpid() and proc.pid not in spare:
+                proc.kill()  # psutil checks that the pid is still this process, not a new one
         except psutil.Error:
             pass
 
 
-def guard(pid: int) -> None:
-    """Wait for process `pid` to end, then end what it started."""
+def guard(pid: int, every: float = 0.5) -> None:
+    """Wait for process `pid` to end, then end what it started. vLLM forks its
+    engine and workers, and a forked process never shows the mark where we can
+    read it (/proc/PID/environ is the environment it was exec'd with), and
+    loses its parent when `pid` dies: so its processes are noted while it runs."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        pass
-    else:
-        select.select([fd], [], [])
-    end_marked(pid)
+        fd = None
+    seen = {}
+    while fd is not None and not select.select([fd], [], [], every)[0]:
+        seen.update((p.pid, p) for p in descendants(pid))
+    end([*seen.values(), *marked(pid)])
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
 """One model over several machines with vLLM's multiprocessing executor
 (--nnodes, --node-rank, --master-addr, --master-port): which ranks each node
-runs, how a node that is not the driver knows the driver is done, and where
-each node's files end up. No torch or vLLM here: the scripts check a node's
-ranks before importing them."""
+runs, how the nodes know that the others are alive and that the driver is
+done, and where each node's files end up. No torch or vLLM here: the
+scripts check a node's ranks before importing them."""
 
 import argparse
+import select
 import shutil
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from presharded.errors import UserError
+from presharded.lifetime import watched_by
 from presharded.manifest import hash_file, read_manifest
 from presharded.source import copy_model_files
 
@@ -51,16 +55,150 @@ class Node:
         except OSError:
             return False
 
-    def wait_for_driver(self, failed, poll: float = 1.0) -> None:
-        """Until the driver's engine has come and gone, or `failed()`: vLLM's
-        workers on other nodes outlive the driver, so the node watches it."""
-        seen = False
-        while not failed():
-            listening = self.driver_listening()
-            if seen and not listening:
-                return
-            seen |= listening
-            time.sleep(poll)
+
+BEAT = 0.25  # seconds between a node's signs of life
+SILENT = 10.0  # seconds without one: that node is gone
+JOIN = 300.0  # seconds the nodes may take to reach each other
+
+
+class Liveness:
+    """The nodes of one engine watch each other, so that when one dies the
+    others end within seconds instead of waiting on it for minutes. From
+    its start, each node's script holds a connection to the driver's script
+    (on --master-port + 1) and both send a byte every BEAT: a connection that
+    closes (its script died) or falls silent (its machine died) ends the
+    other side through `on_loss`, until the driver has said the work is done."""
+
+    def __init__(self, node: Node, work: str, on_loss: Callable[[str], None]) -> None:
+        self.node, self.work, self.on_loss = node, work, on_loss
+        self.done = threading.Event()  # the driver said the work is complete, and every node heard it
+        self._finish = threading.Event()
+        self.port = node.master_port + 1
+        self._server = None
+        if node.is_driver:
+            try:
+                self._server = socket.create_server(("", self.port))
+            except OSError as e:
+                raise UserError(f"cannot listen on port {self.port} (--master-port + 1: {e.strerror}), where the "
+                                "nodes watch each other; choose another --master-port")
+        watched_by(SILENT + 4 * BEAT)
+        threading.Thread(target=self._watch, daemon=True, name="presharded-liveness").start()
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """The driver's work is complete: tell the other nodes, and wait until they heard it."""
+        self._finish.set()
+        self.done.wait(timeout)
+
+    def wait_for_driver(self, failed: Callable[[], bool]) -> None:
+        """On a node that is not the driver: until the driver has said it is done
+        and its engine has gone; a failure here ends this node (`on_loss`)."""
+        while not (self.done.is_set() and not self.node.driver_listening()):
+            if failed():
+                self.on_loss(f"{self.node}: a worker of this node died during {self.work}; see the messages above")
+            time.sleep(BEAT)
+
+    def _lost(self, reason: str) -> None:
+        if not (self.done.is_set() or self._finish.is_set()):
+            self.on_loss(reason)
+
+    def _watch(self) -> None:
+        try:
+            if self.node.is_driver:
+                self._serve()
+            else:
+                self._follow()
+        except Exception as e:  # a watcher must not die quietly: say why, end the run
+            self._lost(f"{self.node}: watching the other nodes failed ({e}); start every node again")
+
+    def _follow(self) -> None:
+        """A node that is not the driver: reach it, then beat until it says done."""
+        deadline = time.monotonic() + JOIN
+        while True:
+            try:
+                link = socket.create_connection((self.node.master_addr, self.port), timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    return self._lost(f"{self.node}: the driver (node 0) did not answer at "
+                                      f"{self.node.master_addr}:{self.port} within {JOIN:.0f} s; start it with "
+                                      "--node-rank 0 and the same --master-addr and --master-port")
+                time.sleep(BEAT)
+        link.sendall(f"{self.node.rank}\n".encode())
+        heard = time.monotonic()
+        while True:
+            if select.select([link], [], [], BEAT)[0]:
+                data = receive(link)
+                if not data:
+                    return self._lost(f"{self.node}: node 0, the driver ({self.node.master_addr}), ended before "
+                                      f"{self.work} was complete; see its error, and start every node again")
+                heard = time.monotonic()
+                if b"D" in data:
+                    link.sendall(b"A")
+                    self.done.set()
+                    return
+            if time.monotonic() - heard > SILENT:
+                return self._lost(f"{self.node}: node 0, the driver ({self.node.master_addr}), stopped answering "
+                                  f"during {self.work} (nothing for {SILENT:.0f} s); start every node again")
+            try:
+                link.sendall(b".")
+            except OSError:
+                pass  # its end shows as a closed connection above
+
+    def _serve(self) -> None:
+        """The driver: every other node connects; each must keep beating until it has heard done."""
+        links: dict[socket.socket, int | None] = {}
+        heard: dict[int, float] = {}
+        acked: set[int] = set()
+        others = set(range(1, self.node.count))
+        deadline = time.monotonic() + JOIN
+        while acked != others:
+            readable = select.select([self._server, *links], [], [], BEAT)[0]
+            now = time.monotonic()
+            for conn in readable:
+                if conn is self._server:
+                    links[self._server.accept()[0]] = None
+                    continue
+                data = receive(conn)
+                rank = links[conn]
+                if rank is None:  # its first line names its node
+                    rank = int(data.split(b"\n")[0]) if data.split(b"\n")[0].isdigit() else -1
+                    if rank not in others or rank in heard:
+                        conn.close()
+                        del links[conn]
+                        continue
+                    links[conn] = rank
+                elif not data and rank in acked:  # it heard done and went
+                    del links[conn]
+                    continue
+                elif not data:
+                    return self._lost(f"node {rank} of {self.node.count} ended during {self.work} (its script is "
+                                      "gone); see its error, and start every node again")
+                heard[rank] = now
+                if b"A" in data:
+                    acked.add(rank)
+            for rank in others - acked:
+                if rank in heard and now - heard[rank] > SILENT:
+                    return self._lost(f"node {rank} of {self.node.count} stopped answering during {self.work} "
+                                      f"(nothing from it for {SILENT:.0f} s); see its error, and start every "
+                                      "node again")
+                if rank not in heard and now > deadline:
+                    return self._lost(f"node {rank} of {self.node.count} did not join within {JOIN:.0f} s; start it "
+                                      "with the same --master-addr and --master-port")
+            for conn, rank in list(links.items()):
+                if rank is not None and rank not in acked:
+                    try:
+                        conn.sendall(b"D" if self._finish.is_set() else b".")
+                    except OSError:
+                        pass  # its end shows as a closed connection above
+        self.done.set()
+
+
+def receive(conn: socket.socket) -> bytes:
+    """What came; b"" once the other side is gone (closed, or reset: it died with bytes unread)."""
+    try:
+        return conn.recv(64)
+    except OSError:
+        return b""
 
 
 def take_shared_files(records, staging: Path) -> set[int]:

@@ -5,14 +5,16 @@ path in a mount namespace of its own (`unshare`)."""
 
 import json
 import shutil
-import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import PROMPT, ROOT, refused, run_script, script_env
+from conftest import PROMPT, ROOT, free_port, refused, run_script, script_env
 from presharded.manifest import read_manifest
 
 
@@ -20,10 +22,6 @@ def own_disks_possible() -> bool:
     return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def on_two_nodes(script: str, *args: str, disks: tuple[Path, Path] | None = None, mount: Path | None = None,
@@ -123,3 +121,73 @@ def test_shared_folder_pipeline_stages(tiny_model, tmp_path, reference_tokens):
     driver, _ = on_two_nodes("load_sharded_state.py", "--model", str(output), "--prompt", PROMPT,
                              "--max-tokens", "24", "--json", "--load-format", "fast_sharded_state")
     assert tokens(driver) == reference_tokens(pp=2)
+
+
+def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple[list[subprocess.CompletedProcess], float]:
+    """Both nodes of one engine; once both run their vLLM workers (the engine is starting),
+    `sig` to node `node`'s script. Returns both results (node 0, node 1) and the seconds from
+    the signal to the other node's end; asserts that nothing either node started is left."""
+    port = str(free_port())
+    procs = {}
+    for n in (1, 0):
+        cmd = [sys.executable, str(ROOT / script), *args, "--nnodes", "2", "--node-rank", str(n),
+               "--master-addr", "127.0.0.1", "--master-port", port]
+        procs[n] = subprocess.Popen(cmd, cwd=ROOT, env=script_env(world_size=2), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+    started: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + 300
+    while not all(any("Worker" in " ".join(p.cmdline()) for p in tree(procs[n]) if p.is_running()) for n in procs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), "no workers came"
+        started.update((p.pid, p) for n in procs for p in tree(procs[n]))
+        time.sleep(0.2)
+    started.update((p.pid, p) for n in procs for p in tree(procs[n]))
+    time.sleep(2)
+    procs[node].send_signal(sig)
+    signalled = time.monotonic()
+    other = procs[1 - node].communicate(timeout=120)
+    elapsed = time.monotonic() - signalled
+    mine = procs[node].communicate(timeout=120)
+    time.sleep(3)  # a guard ends what a killed script started
+    assert not [" ".join(p.cmdline()) for p in started.values() if p.is_running() and p.status() != "zombie"]
+    outs = {node: mine, 1 - node: other}
+    return [subprocess.CompletedProcess(procs[n].args, procs[n].returncode, *outs[n]) for n in (0, 1)], elapsed
+
+
+def tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def ended_with_one_line(result: subprocess.CompletedProcess, *words: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert all(w in lines[-1] for w in words), lines[-1]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_node_killed_during_a_save_ends_the_other(tiny_model, tmp_path):
+    output = tmp_path / "ckpt"
+    (driver, other), elapsed = signal_while_starting("save_sharded_state.py", "--model", str(tiny_model), "--output",
+                                                     str(output), "-tp", "2", node=1, sig=signal.SIGKILL)
+    ended_with_one_line(driver, "node 1 of 2 ended during the save")
+    assert elapsed < 60 and not output.exists()
+    assert not list(tmp_path.glob(".ckpt.presharded-staging-node0-*"))  # the killed node's stays, marked unfinished
+
+
+def test_the_driver_killed_during_a_load_ends_the_other(checkpoints):
+    (driver, other), elapsed = signal_while_starting("load_sharded_state.py", "--model", str(checkpoints(2, 1)),
+                                                     "--prompt", PROMPT, "--max-tokens", "1000", "--enforce-eager",
+                                                     node=0, sig=signal.SIGKILL)
+    ended_with_one_line(other, "node 1 of 2", "node 0, the driver", "ended before the load was complete")
+    assert elapsed < 60
+
+
+def test_ctrl_c_on_the_driver_during_a_save_ends_every_node(tiny_model, tmp_path):
+    output = tmp_path / "ckpt"
+    (driver, other), elapsed = signal_while_starting("save_sharded_state.py", "--model", str(tiny_model), "--output",
+                                                     str(output), "-tp", "2", node=0, sig=signal.SIGINT)
+    assert driver.returncode == 130 and driver.stderr.strip().splitlines()[-1] == "interrupted", driver.stderr[-3000:]
+    ended_with_one_line(other, "node 0, the driver", "ended before the save was complete")
+    assert elapsed < 60 and not output.exists() and not list(tmp_path.glob(".ckpt.presharded-*"))
