@@ -45,6 +45,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_sampling(args: argparse.Namespace) -> None:
+    try:
+        args.prompt.encode()
+    except UnicodeEncodeError as e:  # Python keeps bytes that are not UTF-8 as lone surrogates
+        byte = ord(args.prompt[e.start]) & 0xFF
+        raise UserError(f"--prompt is not UTF-8 text (byte 0x{byte:02x} at character {e.start}); pass UTF-8 text")
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens {args.max_tokens}: generate at least 1 token")
     if args.temperature < 0:

@@ -91,7 +91,20 @@ def early_parse(argv: Sequence[str], add_flags: AddFlags, description: str) -> a
     args, _ = parser.parse_known_args(argv)
     if args.config:
         args, _ = parser.parse_known_args(config_file_args(args.config, set(vars(args))) + argv)
+    check_counts(args)
     return args
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Sizes the engine needs at least one of, and a node among the nodes."""
+    for dest in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes"):
+        if (value := getattr(args, dest)) is not None and value < 1:
+            raise UserError(f"--{dest.replace('_', '-')} {value}: use 1 or more")
+    nodes = args.nnodes or 1
+    if args.node_rank is not None and not 0 <= args.node_rank < nodes:
+        raise UserError(f"--node-rank {args.node_rank}: with --nnodes {nodes}, use 0 to {nodes - 1}")
+    if args.master_port is not None and not 0 < args.master_port < 2**16:
+        raise UserError(f"--master-port {args.master_port}: use a port from 1 to 65535")
 
 
 def full_parse(

@@ -160,6 +160,19 @@ def test_sampling_flags(checkpoints, flags):
     assert line.startswith(f"error: {flags[0]} ")
 
 
+def test_a_prompt_that_is_not_utf8(checkpoints):
+    line = refused("a prompt that is not UTF-8", LOAD, "--model", str(checkpoints(1, 1)), "--prompt", b"ab\xffc")
+    assert line == "error: --prompt is not UTF-8 text (byte 0xff at character 2); pass UTF-8 text"
+
+
+@pytest.mark.parametrize("flags", [["-tp", "0"], ["--pipeline-parallel-size", "-1"], ["--nnodes", "0"],
+                                   ["--nnodes", "2", "--node-rank", "2"], ["--master-port", "70000"]],
+                         ids=["tp-0", "pp-negative", "nnodes-0", "node-rank-outside", "port-outside"])
+def test_sizes_out_of_range(checkpoints, flags):
+    line = refused(f"sizes out of range: {' '.join(flags)}", LOAD, "--model", str(checkpoints(1, 1)), *flags)
+    assert line.startswith(f"error: {flags[-2]} {flags[-1]}: use ")
+
+
 def test_prompt_longer_than_the_context(checkpoints):
     # Only the engine knows its context length: refused after it starts, still in one line.
     line = refused("a prompt longer than the context", LOAD, "--model", str(checkpoints(1, 1)), "--enforce-eager",

@@ -147,6 +147,12 @@ def test_file_pattern_must_name_a_plain_file(source, tmp_path, pattern):
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_tensor_parallel_size_zero(source, tmp_path):
+    line = refused("save: --tensor-parallel-size 0", SAVE, "--model", str(source), "--output", str(tmp_path / "out"),
+                   "--tensor-parallel-size", "0")
+    assert line == "error: --tensor-parallel-size 0: use 1 or more"
+
+
 def test_max_file_size_zero(source, tmp_path):
     line = refused("save: --max-file-size 0", SAVE, "--model", str(source), "--output", str(tmp_path / "out"),
                    "--max-file-size", "0")
