@@ -37,6 +37,7 @@ from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV, SHARDED_STATE
 from presharded.manifest import read_manifest
 from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id
 from presharded.tiny import build_tiny_llama, build_tokenizer
+from presharded.trust import TRUST_FLAG
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURES = {  # LlamaConfig arguments of real models' shapes
@@ -216,11 +217,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
     return report
 
 
-FRESH = {  # name: (load format, load script flags); the checkpoint's start-up caches are used unless told not to
+FRESH = {  # name: (load format, load script flags); a new node has no record of having made the caches: trusted
     "sharded_state": (SHARDED_STATE, ["--no-start-caches"]),
     "ours-no-caches": (FAST_FORMAT, ["--no-start-caches"]),
-    "ours-caches": (FAST_FORMAT, []),
-    "ours-caches-prefetch": (FAST_FORMAT, ["--prefetch"]),
+    "ours-caches": (FAST_FORMAT, [TRUST_FLAG]),
+    "ours-caches-prefetch": (FAST_FORMAT, [TRUST_FLAG, "--prefetch"]),
 }
 WARM_AGAIN = ["sharded_state", "ours-caches"]  # the same node again: its caches filled, the files in page cache
 
