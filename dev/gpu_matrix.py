@@ -1,6 +1,6 @@
-"""The architecture matrix on a GPU: for each tiny model of presharded/tiny.py,
+"""The architecture matrix on a GPU: for each tiny model of presharded/tiny_models.py,
 save it with save_sharded_state.py, then start an engine in a process of its
-own (presharded-verify's greedy_tokens) from the source (`auto`) and from the
+own (presharded.generate's greedy_tokens) from the source (`auto`) and from the
 checkpoint (`sharded_state`, `fast_sharded_state`), and compare greedy tokens.
 Not one process for all: on vLLM 0.26 a second engine in a process can give
 other tokens than the first, whatever its format
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from presharded.load_checks import check_checkpoint
 from presharded.errors import UserError
-from presharded.tiny import ARCHITECTURES, build_tiny
-from presharded.verify_cli import greedy_tokens
+from presharded.tiny_models import ARCHITECTURES, build_tiny
+from presharded.generate import greedy_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]  # the results so far used these two
@@ -40,14 +40,14 @@ def one(arch: str, work: Path, flags: list[str]) -> dict:
         lines = save.stderr.strip().splitlines()
         causes = [i for i, line in enumerate(lines) if "Error" in line and "Engine core initialization" not in line]
         return {"arch": arch, "save": "failed", "error": lines[max(0, causes[0] - 12):causes[0] + 1] if causes else lines[-1:]}
-    result = {"arch": arch, "auto": greedy_tokens(str(source), "auto", flags, PROMPTS)}
+    result = {"arch": arch, "auto": greedy_tokens([(source, "auto")], flags, PROMPTS)[0]["token_ids"]}
     for load_format in ("sharded_state", "fast_sharded_state"):
         try:
             check_checkpoint(checkpoint, load_format=load_format)
         except UserError as e:
             result[load_format] = f"refused: {e}"
             continue
-        tokens = greedy_tokens(str(checkpoint), load_format, flags, PROMPTS)
+        tokens = greedy_tokens([(checkpoint, load_format)], flags, PROMPTS)[0]["token_ids"]
         result[load_format] = "identical" if tokens == result["auto"] else {"differs": tokens}
     return result
 

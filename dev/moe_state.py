@@ -27,7 +27,7 @@ OUTPUTS: list[tuple[str, torch.Tensor]] = []  # filled by the hooks, in this pro
 def save() -> None:
     import runpy
 
-    from presharded.tiny import build_tiny
+    from presharded.tiny_models import build_tiny
 
     build_tiny(RUNS["auto"][0], "qwen3-moe", num_layers=2)
     sys.argv = ["save_sharded_state.py", "--model", str(RUNS["auto"][0]), "--output", str(RUNS["fast"][0]),
@@ -53,11 +53,12 @@ def record(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def capture(out: Path, name: str) -> None:
     from vllm import LLM, EngineArgs, SamplingParams
 
-    from presharded.cli import apply_engine_defaults, full_parse
-    from presharded.verify_tokens import add_flags
+    from presharded.engine_defaults import apply_engine_defaults
+    from presharded.flags import parse_engine_flags
+    from presharded.generate import add_flags
 
     model, load_format = RUNS[name]
-    args, parser = full_parse(["--model", str(model), "--load-format", load_format, "--prompts", "[]",
+    args, parser = parse_engine_flags(["--model", str(model), "--load-format", load_format, "--prompts", "[]",
                                "--quantization", "fp8", "--enforce-eager"], add_flags, "")
     apply_engine_defaults(args, parser, saving=False)
     llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))

@@ -3,7 +3,7 @@ this machine: why `--prefetch` reads with sendfile instead (dev/notebook.md,
 section 7). A 64 MiB file, flushed and dropped from the page cache, then
 WILLNEED over all of it, a pause, and mincore; five times.
 
-    PYTHONPATH=.:tests .venv/bin/python dev/willneed.py /var/tmp
+    .venv/bin/python dev/willneed.py /var/tmp
 """
 
 import os
@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_prefetch import cached_fraction
+from presharded.prefetch import cached_fraction
 
 path = Path(sys.argv[1]) / "willneed.tmp"
 path.write_bytes(os.urandom(64 * 2**20))

@@ -11,6 +11,9 @@ and first token; plus `dummy` (no weights read: vLLM's own floor) and what
 
     presharded-bench --synthetic llama-3-8b --tp 1,2 --out results/
 
+Saves run `python -m presharded.save` and starts `python -m presharded.generate`:
+the same steps as save_sharded_state.py and load_sharded_state.py.
+
 `--fresh` measures a new node instead: every start with empty compile caches
 and a cold page cache (the weights and the Python packages), for vLLM's
 `sharded_state`, ours without and with the checkpoint's start-up caches (and
@@ -36,10 +39,9 @@ from safetensors.torch import save_file
 from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV, SHARDED_STATE
 from presharded.manifest import read_manifest
 from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id
-from presharded.tiny import build_tiny_llama, build_tokenizer
+from presharded.tiny_models import build_tiny_llama, build_tokenizer
 from presharded.trust import TRUST_FLAG
 
-ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURES = {  # LlamaConfig arguments of real models' shapes
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
@@ -136,8 +138,8 @@ def parse_format(spec: str) -> tuple[str, dict]:
 def start_once(model: Path, spec: str, tp: int, extra: list[str], env: dict | None = None) -> dict:
     load_format, config = parse_format(spec)
     options = ["--model-loader-extra-config", json.dumps(config)] if config else []
-    cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(model), "--load-format", load_format,
-           "-tp", str(tp), "--max-tokens", "1", "--json", *options, *extra]
+    cmd = [sys.executable, "-m", "presharded.generate", json.dumps([[str(model), load_format]]), "--prompts",
+           json.dumps(["The quick brown fox"]), "-tp", str(tp), "--max-tokens", "1", *options, *extra]
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as report:  # our loader's timings, one line per rank
         env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", **{LOAD_REPORT_ENV: report.name}, **(env or {}))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -146,7 +148,7 @@ def start_once(model: Path, spec: str, tp: int, extra: list[str], env: dict | No
         errors = [line for line in proc.stderr.splitlines()
                   if line.startswith("error: ") or re.search(r"\w(Error|Exception)\b", line)]
         raise RuntimeError(f"{load_format} at TP={tp} failed:\n" + "\n".join(errors[:10]) + f"\n...\n{proc.stderr[-1500:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])[0]
     found = {k: [float(x) for x in re.findall(p, proc.stderr)] for k, p in LOG.items()}
     weights = max([r["seconds"] for r in loads] or found["weights"], default=0.0)
     model_loading = max(found["model_loading"], default=0.0) or max(found["model_init"], default=0.0) + weights
@@ -158,7 +160,7 @@ def start_once(model: Path, spec: str, tp: int, extra: list[str], env: dict | No
         "model_init": max(model_loading - weights, 0.0),
         "profile_kv_warmup": init_engine,
         "engine_start": max(s["engine"] - model_loading - init_engine, 0.0),
-        "token_ids": result["token_ids"],
+        "token_ids": result["token_ids"][0],
         "caches": result["caches"],
         "loads": loads,  # fast_sharded_state's own report per rank: staging wait and release
     }
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
         checkpoint = work / f"tp{tp}"
         if args.save or read_manifest(checkpoint) is None:
             start = time.perf_counter()
-            save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
+            save = subprocess.run([sys.executable, "-m", "presharded.save", "--model", str(source),
                                    "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json",
                                    "--no-start-caches", *extra],  # formats compared as they load; --fresh: caches
                                   capture_output=True, text=True)
@@ -250,7 +252,7 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
         checkpoint = work / f"tp{tp}"
         if args.save or not getattr(read_manifest(checkpoint), "caches", None):
             start = time.perf_counter()  # the save makes the start-up caches with the engine flags given
-            save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
+            save = subprocess.run([sys.executable, "-m", "presharded.save", "--model", str(source),
                                    "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json",
                                    "--start-caches", *extra], capture_output=True, text=True)
             if save.returncode != 0 or json.loads(save.stdout)["caches"] is None:

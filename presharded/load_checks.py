@@ -10,6 +10,7 @@ from presharded.formats import SHARDED_STATE
 from presharded.staging import UNFINISHED_MARKER
 from presharded.manifest import MANIFEST_NAME, CopiedFile, Manifest, Shard, hash_file, hash_header, read_manifest
 from presharded.nodes import Node
+from presharded.progress import bar
 
 # vLLM's own file names: what a checkpoint without a manifest says of its layout.
 NAMES_LAYOUT = (
@@ -120,12 +121,15 @@ def check_checkpoint(
                 f"{folder / shard.path}: its tensor table (names, shapes, dtypes) is not the one saved; "
                 "copy it again, or save again"
             )
-    for entry in [*manifest.files, *(shards if verify_hashes else []), *(cached if caches and verify_hashes else [])]:
-        if hash_file(folder / entry.path) != entry.blake3:
-            raise UserError(
-                f"{folder / entry.path} does not match its hash in the manifest: "
-                "it was changed or damaged; copy it again, or save again"
-            )
+    hashed = [*manifest.files, *(shards if verify_hashes else []), *(cached if caches and verify_hashes else [])]
+    with bar(sum(e.size for e in hashed) if verify_hashes else 0, "hashing") as progress:
+        for entry in hashed:
+            if hash_file(folder / entry.path) != entry.blake3:
+                raise UserError(
+                    f"{folder / entry.path} does not match its hash in the manifest: "
+                    "it was changed or damaged; copy it again, or save again"
+                )
+            progress.update(entry.size)
     return manifest
 
 

@@ -1,23 +1,19 @@
 """One model over several machines with vLLM's multiprocessing executor
 (--nnodes, --node-rank, --master-addr, --master-port): which ranks each node
-runs, how the nodes know that the others are alive and that the driver is
-done, and where each node's files end up. No torch or vLLM here: the
-scripts check a node's ranks before importing them."""
+runs, and how the nodes know that the others are alive and that the driver
+is done (where each node's files end up: presharded/save.py). No torch or
+vLLM here: the scripts check a node's ranks before importing them."""
 
 import argparse
 import select
-import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from presharded.errors import UserError
-from presharded.lifetime import watched_by
-from presharded.manifest import hash_file, read_manifest
-from presharded.source import copy_model_files
+from presharded.shutdown import watched_by
 
 
 @dataclass(frozen=True)
@@ -199,46 +195,3 @@ def receive(conn: socket.socket) -> bytes:
         return conn.recv(64)
     except OSError:
         return b""
-
-
-def take_shared_files(records, staging: Path) -> set[int]:
-    """Move the files other nodes wrote into the driver's `staging`, where the
-    driver sees them (a folder the nodes share); the nodes whose files stay on
-    disks of their own, for them to publish."""
-    elsewhere = set()
-    for record in records:
-        folder = Path(record.folder)
-        if all(present(staging, s) for s in record.shards):
-            continue
-        if folder != staging and all(present(folder, s) for s in record.shards):
-            for shard in record.shards:
-                shutil.move(folder / shard.path, staging / shard.path)
-        elif record.node != 0:
-            elsewhere.add(record.node)
-        else:  # a worker the driver's script started on another machine (Ray): no script there publishes
-            raise UserError(f"the files of rank pp={record.shards[0].pp_rank} tp={record.shards[0].tp_rank}, "
-                            f"written on {record.host}, are not in {folder} here; with Ray, save into a folder "
-                            "that every node shares, or use vLLM's own executor across nodes (--nnodes)")
-    return elsewhere
-
-
-def present(folder: Path, shard) -> bool:
-    return (folder / shard.path).is_file() and (folder / shard.path).stat().st_size == shard.size
-
-
-def finish_other_node(staging: Path, source: Path, node: Node):
-    """After the driver is done: the manifest it sent if this node keeps its
-    own files (then they are published here with the model's config and
-    tokenizer), None if the driver took them into its folder."""
-    manifest = read_manifest(staging)
-    if manifest is None:
-        if any(staging.glob("*.safetensors")):
-            raise UserError(f"{node}: the driver ({node.master_addr}) ended before the save was complete; "
-                            "nothing was saved here: see the driver's error, and save again on every node")
-        return None
-    copy_model_files(source, staging)
-    for entry in manifest.files:
-        if hash_file(staging / entry.path) != entry.blake3:
-            raise UserError(f"{node}: {entry.path} of {source} is not the driver's; "
-                            "save from the same model files on every node")
-    return manifest

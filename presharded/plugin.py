@@ -9,7 +9,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-from presharded.errors import refusals_in_one_line
+from presharded.engine_output import refusals_in_one_line
 from presharded.vllm_compat import LOADER_PACKAGE
 
 

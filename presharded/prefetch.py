@@ -7,6 +7,8 @@ page cache holds the only copy; files already cached cost next to nothing.
 (`posix_fadvise(WILLNEED)` read 8 MiB of a 64 MiB file here: dev/willneed.py.) Skipped
 when the files do not fit in the memory available."""
 
+import ctypes
+import mmap
 import os
 import sys
 import threading
@@ -47,3 +49,21 @@ def _read_ahead(paths: list[Path]) -> None:
                 os.close(fd)
     finally:
         os.close(null)
+
+
+def cached_fraction(path) -> float:
+    """How much of `path` is in the page cache (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    fd = os.open(path, os.O_RDONLY)
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    try:
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
+    finally:
+        libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
+        os.close(fd)
+    return sum(b & 1 for b in vec) / pages

@@ -49,7 +49,7 @@ class Staging:
     allocator: its cudaHostAlloc holds up every GPU allocation while it runs,
     so pinning 2 GiB beside vLLM building the model delayed that by as long as
     the pinning took (0.86-0.91 s), where touching and registering a mapping
-    pinned it in 0.53-0.56 s and delayed nothing (scripts/pin_cost.py). It
+    pinned it in 0.53-0.56 s and delayed nothing (dev/pin_cost.py). It
     runs on a thread of its own from the moment the loader exists."""
 
     def __init__(self, threads: int, chunk_size: int, device: torch.device) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from presharded.errors import UserError
-from presharded.source import has_weights, is_checkpoint, resolve_model
+from presharded.source_model import has_weights, is_checkpoint, resolve_model
 from presharded.manifest import default_pattern, pattern_problem, read_manifest
 
 SOURCE_FORMATS = ("auto", "safetensors", "hf", "pt", "npcache", "fastsafetensors", "mistral")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from presharded.errors import refuses
-from presharded.handoff import RankRecord, SaveRequest
+from presharded.save_messages import RankRecord, SaveRequest
 from presharded.manifest import MANIFEST_NAME
 from presharded.vllm_compat import (DefaultModelLoader, finish_online_quantization, online_quantized_layers,
                                     parallel_ranks, unique_tensors)

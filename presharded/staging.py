@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from presharded.errors import UserError
-from presharded.handoff import why_save_failed
-from presharded.lifetime import on_stuck_interrupt
+from presharded.save_messages import why_save_failed
+from presharded.shutdown import on_stuck_interrupt
 
 # Present in a staging folder until the save has finished; no load accepts it.
 UNFINISHED_MARKER = ".presharded-unfinished"

@@ -14,8 +14,10 @@ unused: slower, never wrong. Its files are copied into the workspace and
 hashed there, so what runs is what was checked."""
 
 import fcntl
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -25,10 +27,14 @@ from pathlib import Path
 
 import blake3
 
+from presharded import server
 from presharded.errors import UserError
-from presharded.manifest import CACHE_KINDS, CACHES_DIR, MANIFEST_NAME, CopiedFile, Manifest, hash_file
+from presharded.formats import FAST_FORMAT, SHARDED_STATE
+from presharded.load_checks import check_checkpoint
+from presharded.manifest import CACHE_KINDS, CACHES_DIR, MANIFEST_NAME, CopiedFile, Manifest, hash_file, write_manifest
 from presharded.private import private_folder
-from presharded.trust import TRUST_ENV, TRUST_FLAG, made_here, trusted_by_user
+from presharded.progress import bar
+from presharded.trust import TRUST_ENV, TRUST_FLAG, made_here, record, trusted_by_user
 
 KINDS = dict(zip(CACHE_KINDS, ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")))
 WORKSPACE = Path(tempfile.gettempdir()) / f"presharded-{os.getuid()}"
@@ -105,20 +111,20 @@ def files_under(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.exists() else set()
 
 
-def keep(workspace: Path, folder: Path, manifest: Manifest, name: str) -> list[CopiedFile]:
+def store_set(workspace: Path, folder: Path, name: str) -> list[CopiedFile]:
     """The caches a start filled in `workspace`, as the set `name` of the checkpoint in `folder`.
     Copied beside the set first, then swapped in by renames: a kill while copying leaves the old set
     as the manifest lists it (and a hidden folder that verify names)."""
     dest = folder / CACHES_DIR / name
     new, old = dest.with_name(f".{name}.new-{os.getpid()}"), dest.with_name(f".{name}.old-{os.getpid()}")
     entries = []
-    for kind in KINDS:
-        for relative in sorted(files_under(workspace / kind)):
-            target = new / kind / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(workspace / kind / relative, target)
-            path = (dest / kind / relative).relative_to(folder).as_posix()
-            entries.append(CopiedFile(path, target.stat().st_size, hash_file(target)))
+    files = [(kind, relative) for kind in KINDS for relative in sorted(files_under(workspace / kind))]
+    for kind, relative in counted(files, f"copying the start-up caches {name} into the checkpoint"):
+        target = new / kind / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(workspace / kind / relative, target)
+        path = (dest / kind / relative).relative_to(folder).as_posix()
+        entries.append(CopiedFile(path, target.stat().st_size, hash_file(target)))
     if dest.exists():
         dest.rename(old)
     new.mkdir(parents=True, exist_ok=True)  # a start that compiled nothing
@@ -128,16 +134,16 @@ def keep(workspace: Path, folder: Path, manifest: Manifest, name: str) -> list[C
 
 
 @dataclass
-class Use:
+class CachesInUse:
     """How a start uses the checkpoint's caches: `model` and `env` for the engine."""
 
-    status: str  # "none" (no matching set, or it is damaged), then "hit" or "miss" once the engine has started
+    status: str  # "none" (no matching set, or damaged), "untrusted"; "hit" or "miss" once the engine has started
     model: Path
     env: dict[str, str]
     workspace: Path | None = None
     before: frozenset[str] = frozenset()
 
-    def settle(self) -> str:
+    def finish(self) -> str:
         """After the engine has started: whether it compiled anything (new files) or used the set."""
         if self.workspace is not None:
             after = {f"{k}/{f}" for k in KINDS for f in files_under(self.workspace / k)}
@@ -145,10 +151,12 @@ class Use:
         return self.status
 
 
-def prepare(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, pipeline_parallel_size: int,
-            trust: bool = False) -> Use:
-    """The matching set, trusted, checked and put in place; or a start without caches."""
-    none = Use("none", folder, {})
+def use_set(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, pipeline_parallel_size: int,
+            trust: bool = False) -> CachesInUse:
+    """The verb of a start: the set that matches this machine, if trusted, checked and put in place,
+    with this process's cache folders pointed at it (the user's own are left alone); or a start
+    without caches."""
+    none = CachesInUse("none", folder, {})
     if manifest is None or not manifest.caches:
         return none
     name = set_name(tensor_parallel_size, pipeline_parallel_size)
@@ -157,7 +165,7 @@ def prepare(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, 
               "starting without them", file=sys.stderr)
         return none
     if not trusted(folder, name, manifest.caches[name], trust, "starting without them"):
-        return Use("untrusted", folder, {})
+        return CachesInUse("untrusted", folder, {})
     try:
         with workspace_locked(manifest) as workspace:
             link_model(workspace, folder)
@@ -167,7 +175,89 @@ def prepare(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, 
     except UserError as e:
         print(f"warning: {e}; starting without the start-up caches", file=sys.stderr)
         return none
-    return Use("none", workspace / "model", engine_env(workspace), workspace, before)
+    use = CachesInUse("none", workspace / "model", engine_env(workspace), workspace, before)
+    os.environ.update(use.env)
+    return use
+
+
+def record_set(checkpoint: Path, engine_flags: list[str], serve: bool = False, trust: bool = False) -> str:
+    """The verb of a save or presharded-caches: start vLLM once on `checkpoint` (with `serve`,
+    vLLM's server) and keep what it compiled, beside the set it started from if that may run,
+    as the set for this machine; record that this user made it. Its name."""
+    manifest = check_checkpoint(checkpoint, require_manifest=True)
+    name = set_name(manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
+    with workspace_locked(manifest) as workspace:  # loads of this checkpoint here wait for it
+        empty_workspace(workspace, checkpoint)
+        if name in manifest.caches and trusted(checkpoint, name, manifest.caches[name], trust,
+                                               "it is replaced by what this start compiles"):
+            put_in_place(workspace, checkpoint, name, manifest.caches[name])  # a set grows
+        env = {**os.environ, **engine_env(workspace)}
+        what = "vLLM's server" if serve else "vLLM"
+        print(f"starting {what} on {checkpoint} to fill the start-up caches {name}", file=sys.stderr, flush=True)
+        if serve:
+            start_server(workspace / "model", [*checkpoint_flags(manifest), *engine_flags], env)
+        else:
+            start_once(workspace / "model", engine_flags, env)
+        manifest.caches[name] = store_set(workspace, checkpoint, name)
+    write_manifest(checkpoint, manifest)
+    try:
+        record(name, manifest.caches[name], checkpoint)
+    except UserError as e:
+        print(f"warning: {e}; this set will need {TRUST_FLAG} to be used", file=sys.stderr)
+    return name
+
+
+def start_once(model: Path, engine_flags: list[str], env: dict[str, str]) -> None:
+    """vLLM on `model`, generating a few tokens: the first decode step may compile too."""
+    cmd = [sys.executable, "-m", "presharded.generate", json.dumps([[str(model), SHARDED_STATE]]),
+           "--max-tokens", "8", "--no-start-caches", *engine_flags]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise UserError(f"vLLM did not start on {model.resolve()} (exit {proc.returncode}; its messages are above); "
+                        "no start-up caches were added")
+
+
+def checkpoint_flags(manifest: Manifest) -> list[str]:
+    """What a load takes from the checkpoint by itself, for vLLM's server."""
+    layout = manifest.engine_defaults()
+    flags = ["--load-format", FAST_FORMAT, "--tensor-parallel-size", str(layout["tensor_parallel_size"]),
+             "--pipeline-parallel-size", str(layout["pipeline_parallel_size"]), "--dtype", layout["dtype"]]
+    if layout["enable_expert_parallel"]:
+        flags.append("--enable-expert-parallel")
+    if layout["quantization"]:
+        flags += ["--quantization", layout["quantization"]]
+    if "model_loader_extra_config" in layout:
+        flags += ["--model-loader-extra-config", json.dumps(layout["model_loader_extra_config"])]
+    return flags
+
+
+def start_server(model: Path, engine_flags: list[str], env: dict[str, str]) -> None:
+    """vLLM's OpenAI server on `model` until it answers one request: its defaults differ from
+    `LLM`'s (fewer batched tokens), and so does what it compiles."""
+    from presharded.vllm_compat import is_cpu
+
+    if is_cpu():
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1", **env}  # GiB; else 90 % of RAM
+    with server.running(model, engine_flags, env) as (proc, port):
+        if port is None:
+            raise UserError(f"vLLM's server did not start on {model.resolve()} (exit {proc.returncode}; "
+                            "its messages are above); no start-up caches were added")
+        server.completion(port, {"model": str(model), "prompt": "Hello", "max_tokens": 8})
+
+
+def serving_env(checkpoint: Path, trust: bool = False) -> dict[str, str]:
+    """The variables for a server started on $PRESHARDED_MODEL: the checkpoint through its
+    caches' fixed place, or the checkpoint itself (with a warning) without a usable set."""
+    manifest = check_checkpoint(checkpoint, require_manifest=True)
+    use = use_set(checkpoint, manifest, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, trust)
+    return {**use.env, "PRESHARDED_MODEL": str(use.model.absolute())}
+
+
+def counted(items: list, what: str) -> Iterator:
+    with bar(len(items), what, unit="file") as progress:
+        for item in items:
+            yield item
+            progress.update()
 
 
 def trusted(folder: Path, name: str, entries: list[CopiedFile], trust: bool, otherwise: str) -> bool:
@@ -189,7 +279,7 @@ def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedF
     """The set's files in the workspace, each copied there and checked there, where no one
     else can change it; False (with a warning) if one is missing or damaged. What another
     start already put there stays: it may be running from it."""
-    for entry in entries:
+    for entry in counted(entries, f"putting the start-up caches {name} in place"):
         source, target = folder / entry.path, workspace / entry.path.removeprefix(f"{CACHES_DIR}/{name}/")
         if matches(target, entry):
             continue
@@ -207,8 +297,3 @@ def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedF
             return False
         os.replace(temporary, target)
     return True
-
-
-def apply(use: Use) -> None:
-    """The cache folders for this process and the engine it starts; the user's own are left alone."""
-    os.environ.update(use.env)

@@ -5,17 +5,15 @@ Other flags (e.g. --enforce-eager, --trust-remote-code) go to both engines."""
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+from presharded import progress
 from presharded.load_checks import check_checkpoint
 from presharded.errors import UserError, exits_cleanly
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
+from presharded.generate import PROMPTS, greedy_tokens
 from presharded.manifest import read_manifest
 from presharded.nodes import Node
-
-PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is", "def fibonacci(n):"]
 
 
 def as_flags(settings: dict) -> list[str]:
@@ -28,16 +26,6 @@ def as_flags(settings: dict) -> list[str]:
     return flags
 
 
-def greedy_tokens(model: str, load_format: str, flags: list[str], prompts: list[str] = PROMPTS) -> list[list[int]]:
-    """One engine in a process of its own: a second engine in one process can give other tokens."""
-    cmd = [sys.executable, "-m", "presharded.verify_tokens", "--model", model, "--load-format", load_format,
-           "--prompts", json.dumps(prompts), *flags]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"loading {model} with {load_format} failed (exit {proc.returncode}); see the log above")
-    return json.loads(proc.stdout)
-
-
 @exits_cleanly
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -47,6 +35,7 @@ def main() -> None:
     parser.add_argument("--node-rank", type=int, default=None,
                         help="saved by several nodes onto disks of their own: check the ranks of this node only")
     args, engine_extra = parser.parse_known_args()
+    progress.decide(quiet=args.json)
 
     node = Node()
     if args.node_rank is not None and (saved := read_manifest(args.checkpoint)):
@@ -67,9 +56,12 @@ def main() -> None:
         layout = manifest.engine_defaults()
         pattern = layout.pop("model_loader_extra_config", {})
         flags = as_flags(layout) + engine_extra
-        source = greedy_tokens(args.source, "auto", flags)
+        # Each engine in a process of its own: on a GPU a second engine in one process can give other tokens.
+        source = greedy_tokens([(args.source, "auto")], flags)[0]["token_ids"]
         load_format = FAST_FORMAT if manifest.online_quantization else SHARDED_STATE
-        saved = greedy_tokens(str(args.checkpoint), load_format, flags + as_flags(pattern and {"model_loader_extra_config": pattern}))
+        pattern_flags = as_flags(pattern and {"model_loader_extra_config": pattern})
+        saved = greedy_tokens([(args.checkpoint, load_format)], ["--no-start-caches", *flags, *pattern_flags])
+        saved = saved[0]["token_ids"]
         for prompt, a, b in zip(PROMPTS, source, saved):
             if a != b:
                 raise UserError(f"greedy tokens differ on {prompt!r}: source {a}, checkpoint {b}; save it again")

@@ -8,8 +8,9 @@ from pathlib import Path
 import blake3
 import torch
 
-from presharded.handoff import describe, write_failure
+from presharded.save_messages import describe, write_failure
 from presharded.manifest import Shard, hash_header, render
+from presharded.progress import bar
 from presharded.safetensors_layout import chunks, encode_header
 
 CHUNK_SIZE = 64 * 2**20  # bytes per staging buffer; two per rank
@@ -45,12 +46,16 @@ def write_rank(
     written: list[Path] = []
     on_gpu = any(t.is_cuda for t in state.values())
     buffers = [torch.empty(CHUNK_SIZE, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
+    total = sum(t.numel() * t.element_size() for t in state.values())
     try:
-        for part, tensors in enumerate(split_parts(state, max_file_size)):
-            path = folder / render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part=part)
-            written.append(path)
-            digest = write_file(path, {k: t.contiguous() for k, t in tensors.items()}, buffers)
-            shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, digest, hash_header(path)))
+        with bar(total, f"writing rank pp={pp_rank} tp={tp_rank}", position=tp_rank) as progress:
+            for part, tensors in enumerate(split_parts(state, max_file_size)):
+                path = folder / render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part=part)
+                written.append(path)
+                digest = write_file(path, {k: t.contiguous() for k, t in tensors.items()}, buffers)
+                shards.append(Shard(path.name, pp_rank, tp_rank, part, path.stat().st_size, digest,
+                                    hash_header(path)))
+                progress.update(sum(t.numel() * t.element_size() for t in tensors.values()))
     except OSError as e:
         e.filename = e.filename or str(written[-1])  # a failed write() names no file
         # Free what this rank took (the disk may be full), then leave the main

@@ -3,7 +3,7 @@ user runs them, in fresh processes, against real vLLM on CPU."""
 
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import presharded.caches_cli as server_cli  # its helpers for vLLM's server
+from presharded import server
+from presharded.server import free_port  # noqa: F401 (the tests take it from here)
 from presharded.manifest import hash_file
-from presharded.tiny import build_tiny_llama
+from presharded.staging import staging_folders
+from presharded.tiny_models import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox"
@@ -62,6 +64,39 @@ def refused(case: str | None, script: str, *args: str, within: float | None = 5.
     return lines[-1]
 
 
+def outside(folder: Path) -> Path:
+    """A copy of the checkpoint's first weight file outside it: what an attacker points at."""
+    target = folder.parent / f"{folder.name}-outside"
+    target.mkdir(exist_ok=True)
+    shutil.copy(folder / "model-rank-0-part-0.safetensors", target)
+    return target
+
+
+def link_weight_out(folder: Path) -> None:
+    target = outside(folder) / "model-rank-0-part-0.safetensors"
+    (folder / "model-rank-0-part-0.safetensors").unlink()
+    (folder / "model-rank-0-part-0.safetensors").symlink_to(target)
+
+
+@contextmanager
+def small_filesystem(where: Path, size: str, *options: str):
+    """A real tmpfs of `size` mounted at `where` (this needs root, as CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(where)],
+                   check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def nothing_left(output: Path) -> None:
+    assert not output.exists()
+    assert staging_folders(output.resolve()) == []
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under `folder` with its hash: to show that nothing was lost."""
     return {p.relative_to(folder).as_posix(): hash_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -75,34 +110,20 @@ def pytest_sessionfinish(session, exitstatus):
         out.write_text("| bad input | what it prints |\n| --- | --- |\n" + "\n".join(rows) + "\n")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(model: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[Callable[[str, str], dict]]:
     """vLLM's OpenAI server on `model`, up; yields complete(served name, prompt) -> the greedy choice."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *flags,
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1", **(env or {})),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    env = dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
+    with server.running(model, list(flags), env, timeout=240, stderr=subprocess.PIPE) as (proc, port):
+        if port is None:
+            proc.kill()
+            raise AssertionError(f"the server did not come up in 240 s:\n{proc.communicate()[1][-3000:]}")
 
-    def complete(name: str, prompt: str) -> dict:
-        body = {"model": name, "prompt": prompt, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
-        return server_cli.completion(port, body, timeout=60)["choices"][0]
+        def complete(name: str, prompt: str) -> dict:
+            body = {"model": name, "prompt": prompt, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
+            return server.completion(port, body, timeout=60)["choices"][0]
 
-    try:
-        if not server_cli.serving(server, port, timeout=240):
-            server.kill()
-            raise AssertionError(f"the server did not come up in 240 s:\n{server.communicate()[1][-3000:]}")
         yield complete
-    finally:
-        server_cli.stop(server, timeout=30)
 
 
 def save(model: Path, output: Path, *flags: str, tp: int = 1, pp: int = 1) -> Path:
@@ -160,29 +181,38 @@ def checkpoints(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def files_only(tiny_model, tmp_path_factory) -> Path:
-    """A TP=2 checkpoint written without vLLM, for checks that only read files: each rank's
-    file holds one small tensor, beside the tiny model's config and tokenizer and a set of
-    start-up caches of one file (text, not compiled code)."""
+def files_only(tiny_model, tmp_path_factory):
+    """Checkpoints written without vLLM, for checks that only read files, per (tp, pp): each
+    rank's file holds one small tensor, beside the tiny model's config and tokenizer and a set
+    of start-up caches of one file (text, not compiled code)."""
     import torch
 
-    from presharded.manifest import TP_PATTERN, CopiedFile, Manifest, write_manifest
-    from presharded.source import copy_model_files
+    from presharded.manifest import CopiedFile, Manifest, default_pattern, write_manifest
+    from presharded.source_model import copy_model_files
     from presharded.writer import write_rank
 
-    folder = tmp_path_factory.mktemp("files-only") / "ckpt"
-    folder.mkdir()
-    shards = [s for rank in range(2) for s in write_rank({"weight": torch.full((4,), float(rank))}, folder,
-                                                          pattern=TP_PATTERN, pp_rank=0, tp_rank=rank,
-                                                          max_file_size=None)]
-    kernel = folder / "start-caches" / "S" / "inductor" / "kernel.py"
-    kernel.parent.mkdir(parents=True)
-    kernel.write_text("# compiled\n")
-    entry = lambda path: CopiedFile(path, (folder / path).stat().st_size, hash_file(folder / path))  # noqa: E731
-    write_manifest(folder, Manifest(
-        vllm_version="none", tensor_parallel_size=2, pipeline_parallel_size=1, enable_expert_parallel=False,
-        file_pattern=TP_PATTERN, dtype="bfloat16", quantization=None, architecture="LlamaForCausalLM",
-        source=str(tiny_model), created="2026-11-30T00:00:00+00:00", shards=shards,
-        files=[entry(f) for f in copy_model_files(tiny_model, folder)],
-        caches={"S": [entry(kernel.relative_to(folder).as_posix())]}))
-    return folder
+    cache: dict[tuple[int, int], Path] = {}
+
+    def checkpoint(tp: int = 2, pp: int = 1) -> Path:
+        if (tp, pp) in cache:
+            return cache[tp, pp]
+        folder = tmp_path_factory.mktemp("files-only") / f"tp{tp}-pp{pp}"
+        folder.mkdir()
+        pattern = default_pattern(pp)
+        shards = [s for stage in range(pp) for rank in range(tp)
+                  for s in write_rank({"weight": torch.full((4,), float(rank))}, folder, pattern=pattern,
+                                      pp_rank=stage, tp_rank=rank, max_file_size=None)]
+        kernel = folder / "start-caches" / "S" / "inductor" / "kernel.py"
+        kernel.parent.mkdir(parents=True)
+        kernel.write_text("# compiled\n")
+        entry = lambda path: CopiedFile(path, (folder / path).stat().st_size, hash_file(folder / path))  # noqa: E731
+        write_manifest(folder, Manifest(
+            vllm_version="none", tensor_parallel_size=tp, pipeline_parallel_size=pp, enable_expert_parallel=False,
+            file_pattern=pattern, dtype="bfloat16", quantization=None, architecture="LlamaForCausalLM",
+            source=str(tiny_model), created="2026-11-30T00:00:00+00:00", shards=shards,
+            files=[entry(f) for f in copy_model_files(tiny_model, folder)],
+            caches={"S": [entry(kernel.relative_to(folder).as_posix())]}))
+        cache[tp, pp] = folder
+        return folder
+
+    return checkpoint

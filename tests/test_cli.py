@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import run_script
-from presharded.cli import parse_size
+from presharded.flags import parse_size
 
 
 @pytest.mark.parametrize("script,ours", [("save_sharded_state.py", "--max-file-size"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PROMPT, ROOT, generate, refused, script_env, serving
+from conftest import PROMPT, ROOT, free_port, generate, link_weight_out, refused, script_env, serving
 from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT
 from presharded.reader import Staging, load_files
@@ -106,3 +106,16 @@ def test_a_worker_refusal_at_tp2_is_one_line(checkpoints, tmp_path):
                    "load_sharded_state.py", "--model", str(checkpoint), "--load-format", FAST_FORMAT,
                    "--enforce-eager", within=None, world_size=2)
     assert "the model expects" in line and "load with the layout, dtype and quantization it was saved for" in line
+
+
+def test_the_loader_under_vllms_server_refuses_a_path_that_leads_out(checkpoints, tmp_path):
+    """`vllm serve` with our loader: no script checked the checkpoint first."""
+    ckpt = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
+    link_weight_out(ckpt)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
+         "--load-format", "fast_sharded_state", "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=ROOT, env=dict(script_env(1), VLLM_CPU_KVCACHE_SPACE="1"), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines[-1].startswith("error: "), proc.stderr[-3000:]
+    assert "leads out of the checkpoint" in lines[-1]

@@ -104,7 +104,7 @@ def test_kill_9_ends_the_engine_too(tiny_model, tmp_path):
 DROPPED = """
 import os, signal
 from presharded.errors import exits_cleanly
-from presharded.lifetime import engine_dies_with_this_process, interrupted
+from presharded.shutdown import engine_dies_with_this_process, interrupted
 
 
 class Drops:

@@ -1,30 +1,11 @@
 """Reading the weights ahead (--prefetch): the files end up in the page cache,
 with no copy in the process; skipped when they do not fit; the tokens are the same."""
 
-import ctypes
-import mmap
 import os
 
 from conftest import generate
 from presharded import prefetch
-
-
-def cached_fraction(path) -> float:
-    """How much of `path` is in the page cache (mincore)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    size = path.stat().st_size
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    vec = (ctypes.c_ubyte * pages)()
-    fd = os.open(path, os.O_RDONLY)
-    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    try:
-        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
-    finally:
-        libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
-        os.close(fd)
-    return sum(b & 1 for b in vec) / pages
+from presharded.prefetch import cached_fraction
 
 
 def evict(path) -> None:

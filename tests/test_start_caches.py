@@ -148,11 +148,11 @@ def test_a_kill_while_a_set_is_copied_leaves_the_old_set(cached, tmp_path, monke
 
     monkeypatch.setattr(start_caches.shutil, "copy2", copy_then_fail)
     with pytest.raises(OSError, match="killed"):
-        start_caches.keep(workspace, checkpoint, manifest, name)
+        start_caches.store_set(workspace, checkpoint, name)
     monkeypatch.undo()
     check_checkpoint(checkpoint, verify_hashes=True, caches=True)  # the set the manifest lists, intact
     assert [p.name for p in (checkpoint / CACHES_DIR).iterdir() if p.name.startswith(".")] != []  # verify names it
-    manifest.caches[name] = start_caches.keep(workspace, checkpoint, manifest, name)
+    manifest.caches[name] = start_caches.store_set(workspace, checkpoint, name)
     assert f"{CACHES_DIR}/{name}/vllm/compiled-later.bin" in {e.path for e in manifest.caches[name]}
     write_manifest(checkpoint, manifest)
     check_checkpoint(checkpoint, verify_hashes=True, caches=True)

@@ -28,8 +28,10 @@ def engine_dies_with_this_process() -> None:
     """Call before vLLM starts any process. A small guard process waits for
     this one to end, however it ends, then kills every process it started;
     Ctrl-C ends them at once, then raises KeyboardInterrupt."""
+    if os.environ.get(ENV) == str(os.getpid()):
+        return  # already: one guard is enough
     os.environ[ENV] = str(os.getpid())
-    guard = subprocess.Popen([sys.executable, "-m", "presharded.lifetime", str(os.getpid())], start_new_session=True,
+    guard = subprocess.Popen([sys.executable, "-m", "presharded.shutdown", str(os.getpid())], start_new_session=True,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _guard.append(guard.pid)
 

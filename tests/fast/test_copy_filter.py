@@ -1,7 +1,7 @@
 """What is copied beside the weights: everything the model needs, never the
 source's own weights."""
 
-from presharded.source import copy_model_files
+from presharded.source_model import copy_model_files
 
 KEEP = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",

@@ -1,34 +1,17 @@
 """Bad input to save_sharded_state.py: one line naming the problem and the
 fix, exit 1, and nothing lost: the source is unchanged, and no folder is left
-that a load would accept."""
+that a load would accept. These are refused before vLLM is imported (those
+that need vLLM's engine: tests/test_engine_refusals.py)."""
 
-import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, refused, snapshot
-from presharded.staging import staging_folders
+from conftest import ROOT, nothing_left, refused, small_filesystem, snapshot
 
 SAVE = "save_sharded_state.py"
-
-
-@contextmanager
-def small_filesystem(where: Path, size: str, *options: str):
-    """A real tmpfs of `size` mounted at `where` (this needs root, as CI has)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(where)],
-                   check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
 
 
 @pytest.fixture
@@ -37,11 +20,6 @@ def source(tiny_model):
     before = snapshot(tiny_model)
     yield tiny_model
     assert snapshot(tiny_model) == before
-
-
-def nothing_left(output: Path) -> None:
-    assert not output.exists()
-    assert staging_folders(output.resolve()) == []
 
 
 def test_missing_model_path(tmp_path):
@@ -92,24 +70,6 @@ def test_colliding_file_pattern(source, tmp_path):
     nothing_left(tmp_path / "out")
 
 
-def test_unknown_engine_flag(source, tmp_path):
-    # vLLM's parser knows its flags, so this one is caught only after vLLM is imported.
-    line = refused("save: an unknown engine flag", SAVE, "--model", str(source), "--output", str(tmp_path / "out"),
-                   "--tensor-parallel-sise", "2", within=None)
-    assert "unrecognized arguments: --tensor-parallel-sise" in line
-    nothing_left(tmp_path / "out")
-
-
-def test_disk_full_during_save(source, tmp_path):
-    """The tiny checkpoint is 1.4 MB: a 1 MiB filesystem fills up while a worker writes."""
-    with small_filesystem(tmp_path / "small", "1m") as small:
-        line = refused("save: disk full during the save", SAVE, "--model", str(source), "--output",
-                       str(small / "out"), "--enforce-eager", within=None)
-        assert "No space left on device while writing" in line and "nothing was saved" in line
-        assert "model-rank-0-part-0.safetensors" in line  # the file being written, not just the folder
-        assert list(small.iterdir()) == []
-
-
 def test_replace_never_deletes_the_source(source, tmp_path):
     # Seen: --output a folder that holds the source, with --replace, deleted the source (and all beside it).
     home = tmp_path / "x"
@@ -129,10 +89,10 @@ def test_replace_only_replaces_a_checkpoint(source, tmp_path):
     assert "is not a checkpoint" in line
 
 
-def test_saving_a_checkpoint_again_is_refused(checkpoints, tmp_path):
+def test_saving_a_checkpoint_again_is_refused(files_only, tmp_path):
     # Seen: the re-save copied the old manifest and wrote a checkpoint that never loads.
-    line = refused("save: --model is a pre-sharded checkpoint", SAVE, "--model", str(checkpoints(2, 1)),
-                   "--output", str(tmp_path / "out"), unchanged=checkpoints(2, 1))
+    line = refused("save: --model is a pre-sharded checkpoint", SAVE, "--model", str(files_only(2, 1)),
+                   "--output", str(tmp_path / "out"), unchanged=files_only(2, 1))
     assert "is a pre-sharded checkpoint" in line and "save from the model it was made from" in line
     nothing_left(tmp_path / "out")
 

@@ -3,7 +3,7 @@ configs at toy sizes, random weights, a small BPE tokenizer trained on a
 built-in text. Their tokens are nonsense, but the same nonsense every time,
 which is what a round-trip test needs.
 
-    python -m presharded.tiny build/tiny-llama [--arch qwen2]
+    python -m presharded.tiny_models build/tiny-llama [--arch qwen2]
 """
 
 import argparse

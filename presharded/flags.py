@@ -1,11 +1,9 @@
-"""Argument parsing shared by the scripts.
-
-Importing vLLM takes seconds (7-20 s), so every check that can fail on bad
-input runs first, on an early parse of the few flags it needs with plain
-argparse. The full parse, with every vLLM engine flag, comes after."""
+"""The scripts' flags. Importing vLLM takes seconds (7-20 s), so every check
+that can fail on bad input runs first, on a parse of the few flags it needs
+with plain argparse (`parse_for_checks`); the parse with every vLLM engine
+flag comes after (`parse_engine_flags`)."""
 
 import argparse
-import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,12 +66,12 @@ def config_file_args(path: str, known: set[str]) -> list[str]:
     return args
 
 
-def early_parse(argv: Sequence[str], add_flags: AddFlags, description: str) -> argparse.Namespace:
+def parse_for_checks(argv: Sequence[str], add_flags: AddFlags, description: str) -> argparse.Namespace:
     """The script's own flags and the engine flags its checks need, from the
     command line and a --config file; the rest is left for vLLM's parser,
     which also answers --help (and exits)."""
     if {"-h", "--help"} & set(argv):
-        full_parse(argv, add_flags, description)
+        parse_engine_flags(argv, add_flags, description)
     parser = _OneLineErrors(add_help=False, allow_abbrev=False)
     parser.add_argument("--config", default=None)
     parser.add_argument("--model", default=None)
@@ -107,7 +105,7 @@ def check_counts(args: argparse.Namespace) -> None:
         raise UserError(f"--master-port {args.master_port}: use a port from 1 to 65535")
 
 
-def full_parse(
+def parse_engine_flags(
     argv: Sequence[str], add_flags: AddFlags, description: str, defaults: dict | None = None
 ) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """Every vLLM engine flag plus the script's own."""
@@ -131,44 +129,3 @@ def fill_unset(args: argparse.Namespace, parser: argparse.ArgumentParser, values
     for dest, value in values.items():
         if is_default(args, parser, dest):
             setattr(args, dest, value)
-
-
-def cpu_binding(world_size: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND giving each rank its own cores, e.g. `0|1`."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < world_size:
-        return "nobind"
-    per_rank = len(cpus) // world_size
-    blocks = [cpus[i * per_rank : (i + 1) * per_rank] for i in range(world_size)]
-    return "|".join(",".join(map(str, block)) for block in blocks)
-
-
-# Saving serves no requests: no CUDA graphs, one short sequence, a small KV cache.
-SAVE_ENGINE_DEFAULTS = {
-    "enforce_eager": True,
-    "max_model_len": 256,
-    "max_num_seqs": 1,
-    "max_num_batched_tokens": 256,
-    "kv_cache_memory_bytes": 256 * 2**20,
-}
-
-
-def apply_engine_defaults(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, *, saving: bool
-) -> None:
-    """Workable settings where the user set none, for saving and for CPU."""
-    from presharded.vllm_compat import is_cpu
-
-    if saving:
-        fill_unset(args, parser, SAVE_ENGINE_DEFAULTS)
-    if not is_cpu():
-        return
-    if args.kv_cache_memory_bytes is None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; else 90 % of RAM
-    world_size = args.tensor_parallel_size * args.pipeline_parallel_size
-    if world_size > 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(world_size))
-    if args.pipeline_parallel_size > 1 and is_default(args, parser, "compilation_config"):
-        # Pipeline stages on CPU generate only with this mode, not with enforce_eager.
-        args.compilation_config = {"mode": 2, "backend": "eager"}
-        args.enforce_eager = False

@@ -1,0 +1,119 @@
+"""What vLLM's engine prints, around a refusal of ours inside it: the engine
+reports no more than that a worker failed, so our code there writes its
+one-line reason to a file, and the script (or, under `vllm serve`, the
+process that started the engine) ends on that line instead of vLLM's
+tracebacks, which go to a log file."""
+
+import atexit
+import logging
+import os
+import select
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from presharded.errors import UserError
+from presharded.shutdown import REFUSAL_ENV, on_stuck_interrupt, watched
+
+
+@contextmanager
+def engine_refusals() -> Iterator[None]:
+    """Around starting vLLM's engine: a refusal raised inside it ends the script
+    with its own one line. From the moment one is written, what the engine
+    prints (vLLM's tracebacks of it) goes to a log file, not the terminal.
+    Across several nodes the engine's output is held back 2 s first: vLLM
+    sees a dead node's sockets close a moment before our watcher names it."""
+    note = Path(tempfile.mkdtemp(prefix="presharded-")) / "refusal"
+    log = note.parent / "engine.log"
+    os.environ[REFUSAL_ENV] = str(note)
+    terminal = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)  # the engine's processes inherit it
+    os.close(write_end)
+    on_stuck_interrupt(lambda: os.dup2(terminal, 2))  # so that `interrupted` reaches the terminal
+    hold = 2.0 if watched() else 0.0
+    held: deque[tuple[float, bytes]] = deque()
+    lock = threading.Lock()
+
+    def release(everything: bool = False) -> None:
+        with lock:
+            diverted = note.exists()
+            while held and (everything or diverted or time.monotonic() - held[0][0] >= hold):
+                chunk = held.popleft()[1]
+                if diverted:
+                    with open(log, "ab") as f:
+                        f.write(chunk)
+                else:
+                    os.write(terminal, chunk)
+
+    def forward() -> None:
+        while True:
+            if select.select([read_end], [], [], 0.2)[0]:
+                if not (chunk := os.read(read_end, 65536)):
+                    break
+                with lock:
+                    held.append((time.monotonic(), chunk))
+            release()
+        release(everything=True)
+
+    threading.Thread(target=forward, daemon=True).start()
+    atexit.register(release, everything=True)
+    try:
+        yield
+    except Exception:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        _drained(read_end)  # the engine's last words, before ours
+        if note.exists() and (reasons := note.read_text().splitlines()):
+            raise UserError(reasons[0]) from None
+        release(everything=True)
+        raise
+    else:  # the note stays while the engine runs: a node lost later diverts its output too
+        atexit.register(shutil.rmtree, note.parent, ignore_errors=True)
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)  # the engine keeps the pipe; the forwarder serves it while it runs
+
+
+def refusals_in_one_line() -> None:
+    """For processes our scripts did not start (`vllm serve`), called by the
+    plugin in each of vLLM's processes: once our code inside the engine has
+    refused, vLLM's log records lose their tracebacks, and the process that
+    started the engine ends on the refusal's `error:` line and exit 1."""
+    if not os.environ.get(REFUSAL_ENV):  # the first of the processes: children inherit the path
+        note = Path(tempfile.gettempdir()) / f"presharded-refusal-{os.getpid()}-{os.urandom(4).hex()}"
+        os.environ[REFUSAL_ENV] = str(note)
+        atexit.register(note.unlink, missing_ok=True)
+        previous = sys.excepthook
+
+        def one_line(kind, value, traceback) -> None:
+            if note.exists() and (reasons := note.read_text().splitlines()):
+                print(f"error: {reasons[0]}", file=sys.stderr, flush=True)
+                note.unlink(missing_ok=True)
+                sys.exit(1)
+            previous(kind, value, traceback)
+
+        sys.excepthook = one_line
+    note = Path(os.environ[REFUSAL_ENV])
+
+    class NoTracebacksOnceRefused(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and note.exists():
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for handler in logging.getLogger("vllm").handlers:
+        handler.addFilter(NoTracebacksOnceRefused())
+
+
+def _drained(fd: int, quiet: float = 0.3, limit: float = 5.0) -> None:
+    """Until nothing has waited in `fd` for `quiet` seconds (or `limit` passed)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and select.select([fd], [], [], quiet)[0]:
+        time.sleep(0.05)

@@ -1,0 +1,155 @@
+"""What load_sharded_state.py does around vLLM's engine, step by step in the
+order the script calls them: the checkpoint checked against its manifest
+before vLLM is imported (for the ranks this node runs), the engine flags it
+was saved for where the user set none, the start-up caches if they are
+trusted, the engine's start and the request timed, the report. Across
+several nodes (--nnodes) the other nodes only run their workers."""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from presharded import prefetch, progress
+from presharded.engine_defaults import apply_engine_defaults
+from presharded.engine_output import engine_refusals
+from presharded.errors import UserError
+from presharded.flags import AddFlags, fill_unset, parse_engine_flags, parse_for_checks
+from presharded.formats import CHECKPOINT_FORMATS, SHARDED_STATE
+from presharded.load_checks import check_checkpoint, saved_layout
+from presharded.nodes import Liveness, Node
+from presharded.shutdown import engine_dies_with_this_process, fail
+from presharded.start_caches import CachesInUse, use_set
+from presharded.trust import TRUST_ENV, TRUST_FLAG
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    """Our flags of a load, beside vLLM's engine flags."""
+    parser.add_argument("--verify-hashes", action="store_true",
+                        help="hash every file against the manifest before loading")
+    parser.add_argument("--no-start-caches", dest="start_caches", action="store_false",
+                        help="start without the checkpoint's start-up caches (presharded-caches)")
+    parser.add_argument(TRUST_FLAG, dest="trust_start_caches", action="store_true",
+                        help="use the checkpoint's start-up caches though this user did not make them here: "
+                        f"they hold compiled code that will run (or {TRUST_ENV}=1)")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="read this node's weights into the page cache while vLLM imports")
+
+
+class Load:
+    """One load. Made before vLLM is imported: it parses the flags the checks need,
+    checks the request and the checkpoint, and starts reading ahead if asked."""
+
+    def __init__(self, argv: list[str], add_flags: AddFlags, doc: str) -> None:
+        self.started = time.perf_counter()
+        self.argv, self.add_flags, self.doc = argv, add_flags, doc
+        early = parse_for_checks(argv, add_flags, doc)
+        if early.model is None:
+            raise UserError("--model is required: a checkpoint folder from save_sharded_state.py")
+        check_sampling(early)
+        progress.decide(quiet=getattr(early, "json", True))  # the runner's output is JSON too
+        self.node = Node.from_args(early)
+        self.nodes = Liveness(self.node, "the load", fail) if self.node.count > 1 else None  # a dead node ends all
+        self.layout, self.manifest = {}, None
+        load_format = early.load_format or SHARDED_STATE
+        if load_format in CHECKPOINT_FORMATS:
+            self.manifest = check_checkpoint(Path(early.model), tensor_parallel_size=early.tensor_parallel_size,
+                                             pipeline_parallel_size=early.pipeline_parallel_size,
+                                             verify_hashes=early.verify_hashes, load_format=load_format,
+                                             node=self.node)  # of the ranks this node runs
+            self.layout = saved_layout(Path(early.model), self.manifest)
+            if early.prefetch and self.manifest is not None:  # presharded/prefetch.py
+                ranks = self.node.ranks(self.manifest.tensor_parallel_size, self.manifest.pipeline_parallel_size)
+                prefetch.start([Path(early.model) / s.path for s in self.manifest.shards_of(ranks)])
+        self.caches = CachesInUse("none", Path(early.model), {})
+        self.seconds = {"checks": round(time.perf_counter() - self.started, 3)}
+
+    def engine_flags(self) -> argparse.Namespace:
+        """Once vLLM is imported: every engine flag, those unset as the checkpoint was saved
+        (layout, dtype, quantization), workable defaults on CPU; vLLM's engine will end
+        with this script, however it ends."""
+        self.seconds["import"] = round(time.perf_counter() - self.started - self.seconds["checks"], 3)
+        args, parser = parse_engine_flags(self.argv, self.add_flags, self.doc, {"load_format": SHARDED_STATE})
+        fill_unset(args, parser, self.layout)
+        apply_engine_defaults(args, parser, saving=False)
+        engine_dies_with_this_process()
+        self.args = args
+        return args
+
+    def run_workers(self, engine_args) -> None:
+        """On a node that is not the driver: its workers serve the driver's engine until it ends."""
+        from presharded.vllm_compat import run_workers
+
+        with engine_refusals():
+            run_workers(engine_args, self.nodes.wait_for_driver)
+        print(f"{self.node}: the driver's engine has ended", file=sys.stderr)
+
+    def use_start_caches(self, args: argparse.Namespace) -> None:
+        """What an earlier start compiled, kept in the checkpoint, if it matches this machine and
+        is trusted: vLLM then starts on a link to the checkpoint beside those caches."""
+        if args.start_caches and self.manifest is not None and self.node.count == 1:
+            self.caches = use_set(Path(args.model), self.manifest, args.tensor_parallel_size,
+                                  args.pipeline_parallel_size, args.trust_start_caches)
+            args.model = str(self.caches.model)
+
+    @contextmanager
+    def engine_start(self) -> Iterator[None]:
+        """Around building the engine: a refusal of ours inside it ends the script in one line."""
+        start = time.perf_counter()
+        with engine_refusals():
+            yield
+        self.seconds["engine"] = round(time.perf_counter() - start, 3)
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Around generating: vLLM checks the prompt against the context only here."""
+        from presharded.vllm_compat import REQUEST_ERRORS
+
+        start = time.perf_counter()
+        try:
+            yield
+        except REQUEST_ERRORS as e:
+            raise UserError(f"{str(e).splitlines()[0]} (--prompt, --max-tokens, --max-model-len)") from None
+        self.seconds["generate"] = round(time.perf_counter() - start, 3)
+        self.seconds["total"] = round(time.perf_counter() - self.started, 3)
+        if self.nodes:
+            self.nodes.finish()
+        self.caches.finish()  # whether the start, first request included, compiled anything
+
+    def result(self) -> dict:
+        args = self.args
+        return {"load_format": args.load_format, "tensor_parallel_size": args.tensor_parallel_size,
+                "pipeline_parallel_size": args.pipeline_parallel_size, "caches": self.caches.status,
+                "seconds": self.seconds}
+
+    def report(self, output) -> None:
+        """The generated text (or JSON, with --json) on stdout."""
+        if self.args.json:
+            print(json.dumps({"text": output.text, "token_ids": list(output.token_ids), **self.result()}))
+            return
+        print(printable(output.text))
+        print(f"token ids: {list(output.token_ids)}")
+        print(" · ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()) + f" · start-up caches: {self.caches.status}")
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    for prompt in getattr(args, "prompts", None) or [getattr(args, "prompt", "")]:
+        try:
+            prompt.encode()
+        except UnicodeEncodeError as e:  # Python keeps bytes that are not UTF-8 as lone surrogates
+            byte = ord(prompt[e.start]) & 0xFF
+            raise UserError(f"--prompt is not UTF-8 text (byte 0x{byte:02x} at character {e.start}); pass UTF-8 text")
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens {args.max_tokens}: generate at least 1 token")
+    if getattr(args, "temperature", 0.0) < 0:
+        raise UserError(f"--temperature {args.temperature}: use 0 (greedy) or more")
+    if not 0 < getattr(args, "top_p", 1.0) <= 1:
+        raise UserError(f"--top-p {args.top_p}: use a value above 0, at most 1")
+
+
+def printable(text: str) -> str:
+    """The text with control characters escaped (a random model makes plenty)."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)

@@ -1,0 +1,279 @@
+"""What save_sharded_state.py does around vLLM's engine, step by step in the
+order the script calls them: the checks before vLLM is imported, the output
+locked, the engine's workers asked to write their ranks as they load, the
+manifest, the checkpoint published once complete, its start-up caches, the
+report. Across several nodes (--nnodes) each node runs its own workers and
+the driver (node 0) writes the manifest and publishes."""
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from presharded.engine_defaults import apply_engine_defaults
+from presharded.engine_output import engine_refusals
+from presharded.errors import UserError, exits_cleanly
+from presharded.flags import AddFlags, parse_engine_flags, parse_for_checks, parse_size, positive_size
+from presharded.formats import SAVE_FORMAT
+from presharded.manifest import CopiedFile, Manifest, hash_file, read_manifest, write_manifest
+from presharded import progress
+from presharded.nodes import Liveness, Node
+from presharded.save_checks import check_save
+from presharded.save_messages import SAVE_RECORDS, RankRecord, SaveRequest, check_records
+from presharded.shutdown import engine_dies_with_this_process, fail, interrupted
+from presharded.source_model import copy_model_files
+from presharded.staging import output_locked, publish, staging_for
+
+
+def add_save_flags(parser: argparse.ArgumentParser) -> None:
+    """A save's flags, beside vLLM's engine flags."""
+    parser.add_argument("--output", required=True, help="folder to write the checkpoint to")
+    parser.add_argument("--max-file-size", type=positive_size, default=parse_size("5GiB"),
+                        help="largest safetensors file, e.g. 5GiB (default) or 500MB")
+    parser.add_argument("--file-pattern", default=None,
+                        help="file names; default: vLLM's model-rank-{rank}-part-{part}.safetensors, "
+                        "or model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors with pipeline stages")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace the checkpoint in --output, once the new one is complete")
+    parser.add_argument("--start-caches", action=argparse.BooleanOptionalAction, default=None,
+                        help="then start vLLM once on the checkpoint with these engine flags and keep what it "
+                        "compiled in it (presharded-caches); default: on GPUs")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+class Save:
+    """One save. Made before vLLM is imported: it parses the flags the checks
+    need and checks the request (the source, the output, the file pattern)."""
+
+    def __init__(self, argv: list[str], add_flags: AddFlags, doc: str) -> None:
+        self.started = time.perf_counter()
+        self.argv = argv
+        self.early = parse_for_checks(argv, add_flags, doc)
+        progress.decide(quiet=self.early.json)  # bars on a terminal; also the workers' (presharded/writer.py)
+        self.target = check_save(self.early)
+        self.node = Node.from_args(self.early)
+        self.nodes = Liveness(self.node, "the save", fail) if self.node.count > 1 else None  # a dead node ends all
+        self.manifest: Manifest | None = None
+        self.records: list[RankRecord] = []
+        self.caches: str | None = None
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def output_locked(self) -> Iterator[None]:
+        """One save to an output at a time; vLLM's engine ends with this script, however it ends."""
+        with output_locked(self.target.output, self.node.rank):
+            engine_dies_with_this_process()
+            yield
+
+    @contextmanager
+    def staging(self) -> Iterator[None]:
+        """A staging folder for the workers to write into, published as --output once
+        the checkpoint is complete; removed if anything fails."""
+        with staging_for(self.target.output, self.node.rank) as folder:
+            self.folder = folder
+            yield
+            if interrupted():  # a Ctrl-C that Python or vLLM swallowed
+                raise KeyboardInterrupt
+            if self.manifest is not None:
+                publish(folder, self.target.output)
+        if self.nodes and self.node.is_driver:
+            self.nodes.finish()  # the other nodes publish their files now
+        self.seconds["save"] = round(time.perf_counter() - self.started, 2)
+
+    def engine_args(self, args: argparse.Namespace, parser: argparse.ArgumentParser):
+        """vLLM's engine arguments for the save: the source loaded as asked, by our loader
+        that writes each rank's state into the staging folder as it loads it
+        (presharded/save_loader.py)."""
+        from vllm import EngineArgs
+
+        apply_engine_defaults(args, parser, saving=True)
+        self.args = args
+        engine_args = EngineArgs.from_cli_args(args)
+        request = SaveRequest(str(self.folder), self.target.file_pattern, args.max_file_size,
+                              engine_args.load_format, self.node.rank)
+        engine_args.load_format = SAVE_FORMAT
+        engine_args.model_loader_extra_config = request.as_extra_config(engine_args.model_loader_extra_config)
+        engine_args.worker_extension_cls = SAVE_RECORDS  # the script asks the workers what they wrote
+        return engine_args
+
+    def write_manifest(self, llm) -> None:
+        """On the driver, once every worker has written: what they wrote, the model's
+        config and tokenizer beside it, and the manifest, written last."""
+        self.seconds["engine"] = round(time.perf_counter() - self.started, 2)
+        self.records = check_records([RankRecord.from_dict(r) for r in llm.collective_rpc("presharded_record")],
+                                     self.target.tensor_parallel_size, self.target.pipeline_parallel_size)
+        elsewhere = take_shared_files(self.records, self.folder)
+        copied = copy_model_files(self.target.source, self.folder)
+        self.manifest = make_manifest(self.records, self.target, self.args, self.early.model, self.folder, copied,
+                                      self.node.count)
+        write_manifest(self.folder, self.manifest)
+        if elsewhere:  # nodes with disks of their own publish their files with this manifest
+            llm.collective_rpc("presharded_manifest", args=(self.manifest.to_json(), sorted(elsewhere)))
+        self.llm = llm
+
+    def run_workers(self, engine_args) -> None:
+        """On another node: its workers, until the driver is done; then its own files published, if it keeps them."""
+        from presharded.vllm_compat import run_workers
+
+        with engine_refusals():
+            run_workers(engine_args, self.nodes.wait_for_driver)
+        self.manifest = finish_other_node(self.folder, self.target.source, self.node)
+
+    def wants_start_caches(self) -> bool:
+        from presharded.vllm_compat import is_cpu
+
+        wanted = self.args.start_caches
+        return self.node.is_driver and self.node.count == 1 and (wanted or (wanted is None and not is_cpu()))
+
+    def add_start_caches(self) -> None:
+        """vLLM started once more, on the checkpoint, with the save's engine flags: what it
+        compiled kept in the checkpoint (presharded/start_caches.py). A failure is a warning."""
+        from presharded.start_caches import record_set
+        from presharded.vllm_compat import shut_down
+
+        shut_down(self.llm)  # the caches' start needs the devices
+        started = time.perf_counter()
+        try:
+            self.caches = record_set(self.target.output, serving_flags(self.argv))
+        except UserError as e:
+            print(f"warning: {e}; the checkpoint is complete without them (add them with presharded-caches)",
+                  file=sys.stderr)
+        self.seconds["caches"] = round(time.perf_counter() - started, 2)
+
+    def report(self) -> None:
+        """The result: the checkpoint's path on stdout (or JSON), what was saved on stderr."""
+        output, manifest = self.target.output, self.manifest
+        if manifest is None:
+            print(f"{self.node}: the driver moved this node's files into its own folder (they share one)",
+                  file=sys.stderr)
+            return
+        here = [s for s in manifest.shards if (output / s.path).exists()]
+        if not self.node.is_driver:
+            print(output)
+            print(f"{self.node}: saved {len(here)} of the checkpoint's {len(manifest.shards)} files", file=sys.stderr)
+            return
+        write = max(rank.write_seconds for rank in self.records)  # ranks write in parallel: the slowest sets the pace
+        seconds = {"engine": self.seconds["engine"], "write": round(write, 3), "save": self.seconds["save"],
+                   "caches": self.seconds.get("caches", 0.0), "total": round(time.perf_counter() - self.started, 2)}
+        if self.args.json:
+            print(json.dumps({"output": str(output), "files": len(manifest.shards), "bytes": manifest.total_bytes,
+                              "write_gbps": round(manifest.total_bytes / write / 1e9, 3), "caches": self.caches,
+                              "seconds": seconds}))
+            return
+        print(output)
+        print(f"saved {manifest.total_bytes / 1e9:.2f} GB in {len(manifest.shards)} files for "
+              f"TP={self.target.tensor_parallel_size} PP={self.target.pipeline_parallel_size} in {seconds['save']:.1f} s"
+              + (f", start-up caches {self.caches} in {seconds['caches']:.1f} s" if self.caches else ""),
+              file=sys.stderr)
+        if len(here) < len(manifest.shards):
+            print(f"this folder holds {len(here)} of them; the other nodes hold theirs: see docs/nodes.md",
+                  file=sys.stderr)
+
+
+def make_manifest(records: list[RankRecord], target, args: argparse.Namespace, model: str, staging: Path,
+                  copied: list[str], nodes: int) -> Manifest:
+    from vllm import __version__ as vllm_version
+
+    return Manifest(
+        vllm_version=vllm_version,
+        tensor_parallel_size=target.tensor_parallel_size,
+        pipeline_parallel_size=target.pipeline_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        file_pattern=target.file_pattern,
+        dtype=records[0].dtype,
+        quantization=records[0].quantization,
+        online_quantization=records[0].online_quantization,
+        aliases={name: saved for rank in records for name, saved in rank.aliases.items()},
+        architecture=records[0].architecture,
+        source=model,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        shards=[dataclasses.replace(s, node=rank.node) for rank in records for s in rank.shards],
+        files=[CopiedFile(f, (staging / f).stat().st_size, hash_file(staging / f)) for f in copied],
+        nodes=nodes,
+    )
+
+
+def serving_flags(save_argv: list[str]) -> list[str]:
+    """The save's command line less what a load takes from the checkpoint or does not know."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ["--model", "--output", "--max-file-size", "--file-pattern", "--load-format", "--revision",
+                 "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp"]:
+        parser.add_argument(flag)
+    for flag in ["--replace", "--json", "--start-caches", "--no-start-caches"]:
+        parser.add_argument(flag, action="store_true")
+    return parser.parse_known_args(save_argv)[1]
+
+
+def take_shared_files(records: list[RankRecord], staging: Path) -> set[int]:
+    """Move the files other nodes wrote into the driver's `staging`, where the
+    driver sees them (a folder the nodes share); the nodes whose files stay on
+    disks of their own, for them to publish."""
+    elsewhere = set()
+    for record in records:
+        folder = Path(record.folder)
+        if all(present(staging, s) for s in record.shards):
+            continue
+        if folder != staging and all(present(folder, s) for s in record.shards):
+            for shard in record.shards:
+                shutil.move(folder / shard.path, staging / shard.path)
+        elif record.node != 0:
+            elsewhere.add(record.node)
+        else:  # a worker the driver's script started on another machine (Ray): no script there publishes
+            raise UserError(f"the files of rank pp={record.shards[0].pp_rank} tp={record.shards[0].tp_rank}, "
+                            f"written on {record.host}, are not in {folder} here; with Ray, save into a folder "
+                            "that every node shares, or use vLLM's own executor across nodes (--nnodes)")
+    return elsewhere
+
+
+def present(folder: Path, shard) -> bool:
+    return (folder / shard.path).is_file() and (folder / shard.path).stat().st_size == shard.size
+
+
+def finish_other_node(staging: Path, source: Path, node: Node) -> Manifest | None:
+    """After the driver is done: the manifest it sent if this node keeps its
+    own files (then they are published here with the model's config and
+    tokenizer), None if the driver took them into its folder."""
+    manifest = read_manifest(staging)
+    if manifest is None:
+        if any(staging.glob("*.safetensors")):
+            raise UserError(f"{node}: the driver ({node.master_addr}) ended before the save was complete; "
+                            "nothing was saved here: see the driver's error, and save again on every node")
+        return None
+    copy_model_files(source, staging)
+    for entry in manifest.files:
+        if hash_file(staging / entry.path) != entry.blake3:
+            raise UserError(f"{node}: {entry.path} of {source} is not the driver's; "
+                            "save from the same model files on every node")
+    return manifest
+
+
+
+def main() -> None:
+    """`python -m presharded.save`: a save for the package's own commands (presharded-bench),
+    with the script's flags. The reference, each step explained, is save_sharded_state.py."""
+    save = Save(sys.argv[1:], add_save_flags, __doc__)
+    with save.output_locked():
+        from vllm import LLM
+
+        args, parser = parse_engine_flags(sys.argv[1:], add_save_flags, __doc__)
+        with save.staging():
+            engine_args = save.engine_args(args, parser)
+            if save.node.is_driver:
+                with engine_refusals():
+                    llm = LLM.from_engine_args(engine_args)
+                save.write_manifest(llm)
+            else:
+                save.run_workers(engine_args)
+        if save.wants_start_caches():
+            save.add_start_caches()
+    save.report()
+
+
+if __name__ == "__main__":
+    exits_cleanly(main)()

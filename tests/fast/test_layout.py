@@ -1,0 +1,57 @@
+"""The arrows point down: the two scripts use the package (and vLLM's public
+API); the package reaches vLLM's internals only through vllm_compat.py and
+never runs or imports the scripts; importing the package (vLLM does, in every
+engine process, through our plugin) imports neither torch nor vLLM."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+PACKAGE = sorted((ROOT / "presharded").glob("*.py"))
+SCRIPTS = ["save_sharded_state", "load_sharded_state"]
+
+
+def imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", PACKAGE, ids=lambda p: p.name)
+def test_the_package_never_reaches_up_to_the_scripts(path):
+    assert not imports(path) & {*SCRIPTS, "runpy"}
+    names = {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)}
+    assert not names & {f"{script}.py" for script in SCRIPTS}, "a script run by its path"
+    assert "__file__" not in path.read_text(), "a path beside the package: not there once it is installed"
+
+
+@pytest.mark.parametrize("path", [*PACKAGE, *(ROOT / f"{s}.py" for s in SCRIPTS)], ids=lambda p: p.name)
+def test_vllms_internals_only_in_vllm_compat(path):
+    if path.name != "vllm_compat.py":
+        assert not {m for m in imports(path) if m.startswith("vllm.")}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_scripts_use_the_package_and_vllm(script):
+    used = imports(ROOT / f"{script}.py")
+    assert {m for m in used if not m.startswith("presharded.")} <= {"os", "sys", "argparse", "vllm"}
+
+
+def test_importing_the_package_is_light():
+    code = ("import sys, presharded; names = [getattr(presharded, n) for n in presharded.__all__]; "
+            "import presharded.plugin as p")
+    check = "; print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))"
+    light = subprocess.run([sys.executable, "-c", "import sys, presharded" + check], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert light.stdout.strip() == "[]", light.stderr
+    public = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert public.returncode == 0, public.stderr[-2000:]

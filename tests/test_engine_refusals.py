@@ -1,0 +1,31 @@
+"""Bad input that only vLLM's engine or parser can find: still one line
+naming the problem and the fix, exit 1, nothing lost."""
+
+from conftest import nothing_left, refused, small_filesystem
+
+LOAD, SAVE = "load_sharded_state.py", "save_sharded_state.py"
+
+
+def test_prompt_longer_than_the_context(checkpoints):
+    # Only the engine knows its context length: refused after it starts, still in one line.
+    line = refused("a prompt longer than the context", LOAD, "--model", str(checkpoints(1, 1)), "--enforce-eager",
+                   "--max-model-len", "32", "--prompt", "The quick brown fox " * 20, within=None)
+    assert "maximum" in line and " 32 " in line and "--max-model-len" in line
+
+
+def test_unknown_engine_flag(tiny_model, tmp_path):
+    # vLLM's parser knows its flags, so this one is caught only after vLLM is imported.
+    line = refused("save: an unknown engine flag", SAVE, "--model", str(tiny_model), "--output", str(tmp_path / "out"),
+                   "--tensor-parallel-sise", "2", within=None)
+    assert "unrecognized arguments: --tensor-parallel-sise" in line
+    nothing_left(tmp_path / "out")
+
+
+def test_disk_full_during_save(tiny_model, tmp_path):
+    """The tiny checkpoint is 1.4 MB: a 1 MiB filesystem fills up while a worker writes."""
+    with small_filesystem(tmp_path / "small", "1m") as small:
+        line = refused("save: disk full during the save", SAVE, "--model", str(tiny_model), "--output",
+                       str(small / "out"), "--enforce-eager", within=None)
+        assert "No space left on device while writing" in line and "nothing was saved" in line
+        assert "model-rank-0-part-0.safetensors" in line  # the file being written, not just the folder
+        assert list(small.iterdir()) == []
