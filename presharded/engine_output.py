@@ -53,6 +53,12 @@ def engine_refusals() -> Iterator[None]:
                     os.write(terminal, chunk)
 
     def forward() -> None:
+        while not hold:  # one node: at once, as it comes
+            if not (chunk := os.read(read_end, 65536)):
+                return
+            with lock:
+                held.append((time.monotonic(), chunk))
+            release()
         while True:
             if select.select([read_end], [], [], 0.2)[0]:
                 if not (chunk := os.read(read_end, 65536)):

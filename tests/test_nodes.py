@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PROMPT, ROOT, free_port, refused, run_script, script_env
+from conftest import PROMPT, REFUSALS, ROOT, free_port, refused, run_script, script_env
 from presharded.manifest import read_manifest
 
 
@@ -160,18 +160,20 @@ def tree(proc: subprocess.Popen) -> list[psutil.Process]:
         return []
 
 
-def ended_with_one_line(result: subprocess.CompletedProcess, *words: str) -> None:
+def ended_with_one_line(case: str, result: subprocess.CompletedProcess, *words: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and lines[-1].startswith("error: "), result.stderr[-3000:]
     assert all(w in lines[-1] for w in words), lines[-1]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    REFUSALS[case] = lines[-1]
 
 
 def test_a_node_killed_during_a_save_ends_the_other(tiny_model, tmp_path):
     output = tmp_path / "ckpt"
     (driver, other), elapsed = signal_while_starting("save_sharded_state.py", "--model", str(tiny_model), "--output",
                                                      str(output), "-tp", "2", node=1, sig=signal.SIGKILL)
-    ended_with_one_line(driver, "node 1 of 2 ended during the save")
+    ended_with_one_line("nodes: node 1 killed during a save (the driver's line)", driver,
+                        "node 1 of 2 ended during the save")
     assert elapsed < 60 and not output.exists()
     assert not list(tmp_path.glob(".ckpt.presharded-staging-node0-*"))  # the killed node's stays, marked unfinished
 
@@ -180,7 +182,8 @@ def test_the_driver_killed_during_a_load_ends_the_other(checkpoints):
     (driver, other), elapsed = signal_while_starting("load_sharded_state.py", "--model", str(checkpoints(2, 1)),
                                                      "--prompt", PROMPT, "--max-tokens", "1000", "--enforce-eager",
                                                      node=0, sig=signal.SIGKILL)
-    ended_with_one_line(other, "node 1 of 2", "node 0, the driver", "ended before the load was complete")
+    ended_with_one_line("nodes: the driver killed during a load (node 1's line)", other, "node 1 of 2",
+                        "node 0, the driver", "ended before the load was complete")
     assert elapsed < 60
 
 
@@ -189,5 +192,6 @@ def test_ctrl_c_on_the_driver_during_a_save_ends_every_node(tiny_model, tmp_path
     (driver, other), elapsed = signal_while_starting("save_sharded_state.py", "--model", str(tiny_model), "--output",
                                                      str(output), "-tp", "2", node=0, sig=signal.SIGINT)
     assert driver.returncode == 130 and driver.stderr.strip().splitlines()[-1] == "interrupted", driver.stderr[-3000:]
-    ended_with_one_line(other, "node 0, the driver", "ended before the save was complete")
+    ended_with_one_line("nodes: Ctrl-C on the driver during a save (node 1's line)", other, "node 0, the driver",
+                        "ended before the save was complete")
     assert elapsed < 60 and not output.exists() and not list(tmp_path.glob(".ckpt.presharded-*"))

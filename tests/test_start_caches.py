@@ -27,10 +27,11 @@ def user_caches(tmp_path, name: str = "user-caches") -> dict[str, str]:
     return {"VLLM_CACHE_ROOT": str(tmp_path / name / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name / "inductor")}
 
 
-def start(model, tmp_path, *flags: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
-    """A compiled start (no --enforce-eager) with empty user caches."""
+def start(model, tmp_path, *flags: str, env: dict[str, str] | None = None,
+          caches: dict[str, str] | None = None) -> tuple[dict, str]:
+    """A compiled start (no --enforce-eager) with empty user caches, or the user's `caches`."""
     proc = run_script("load_sharded_state.py", "--model", str(model), "--prompt", PROMPT, "--max-tokens", "24",
-                      "--json", *flags, env={**user_caches(tmp_path), **(env or {})})
+                      "--json", *flags, env={**(caches or user_caches(tmp_path)), **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout), proc.stderr
 
@@ -47,6 +48,21 @@ def cached(tiny_model, tmp_path_factory):
     return root / "moved"
 
 
+@pytest.fixture(scope="module")
+def own_caches(tmp_path_factory) -> dict[str, str]:
+    """The user's own cache folders, kept across this module's starts that use no set: what they
+    compile once is theirs (the tests of a set's use start with empty ones)."""
+    return user_caches(tmp_path_factory.mktemp("own-caches"))
+
+
+@pytest.fixture(scope="module")
+def reference(cached, own_caches, tmp_path_factory) -> list[int]:
+    """Greedy tokens of a compiled start without the checkpoint's caches: what every start here must give."""
+    out, _ = start(cached, tmp_path_factory.mktemp("reference"), "--no-start-caches", caches=own_caches)
+    assert out["caches"] == "none"
+    return out["token_ids"]
+
+
 def test_a_set_is_in_the_manifest(cached):
     manifest = read_manifest(cached)
     (name, entries), = manifest.caches.items()
@@ -56,26 +72,23 @@ def test_a_set_is_in_the_manifest(cached):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_a_moved_copy_starts_from_the_caches(cached, tmp_path):
+def test_a_moved_copy_starts_from_the_caches(cached, reference, tmp_path):
     shutil.rmtree(WORKSPACE / checkpoint_id(read_manifest(cached)), ignore_errors=True)  # a fresh node
     with_caches, log = start(cached, tmp_path, env={"TORCH_LOGS": "torch._inductor.codecache"})
     # vLLM's CPU build logs nothing of its compile cache; the compiler (Inductor) does
     assert "fx graph cache hit" in log and "fx graph cache miss" not in log, log[-3000:]
     assert not any(p.is_file() for p in (tmp_path / "user-caches").rglob("*"))  # the user's caches: untouched
-    without, _ = start(cached, tmp_path, "--no-start-caches")
-    assert (with_caches["caches"], without["caches"]) == ("hit", "none")
-    assert with_caches["token_ids"] == without["token_ids"]
+    assert with_caches["caches"] == "hit" and with_caches["token_ids"] == reference
 
 
-def test_a_damaged_set_is_left_unused(cached, tmp_path):
+def test_a_damaged_set_is_left_unused(cached, reference, own_caches, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(cached, damaged)
     entry = read_manifest(damaged).caches.popitem()[1][0]
     (damaged / entry.path).write_bytes(b"not what was compiled")
     shutil.rmtree(WORKSPACE / checkpoint_id(read_manifest(damaged)), ignore_errors=True)  # a new node
-    out, stderr = start(damaged, tmp_path)
-    reference, _ = start(cached, tmp_path, "--no-start-caches")
-    assert out["caches"] == "none" and out["token_ids"] == reference["token_ids"]
+    out, stderr = start(damaged, tmp_path, caches=own_caches)
+    assert out["caches"] == "none" and out["token_ids"] == reference
     warnings = [line for line in stderr.splitlines() if line.startswith("warning:") and "start-up caches" in line]
     assert len(warnings) == 1 and "missing or damaged" in warnings[0]
 
@@ -103,7 +116,7 @@ def test_presharded_caches_adds_a_set_to_a_checkpoint(checkpoints, tmp_path):
     assert proc.stdout.startswith(f"{ckpt}: start-up caches {name} ({len(entries)} files")
 
 
-def test_vllm_serve_starts_from_the_set(cached, tmp_path):
+def test_vllm_serve_starts_from_the_set(cached, reference, tmp_path):
     """`presharded-caches --serve` adds what vLLM's server compiles (on GPUs its defaults differ from the
     load script's; on CPU they compile alike); `eval "$(presharded-caches --env CKPT)"`, then the server on
     $PRESHARDED_MODEL compiles nothing, its first request included."""
@@ -122,8 +135,7 @@ def test_vllm_serve_starts_from_the_set(cached, tmp_path):
                  "fast_sharded_state", env=env) as complete:
         choice = complete("tiny", PROMPT)
     assert {k: files_under(workspace / k) for k in KINDS} == before  # a hit: the server compiled nothing
-    reference, _ = start(served, tmp_path, "--no-start-caches")
-    assert choice["token_ids"] == reference["token_ids"]
+    assert choice["token_ids"] == reference
 
 
 def test_a_kill_while_a_set_is_copied_leaves_the_old_set(cached, tmp_path, monkeypatch):
@@ -173,12 +185,11 @@ def planted(cached: Path, folder: Path, marker: Path) -> Path:
     return ckpt
 
 
-def test_a_set_someone_else_edited_runs_only_when_trusted(cached, tmp_path):
+def test_a_set_someone_else_edited_runs_only_when_trusted(cached, reference, own_caches, tmp_path):
     marker = tmp_path / "planted-code-ran"
     ckpt = planted(cached, tmp_path / "planted", marker)
-    out, stderr = start(ckpt, tmp_path)
-    reference, _ = start(cached, tmp_path, "--no-start-caches")
-    assert out["caches"] == "untrusted" and out["token_ids"] == reference["token_ids"]
+    out, stderr = start(ckpt, tmp_path, caches=own_caches)
+    assert out["caches"] == "untrusted" and out["token_ids"] == reference
     assert not marker.exists()
     warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "did not make" in warnings[0] and TRUST_FLAG in warnings[0], warnings
@@ -237,29 +248,27 @@ def take_first(shared_tmp: Path, victim: int, attacker: int, ckpt: Path, victim_
 
 
 @as_root_only
-def test_a_workspace_another_user_made_first_is_not_used(cached, tmp_path, shared_tmp):
+def test_a_workspace_another_user_made_first_is_not_used(cached, reference, own_caches, tmp_path, shared_tmp):
     marker = tmp_path / "planted-code-ran"
     evil = planted(cached, shared_tmp / "evil", marker)
     victim_file = tmp_path / "victims-file"
     victim_file.write_text("precious")
     take_first(shared_tmp, os.getuid(), ATTACKER, evil, victim_file)
-    out, stderr = start(cached, tmp_path, env={"TMPDIR": str(shared_tmp)})
-    reference, _ = start(cached, tmp_path, "--no-start-caches")
-    assert out["caches"] == "none" and out["token_ids"] == reference["token_ids"]
+    out, stderr = start(cached, tmp_path, env={"TMPDIR": str(shared_tmp)}, caches=own_caches)
+    assert out["caches"] == "none" and out["token_ids"] == reference
     assert not marker.exists() and victim_file.read_text() == "precious"
     warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and f"belongs to uid {ATTACKER}" in warnings[0], warnings
 
 
 @as_root_only
-def test_a_user_who_is_not_root_starts_from_the_caches(cached, tmp_path, shared_tmp):
+def test_a_user_who_is_not_root_starts_from_the_caches(cached, reference, tmp_path, shared_tmp):
     """The same attack on a user who is not root, then that user's own start: a check that
     refused every user but root would fail here."""
     ckpt = shutil.copytree(cached, shared_tmp / "ckpt")
     home = shared_tmp / "home"
     home.mkdir(mode=0o700)
     os.chown(home, NON_ROOT, NON_ROOT)
-    reference, _ = start(cached, tmp_path, "--no-start-caches")
     results = {}
     for attacked in (True, False):
         tmp = shared_tmp / f"tmp-{attacked}"
@@ -274,4 +283,4 @@ def test_a_user_who_is_not_root_starts_from_the_caches(cached, tmp_path, shared_
         results[attacked] = (json.loads(proc.stdout), proc.stderr)
     assert results[True][0]["caches"] == "none" and f"belongs to uid {ATTACKER}" in results[True][1]
     assert results[False][0]["caches"] == "hit"
-    assert results[True][0]["token_ids"] == results[False][0]["token_ids"] == reference["token_ids"]
+    assert results[True][0]["token_ids"] == results[False][0]["token_ids"] == reference

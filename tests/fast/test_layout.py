@@ -55,3 +55,11 @@ def test_importing_the_package_is_light():
     assert light.stdout.strip() == "[]", light.stderr
     public = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert public.returncode == 0, public.stderr[-2000:]
+
+
+def test_the_readme_lists_every_module():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout"):]
+    unlisted = [p.name for p in PACKAGE if p.name != "__init__.py" and f"{p.name}`" not in table]
+    assert not unlisted, f"README's layout table misses {unlisted}"
+    assert len(readme.splitlines()) <= 120
