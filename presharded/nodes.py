@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from presharded.errors import UserError
-from presharded.shutdown import watched_by
+from presharded.shutdown import first_on_interrupt, watched_by
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class Liveness:
         self._finish = threading.Event()
         self.port = node.master_port + 1
         self._server = None
+        self._links: list[socket.socket] = []
         if node.is_driver:
             try:
                 self._server = socket.create_server(("", self.port))
@@ -78,6 +79,7 @@ class Liveness:
                 raise UserError(f"cannot listen on port {self.port} (--master-port + 1: {e.strerror}), where the "
                                 "nodes watch each other; choose another --master-port")
         watched_by(SILENT + 4 * BEAT)
+        first_on_interrupt(self._close_links)
         threading.Thread(target=self._watch, daemon=True, name="presharded-liveness").start()
 
     def finish(self, timeout: float = 10.0) -> None:
@@ -92,6 +94,13 @@ class Liveness:
             if failed():
                 self.on_loss(f"{self.node}: a worker of this node died during {self.work}; see the messages above")
             time.sleep(BEAT)
+
+    def _close_links(self) -> None:
+        for link in list(self._links):
+            try:
+                link.shutdown(socket.SHUT_RDWR)  # the other side reads its end at once; our select wakes too
+            except OSError:
+                pass
 
     def _lost(self, reason: str) -> None:
         if not (self.done.is_set() or self._finish.is_set()):
@@ -112,6 +121,7 @@ class Liveness:
         while True:
             try:
                 link = socket.create_connection((self.node.master_addr, self.port), timeout=2)
+                self._links.append(link)
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -152,7 +162,9 @@ class Liveness:
             now = time.monotonic()
             for conn in readable:
                 if conn is self._server:
-                    links[self._server.accept()[0]] = None
+                    accepted = self._server.accept()[0]
+                    links[accepted] = None
+                    self._links.append(accepted)
                     continue
                 data = receive(conn)
                 rank = links[conn]

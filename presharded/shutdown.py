@@ -17,6 +17,7 @@ ENV = "PRESHARDED_ENGINE_OF"  # every process under one of our scripts carries t
 REFUSAL_ENV = "PRESHARDED_REFUSAL"  # where code inside vLLM's engine writes why it refused (presharded/errors.py)
 _interrupted = threading.Event()
 _cleanups: list[Callable[[], None]] = []
+_first_on_interrupt: list[Callable[[], None]] = []
 _failure: list[str] = []  # why another thread ended the script
 _failed = threading.Event()
 _watched: list[float] = []  # a watcher may yet call `fail`: how long to wait for its word
@@ -37,6 +38,8 @@ def engine_dies_with_this_process() -> None:
 
     def interrupt(signum, frame) -> None:
         _interrupted.set()
+        for tell in _first_on_interrupt:
+            tell()
         end_started(os.getpid(), spare=_guard)
         threading.Thread(target=_exit_if_stuck, daemon=True).start()
         raise KeyboardInterrupt
@@ -79,6 +82,12 @@ def failure(wait: bool = False) -> str | None:
         if _watched and not _interrupted.is_set():
             _failed.wait(max(_watched))
     return _failure[0] if _failure else None
+
+
+def first_on_interrupt(tell: Callable[[], None]) -> None:
+    """What a Ctrl-C does before it ends the engine: other nodes hear of it from
+    us before their engines see this one's sockets close (and print tracebacks)."""
+    _first_on_interrupt.append(tell)
 
 
 def on_stuck_interrupt(cleanup: Callable[[], None]) -> None:
