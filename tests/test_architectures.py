@@ -37,7 +37,8 @@ def source(tmp_path_factory):
 
 
 # TP=2 exercises per architecture all that TP=1 does, and the sharding; TP=1: Qwen2 (biases, tied
-# embeddings), the tiny Llama in test_round_trip.py, and all nine on a GPU (docs/gpu.md).
+# embeddings), the tiny Llama in test_round_trip.py, and all nine on a GPU (docs/gpu.md). Pipeline
+# stages: the tied tiny Llama in test_round_trip.py, and across two nodes in test_nodes.py.
 @pytest.mark.parametrize("arch,tp", [(arch, 2) for arch in ARCHS] + [("qwen2", 1)],
                          ids=[f"{arch}-tp2" for arch in ARCHS] + ["qwen2-tp1"])
 def test_round_trip_per_architecture(source, tmp_path, arch, tp):
@@ -68,12 +69,3 @@ def test_expert_parallel_loads(source, expert_parallel):
                                   (expert_parallel, FAST_FORMAT)], "-tp", "2", "--enable-expert-parallel",
                                  world_size=2)
     assert sharded == auto and fast == auto
-
-
-def test_pipeline_stages_round_trip(source, tmp_path):
-    model = source("qwen2")
-    checkpoint = save(model, tmp_path / "ckpt", tp=1, pp=2)
-    auto, sharded, fast = greedy([(model, "auto"), (checkpoint, SHARDED_STATE), (checkpoint, FAST_FORMAT)],
-                                 "-pp", "2", world_size=2)
-    assert sharded == auto and fast == auto
-

@@ -54,19 +54,21 @@ def test_load_files_reads_exact_tensors_refuses_other_shapes_and_always_releases
         load_files([path], {k: torch.empty_like(v) for k, v in tensors.items()}, Staging(2, 1000, torch.device("cpu")))
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)], ids=["tp1", "tp2"])
-def test_fast_loader_round_trip(checkpoints, reference_tokens, tp, pp):
-    out = generate(checkpoints(tp, pp), "--load-format", "fast_sharded_state", world_size=tp * pp)
+def test_fast_loader_round_trip_tp2(checkpoints, reference_tokens):
+    out = generate(checkpoints(2, 1), "--load-format", "fast_sharded_state", world_size=2)
     assert out["load_format"] == "fast_sharded_state"
-    assert out["token_ids"] == reference_tokens(tp, pp)
+    assert out["token_ids"] == reference_tokens(2, 1)
 
 
 def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, reference_tokens):
+    """At TP=1: through vLLM's server, and through the load script (the round trip at TP=1)."""
     checkpoint = checkpoints(1, 1)
     with serving(checkpoint, "--load-format", "fast_sharded_state", "--enforce-eager") as complete:
         choice = complete(str(checkpoint), PROMPT)
-    assert choice["token_ids"] == reference_tokens(1, 1)
-    assert choice["text"] == generate(checkpoint, "--load-format", "fast_sharded_state")["text"]
+    out = generate(checkpoint, "--load-format", "fast_sharded_state")
+    assert out["load_format"] == "fast_sharded_state"
+    assert choice["token_ids"] == out["token_ids"] == reference_tokens(1, 1)
+    assert choice["text"] == out["text"]
 
 
 def test_a_refusal_inside_vllm_serve_ends_on_its_line(checkpoints):
