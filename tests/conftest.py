@@ -136,6 +136,13 @@ def save(model: Path, output: Path, *flags: str, tp: int = 1, pp: int = 1) -> Pa
     return output
 
 
+def weights(checkpoint: Path) -> dict:
+    """Every tensor of a TP=1 checkpoint, whatever its parts: two saves of one model compare equal."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(checkpoint.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def generate(model: Path, *flags: str, world_size: int = 1) -> dict:
     """Greedy tokens from load_sharded_state.py --json."""
     proc = run_script("load_sharded_state.py", "--model", str(model), "--prompt", PROMPT,

@@ -9,10 +9,11 @@ from conftest import generate, save
 from presharded.manifest import read_manifest
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)], ids=["tp1", "tp2"])  # PP=2: the tied round trip below
-def test_round_trip(checkpoints, reference_tokens, tp, pp):
+# PP=2: the tied round trip below. TP=1 reads the weights ahead (--prefetch) too: the same tokens.
+@pytest.mark.parametrize("tp,pp,flags", [(1, 1, ["--prefetch"]), (2, 1, [])], ids=["tp1-prefetch", "tp2"])
+def test_round_trip(checkpoints, reference_tokens, tp, pp, flags):
     checkpoint = checkpoints(tp, pp)
-    out = generate(checkpoint, world_size=tp * pp)  # sizes come from the manifest
+    out = generate(checkpoint, *flags, world_size=tp * pp)  # sizes come from the manifest
     assert out["load_format"] == "sharded_state"
     assert (out["tensor_parallel_size"], out["pipeline_parallel_size"]) == (tp, pp)
     assert len(out["token_ids"]) == 24
