@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from presharded.errors import UserError
+from presharded.errors import UserError, before_the_error_line
 from presharded.shutdown import REFUSAL_ENV, on_stuck_interrupt, watched
 
 
@@ -36,6 +36,7 @@ def engine_refusals() -> Iterator[None]:
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)  # the engine's processes inherit it
     os.close(write_end)
+    os.set_blocking(read_end, False)
     on_stuck_interrupt(lambda: os.dup2(terminal, 2))  # so that `interrupted` reaches the terminal
     hold = 2.0 if watched() else 0.0
     held: deque[tuple[float, bytes]] = deque()
@@ -52,24 +53,35 @@ def engine_refusals() -> Iterator[None]:
                 else:
                     os.write(terminal, chunk)
 
+    def pump() -> bool:
+        """Move what waits in the pipe to `held`, under the lock (so nothing read is ever
+        in flight outside it); False once every writer has gone."""
+        with lock:
+            while True:
+                try:
+                    chunk = os.read(read_end, 65536)
+                except BlockingIOError:
+                    return True
+                if not chunk:
+                    return False
+                held.append((time.monotonic(), chunk))
+
     def forward() -> None:
         while not hold:  # one node: at once, as it comes
-            if not (chunk := os.read(read_end, 65536)):
-                return
-            with lock:
-                held.append((time.monotonic(), chunk))
+            select.select([read_end], [], [])
+            if not pump():
+                return release(everything=True)
             release()
         while True:
-            if select.select([read_end], [], [], 0.2)[0]:
-                if not (chunk := os.read(read_end, 65536)):
-                    break
-                with lock:
-                    held.append((time.monotonic(), chunk))
+            select.select([read_end], [], [], 0.2)
+            if not pump():
+                break
             release()
         release(everything=True)
 
     threading.Thread(target=forward, daemon=True).start()
     atexit.register(release, everything=True)
+    before_the_error_line(lambda: (pump(), release(everything=True)))  # the engine's words that came first, first
     try:
         yield
     except Exception:

@@ -11,6 +11,7 @@ from typing import TypeVar
 from presharded.shutdown import REFUSAL_ENV, failure, interrupted
 
 T = TypeVar("T")
+_before_the_error_line: list[Callable[[], object]] = []
 
 
 class UserError(Exception):
@@ -25,6 +26,8 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
         try:
             return main()
         except UserError as e:
+            for flush in _before_the_error_line:
+                flush()
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(1)  # now: a running engine's shutdown would log after our line
@@ -40,6 +43,11 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
     return wrapper
 
 
+
+
+def before_the_error_line(flush: Callable[[], object]) -> None:
+    """What must reach the terminal before our `error:` line (the engine's output, relayed by a thread)."""
+    _before_the_error_line.append(flush)
 
 
 def refuses(method: Callable[..., T]) -> Callable[..., T]:

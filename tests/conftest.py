@@ -136,11 +136,12 @@ def save(model: Path, output: Path, *flags: str, tp: int = 1, pp: int = 1) -> Pa
     return output
 
 
-def weights(checkpoint: Path) -> dict:
-    """Every tensor of a TP=1 checkpoint, whatever its parts: two saves of one model compare equal."""
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two TP=1 checkpoints hold the same tensors, whatever their parts."""
     from safetensors.torch import load_file
 
-    return {k: v for f in sorted(checkpoint.glob("*.safetensors")) for k, v in load_file(f).items()}
+    x, y = ({k: v for f in sorted(c.glob("*.safetensors")) for k, v in load_file(f).items()} for c in (a, b))
+    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
 
 
 def generate(model: Path, *flags: str, world_size: int = 1) -> dict:

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, script_env, weights
+from conftest import ROOT, same_weights, script_env
 from presharded.manifest import read_manifest
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -24,5 +24,4 @@ def test_save_from_a_hub_id(tiny_model, checkpoints, tmp_path):
     manifest = read_manifest(output)
     assert manifest.source == "local/tiny-llama"
     assert {f.path for f in manifest.files} >= {"config.json", "tokenizer.json"}
-    saved, local = weights(output), weights(checkpoints(1, 1))  # the local save's tokens: test_round_trip.py
-    assert saved.keys() == local.keys() and all(saved[k].equal(local[k]) for k in saved)
+    assert same_weights(output, checkpoints(1, 1))  # the local save's tokens: test_round_trip.py
