@@ -6,6 +6,8 @@ The checkpoint is checked against its manifest before any engine starts; the
 tensor- and pipeline-parallel sizes, dtype and quantization it was saved for
 are used unless given. Every vLLM engine flag works; --load-format defaults
 to sharded_state (--load-format fast_sharded_state reads the same files faster).
+With --snapshot the checkpoint's engine snapshot (presharded-snapshot) is
+restored instead of starting vLLM, where it fits this machine.
 """
 
 import os
@@ -25,13 +27,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    add_checkpoint_flags(parser)  # --verify-hashes, --no-start-caches, --trust-start-caches, --prefetch
+    add_checkpoint_flags(parser)  # --verify-hashes, --no-start-caches, --prefetch, --snapshot, --trust-...
 
 
 @exits_cleanly
 def main() -> None:
     # Checks first: importing vLLM takes seconds, bad input should not wait for it.
     load = Load(sys.argv[1:], add_flags, __doc__)  # the checkpoint against its manifest, for this node's ranks
+    if output := load.from_snapshot():  # --snapshot: a restored engine instead of a start, if it can be
+        return load.report(output)
     from vllm import LLM, EngineArgs, SamplingParams
 
     args = load.engine_flags()  # every engine flag; those unset as the checkpoint was saved

@@ -17,7 +17,9 @@ the same steps as save_sharded_state.py and load_sharded_state.py.
 `--fresh` measures a new node instead: every start with empty compile caches
 and a cold page cache (the weights and the Python packages), for vLLM's
 `sharded_state`, ours without and with the checkpoint's start-up caches (and
-with the weights read ahead), then the same node warm.
+with the weights read ahead), the checkpoint's engine snapshot restored
+(`snapshot`: made first with presharded-snapshot; beside it the time `cat`
+takes to read the image and the weights cold), then the same node warm.
 """
 
 import argparse
@@ -38,9 +40,10 @@ from safetensors.torch import save_file
 
 from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV, SHARDED_STATE
 from presharded.manifest import read_manifest
+from presharded.snapshot import IMAGES
 from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id
 from presharded.tiny_models import build_tiny_llama, build_tokenizer
-from presharded.trust import TRUST_FLAG
+from presharded.trust import TRUST_FLAG, TRUST_SNAPSHOT_FLAG
 
 ARCHITECTURES = {  # LlamaConfig arguments of real models' shapes
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -224,8 +227,33 @@ FRESH = {  # name: (load format, load script flags); a new node has no record of
     "ours-no-caches": (FAST_FORMAT, ["--no-start-caches"]),
     "ours-caches": (FAST_FORMAT, [TRUST_FLAG]),
     "ours-caches-prefetch": (FAST_FORMAT, [TRUST_FLAG, "--prefetch"]),
+    "snapshot": (FAST_FORMAT, ["--snapshot", TRUST_SNAPSHOT_FLAG]),  # restored, not started; GPUs only
 }
-WARM_AGAIN = ["sharded_state", "ours-caches"]  # the same node again: its caches filled, the files in page cache
+WARM_AGAIN = ["sharded_state", "ours-caches", "snapshot"]  # the same node again: caches filled, files in page cache
+
+
+def start_restored(checkpoint: Path, tp: int, extra: list[str]) -> dict:
+    """load_sharded_state.py --snapshot: the checkpoint's engine snapshot restored and asked for a token;
+    its phases in start_once's terms (no import, no profiling: a restore, a wake and the weights)."""
+    cmd = [sys.executable, "-m", "load_sharded_state", "--model", str(checkpoint), "--prompt", "The quick brown fox",
+           "--max-tokens", "1", "--json", *FRESH["snapshot"][1], "-tp", str(tp), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    result = json.loads(proc.stdout) if proc.returncode == 0 else {}
+    if not result.get("snapshot", {}).get("used"):
+        raise RuntimeError(f"the engine snapshot was not restored:\n{proc.stderr[-3000:]}")
+    s = result["snapshot"]["seconds"]
+    return {"import": 0.0, "engine_start": s["check"] + s["restore"] + s["cuda_restore"] + s["wake"],
+            "model_init": 0.0, "weights": s["weights"], "profile_kv_warmup": 0.0, "first_token": s["generate"],
+            "total": result["seconds"]["total"], "engine": 0.0, "token_ids": [result["token_ids"]],
+            "caches": "snapshot", "snapshot": result["snapshot"], "loads": []}
+
+
+def read_seconds(files: list[Path]) -> float:
+    """How long `cat` takes to read `files` from a cold page cache: the disk's floor for a new node."""
+    new_node(files)
+    start = time.perf_counter()
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    return round(time.perf_counter() - start, 3)
 
 
 def package_files() -> list[Path]:
@@ -259,9 +287,18 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
                 raise RuntimeError(f"save with start-up caches at TP={tp} failed:\n{save.stderr[-3000:]}")
             report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2),
                                     **json.loads(save.stdout)})
+        if "snapshot" in args.fresh_variants and not read_manifest(checkpoint).snapshots:
+            made = subprocess.run([sys.executable, "-m", "presharded.snapshot_cli", str(checkpoint), "--json",
+                                   TRUST_FLAG, "-tp", str(tp), *extra], capture_output=True, text=True)
+            if made.returncode != 0:
+                raise RuntimeError(f"presharded-snapshot at TP={tp} failed:\n{made.stderr[-3000:]}")
+            report["snapshot"] = json.loads(made.stdout)
         manifest = read_manifest(checkpoint)
         rank_files = [checkpoint / s.path for s in manifest.shards]
         rank_bytes = sum(f.stat().st_size for f in rank_files) // tp
+        if manifest.snapshots:
+            image = [checkpoint / e.path for entries in manifest.snapshots.values() for e in entries]
+            report["floor_seconds"] = read_seconds(image + rank_files)  # what a restore reads, cold
         user_caches = {name: work / "user-caches" / name for name in FRESH}
         for cache, name in [("fresh", name) for name in args.fresh_variants] + \
                 [("warm", name) for name in WARM_AGAIN if name in args.fresh_variants]:
@@ -270,10 +307,14 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
             if cache == "fresh":
                 shutil.rmtree(user_caches[name], ignore_errors=True)
                 shutil.rmtree(WORKSPACE / checkpoint_id(manifest), ignore_errors=True)
+                shutil.rmtree(IMAGES / f"presharded-{os.getuid()}", ignore_errors=True)  # the checked image copy
                 report["evicted"] = new_node(rank_files)
             else:
                 set_cache(rank_files, warm=True)
-            row = start_once(checkpoint, load_format, tp, [*flags, *extra], env)
+            if name == "snapshot":
+                row = start_restored(checkpoint, tp, extra)
+            else:
+                row = start_once(checkpoint, load_format, tp, [*flags, *extra], env)
             row.update(tp=tp, format=name, cache=cache, repeat=0, rank_bytes=rank_bytes,
                        gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
             row["token_ids"] = row["token_ids"][:1]
@@ -284,13 +325,13 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
     return report
 
 
-def against_targets(rows: list[dict]) -> list[str]:
+def against_targets(rows: list[dict], floor: float | None = None) -> list[str]:
     """Issue 11's targets: a fresh start with caches within 1.15 x of the same node warm, and at
-    least 2.5 x faster than vLLM's sharded_state on a fresh node."""
+    least 2.5 x faster than vLLM's sharded_state on a fresh node; issue 25's for the snapshot."""
     lines = []
     for tp in sorted({r["tp"] for r in rows}):
         total = {(r["format"], r["cache"]): r["total"] for r in rows if r["tp"] == tp}
-        warm = min((v for (f, c), v in total.items() if c == "warm"), default=None)
+        warm = min((v for (f, c), v in total.items() if c == "warm" and f != "snapshot"), default=None)
         for name in [f for f, c in total if c == "fresh" and f.startswith("ours-caches")]:
             ours = total[name, "fresh"]
             if warm:
@@ -298,6 +339,17 @@ def against_targets(rows: list[dict]) -> list[str]:
             if ("sharded_state", "fresh") in total:
                 lines.append(f"TP={tp}: fresh sharded_state / fresh {name} = "
                              f"{total['sharded_state', 'fresh'] / ours:.2f} (target >= 2.5)")
+        if ("snapshot", "fresh") in total:  # issue 25's targets
+            restored = total["snapshot", "fresh"]
+            lines.append(f"TP={tp}: fresh snapshot {restored:.2f} s (target <= 15)")
+            if floor:
+                lines.append(f"TP={tp}: fresh snapshot / cat of its image and weights = {restored / floor:.2f} "
+                             "(target <= 1.2)")
+            for other in ("ours-caches", "ours-caches-prefetch", "sharded_state"):
+                if (other, "fresh") in total:
+                    lines.append(f"TP={tp}: fresh {other} / fresh snapshot = {total[other, 'fresh'] / restored:.2f}")
+        if ("snapshot", "warm") in total:
+            lines.append(f"TP={tp}: warm snapshot {total['snapshot', 'warm']:.2f} s (target <= 4)")
     return lines
 
 
@@ -389,7 +441,7 @@ def main() -> None:
     report = run_fresh(args, extra) if args.fresh else run(args, extra)
     rows = summarize(report)
     report["summary"] = rows
-    report["targets"] = against_targets(rows) if args.fresh else []
+    report["targets"] = against_targets(rows, report.get("floor_seconds")) if args.fresh else []
     Path(args.out, "bench.json").write_text(json.dumps(report, indent=1))
     print(table(rows))
     print("\n".join(report["targets"]))

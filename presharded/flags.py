@@ -93,6 +93,14 @@ def parse_for_checks(argv: Sequence[str], add_flags: AddFlags, description: str)
     return args
 
 
+def engine_argv(argv: Sequence[str], add_flags: AddFlags) -> list[str]:
+    """`argv` without the script's own flags and --model: the engine flags as the user gave them."""
+    parser = _OneLineErrors(add_help=False, allow_abbrev=False)
+    parser.add_argument("--model")
+    add_flags(parser)
+    return parser.parse_known_args(_normalize(argv))[1]
+
+
 def check_counts(args: argparse.Namespace) -> None:
     """Sizes the engine needs at least one of, and a node among the nodes."""
     for dest in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "nnodes"):

@@ -13,17 +13,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from presharded import prefetch, progress
+from presharded import prefetch, progress, snapshot
 from presharded.engine_defaults import apply_engine_defaults
 from presharded.engine_output import engine_refusals
 from presharded.errors import UserError
-from presharded.flags import AddFlags, fill_unset, parse_engine_flags, parse_for_checks
-from presharded.formats import CHECKPOINT_FORMATS, SHARDED_STATE
+from presharded.flags import AddFlags, engine_argv, fill_unset, parse_engine_flags, parse_for_checks
+from presharded.formats import CHECKPOINT_FORMATS, FAST_FORMAT, SHARDED_STATE
 from presharded.load_checks import check_checkpoint, saved_layout
 from presharded.nodes import Liveness, Node
 from presharded.shutdown import engine_dies_with_this_process, fail
 from presharded.start_caches import CachesInUse, use_set
-from presharded.trust import TRUST_ENV, TRUST_FLAG
+from presharded.trust import TRUST_ENV, TRUST_FLAG, TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +37,12 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
                         f"they hold compiled code that will run (or {TRUST_ENV}=1)")
     parser.add_argument("--prefetch", action="store_true",
                         help="read this node's weights into the page cache while vLLM imports")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="restore the checkpoint's engine snapshot (presharded-snapshot) instead of starting "
+                        "vLLM, if it matches this machine and these engine flags")
+    parser.add_argument(TRUST_SNAPSHOT_FLAG, dest="trust_snapshot", action="store_true",
+                        help="restore the checkpoint's engine snapshot though this user did not make it here: "
+                        f"it is a whole process that will run (or {TRUST_SNAPSHOT_ENV}=1)")
 
 
 class Load:
@@ -46,14 +52,14 @@ class Load:
     def __init__(self, argv: list[str], add_flags: AddFlags, doc: str) -> None:
         self.started = time.perf_counter()
         self.argv, self.add_flags, self.doc = argv, add_flags, doc
-        early = parse_for_checks(argv, add_flags, doc)
+        self.early = early = parse_for_checks(argv, add_flags, doc)
         if early.model is None:
             raise UserError("--model is required: a checkpoint folder from save_sharded_state.py")
         check_sampling(early)
         progress.decide(quiet=getattr(early, "json", True))  # the runner's output is JSON too
         self.node = Node.from_args(early)
         self.nodes = Liveness(self.node, "the load", fail) if self.node.count > 1 else None  # a dead node ends all
-        self.layout, self.manifest = {}, None
+        self.layout, self.manifest, self.prefetching = {}, None, False
         load_format = early.load_format or SHARDED_STATE
         if load_format in CHECKPOINT_FORMATS:
             self.manifest = check_checkpoint(Path(early.model), tensor_parallel_size=early.tensor_parallel_size,
@@ -63,9 +69,35 @@ class Load:
             self.layout = saved_layout(Path(early.model), self.manifest)
             if early.prefetch and self.manifest is not None:  # presharded/prefetch.py
                 ranks = self.node.ranks(self.manifest.tensor_parallel_size, self.manifest.pipeline_parallel_size)
-                prefetch.start([Path(early.model) / s.path for s in self.manifest.shards_of(ranks)])
+                files = [Path(early.model) / s.path for s in self.manifest.shards_of(ranks)]
+                self.prefetching = prefetch.start(files) is not None
         self.caches = CachesInUse("none", Path(early.model), {})
+        self.snapshot: dict = {"used": False}
         self.seconds = {"checks": round(time.perf_counter() - self.started, 3)}
+
+    def from_snapshot(self) -> snapshot.Generated | None:
+        """With --snapshot: the engine restored from the checkpoint's snapshot, asked the prompt,
+        with the rank's weights read into the page cache meanwhile; None (one warning) when it
+        cannot be: vLLM then starts as usual."""
+        early = self.early
+        if not getattr(early, "snapshot", False):
+            return None
+        if self.manifest is None or self.node.count > 1:
+            print("warning: not restoring an engine snapshot: it needs a checkpoint with a manifest, on one node; "
+                  "starting vLLM instead", file=sys.stderr)
+            return None
+        if not self.prefetching:
+            self.prefetching = prefetch.start([Path(early.model) / s.path for s in self.manifest.shards]) is not None
+        request = {k: getattr(early, k) for k in ("prompt", "max_tokens", "temperature", "top_p")}
+        output = snapshot.restore(Path(early.model), self.manifest, engine_argv(self.argv, self.add_flags), request,
+                                  early.trust_snapshot, self.snapshot)
+        if output is not None:
+            early.load_format = FAST_FORMAT
+            early.tensor_parallel_size = early.pipeline_parallel_size = 1
+            self.args = early
+            self.seconds.update(self.snapshot["seconds"])
+            self.seconds["total"] = round(time.perf_counter() - self.started, 3)
+        return output
 
     def engine_flags(self) -> argparse.Namespace:
         """Once vLLM is imported: every engine flag, those unset as the checkpoint was saved
@@ -123,7 +155,7 @@ class Load:
         args = self.args
         return {"load_format": args.load_format, "tensor_parallel_size": args.tensor_parallel_size,
                 "pipeline_parallel_size": args.pipeline_parallel_size, "caches": self.caches.status,
-                "seconds": self.seconds}
+                "snapshot": self.snapshot, "seconds": self.seconds}
 
     def report(self, output) -> None:
         """The generated text (or JSON, with --json) on stdout."""
@@ -132,7 +164,9 @@ class Load:
             return
         print(printable(output.text))
         print(f"token ids: {list(output.token_ids)}")
-        print(" · ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()) + f" · start-up caches: {self.caches.status}")
+        used = f" · engine snapshot {self.snapshot['set']}" if self.snapshot["used"] else ""
+        print(" · ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()) + f" · start-up caches: {self.caches.status}"
+              + used)
 
 
 def check_sampling(args: argparse.Namespace) -> None:

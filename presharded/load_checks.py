@@ -70,7 +70,7 @@ def check_checkpoint(
     for a checkpoint made without one, such as vLLM's own example writes.
     The copied files (config, tokenizer) and every weight file's tensor table
     are always hashed, the weights themselves (and with `caches` the start-up
-    caches) with `verify_hashes`. Stray files are looked for among the
+    caches and engine snapshots) with `verify_hashes`. Stray files are looked for among the
     weights, or with `every_file` among all files.
     Only the weights of the ranks that `node` runs (of one `rank`) are required."""
     if not folder.is_dir():
@@ -97,7 +97,7 @@ def check_checkpoint(
     check_layout(folder, manifest.engine_defaults(), tensor_parallel_size, pipeline_parallel_size)
     shards = manifest.shards_of([rank] if rank else node.ranks(manifest.tensor_parallel_size,
                                                                manifest.pipeline_parallel_size))
-    cached = [e for entries in manifest.caches.values() for e in entries]
+    cached = [e for sets in (manifest.caches, manifest.snapshots) for entries in sets.values() for e in entries]
     for entry in [*shards, *manifest.files, *(cached if caches else [])]:
         path = folder / entry.path
         if not path.is_file():

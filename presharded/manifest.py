@@ -17,6 +17,7 @@ from presharded.errors import UserError
 MANIFEST_NAME = "presharded.json"
 CACHES_DIR = "start-caches"  # start-up caches: start-caches/SET/KIND/... (presharded/start_caches.py)
 CACHE_KINDS = ("vllm", "inductor", "triton")
+SNAPSHOTS_DIR = "snapshots"  # engine snapshots: snapshots/SET/... (presharded/snapshot.py)
 FORMAT_NAME = "presharded"
 FORMAT_VERSION = 3  # 2: each weight file's header hash; 3: the node that wrote each
 # vLLM's own names, so its built-in sharded_state loader reads our files too.
@@ -82,6 +83,7 @@ class Manifest:
     aliases: dict[str, str] = field(default_factory=dict)  # a tensor saved once under another name -> that name
     nodes: int = 1  # how many nodes saved it; each may hold only its own ranks' files
     caches: dict[str, list[CopiedFile]] = field(default_factory=dict)  # start-up caches: presharded/start_caches.py
+    snapshots: dict[str, list[CopiedFile]] = field(default_factory=dict)  # engine snapshots: presharded/snapshot.py
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     hash: str = "blake3"
@@ -133,6 +135,9 @@ class Manifest:
         raw["caches"] = {name: [CopiedFile(**fields_of(f, FILE_FIELDS, where, "a start-up cache file's entry"))
                                 for f in listed(files, where, f"start-up cache set {name!r}")]
                          for name, files in raw.get("caches", {}).items()}
+        raw["snapshots"] = {name: [CopiedFile(**fields_of(f, FILE_FIELDS, where, "an engine snapshot file's entry"))
+                                   for f in listed(files, where, f"engine snapshot {name!r}")]
+                            for name, files in raw.get("snapshots", {}).items()}
         manifest = cls(**raw)
         if problem := manifest.problem():
             raise UserError(f"{where}: {problem}; this is not a manifest presharded writes: save the checkpoint again")
@@ -169,8 +174,9 @@ class Manifest:
         if len(parts) != tp * pp:
             return f"{tp * pp - len(parts)} of its {tp * pp} ranks have no weight file"
         for f in self.files:
-            if f.path == MANIFEST_NAME or f.path.endswith(".safetensors") or f.path.split("/")[0] == CACHES_DIR:
-                return f"copied file {f.path!r} is a weight file, the manifest or a start-up cache"
+            if f.path == MANIFEST_NAME or f.path.endswith(".safetensors") or \
+                    f.path.split("/")[0] in (CACHES_DIR, SNAPSHOTS_DIR):
+                return f"copied file {f.path!r} is a weight file, the manifest, a start-up cache or a snapshot"
         for name, entries in self.caches.items():
             if not WORD.fullmatch(name):
                 return f"start-up cache set {name!r} is not a plain folder name"
@@ -178,6 +184,12 @@ class Manifest:
                 if f.path.split("/")[:2] != [CACHES_DIR, name] or f.path.count("/") < 3 \
                         or f.path.split("/")[2] not in CACHE_KINDS:
                     return f"start-up cache file {f.path!r} is not under {CACHES_DIR}/{name}/{{{','.join(CACHE_KINDS)}}}/"
+        for name, entries in self.snapshots.items():
+            if not WORD.fullmatch(name):
+                return f"engine snapshot {name!r} is not a plain folder name"
+            for f in entries:
+                if f.path.split("/")[:2] != [SNAPSHOTS_DIR, name] or f.path.count("/") < 2:
+                    return f"engine snapshot file {f.path!r} is not under {SNAPSHOTS_DIR}/{name}/"
         paths = [e.path for e in self.entries()]
         for entry in self.entries():
             if not (0 <= entry.size <= MAX_FILE_BYTES and HEX64.fullmatch(entry.blake3)):
@@ -189,8 +201,9 @@ class Manifest:
         return None
 
     def entries(self) -> list["Shard | CopiedFile"]:
-        """Every file the manifest lists: weights, copied files, start-up caches."""
-        return [*self.shards, *self.files, *(e for entries in self.caches.values() for e in entries)]
+        """Every file the manifest lists: weights, copied files, start-up caches, engine snapshots."""
+        return [*self.shards, *self.files, *(e for sets in (self.caches, self.snapshots)
+                                             for entries in sets.values() for e in entries)]
 
 
 # A manifest is bounded before it is parsed: a 70B model at TP=8 with its caches lists a few thousand files.
@@ -206,7 +219,7 @@ MANIFEST_FIELDS = {
     "quantization": ((str, type(None)), True), "architecture": ((str,), True), "source": ((str,), True),
     "created": ((str,), True), "shards": ((list,), True), "files": ((list,), True),
     "online_quantization": ((bool,), False), "aliases": ((dict,), False), "nodes": ((int,), False),
-    "caches": ((dict,), False),
+    "caches": ((dict,), False), "snapshots": ((dict,), False),
 }
 SHARD_FIELDS = {
     "path": ((str,), True), "pp_rank": ((int,), True), "tp_rank": ((int,), True), "part": ((int,), True),

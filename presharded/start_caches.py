@@ -116,7 +116,7 @@ def store_set(workspace: Path, folder: Path, name: str) -> list[CopiedFile]:
     Copied beside the set first, then swapped in by renames: a kill while copying leaves the old set
     as the manifest lists it (and a hidden folder that verify names)."""
     dest = folder / CACHES_DIR / name
-    new, old = dest.with_name(f".{name}.new-{os.getpid()}"), dest.with_name(f".{name}.old-{os.getpid()}")
+    new = dest.with_name(f".{name}.new-{os.getpid()}")
     entries = []
     files = [(kind, relative) for kind in KINDS for relative in sorted(files_under(workspace / kind))]
     for kind, relative in counted(files, f"copying the start-up caches {name} into the checkpoint"):
@@ -125,12 +125,18 @@ def store_set(workspace: Path, folder: Path, name: str) -> list[CopiedFile]:
         shutil.copy2(workspace / kind / relative, target)
         path = (dest / kind / relative).relative_to(folder).as_posix()
         entries.append(CopiedFile(path, target.stat().st_size, hash_file(target)))
+    new.mkdir(parents=True, exist_ok=True)  # a start that compiled nothing
+    swap_in(new, dest)
+    return entries
+
+
+def swap_in(new: Path, dest: Path) -> None:
+    """`new` renamed to `dest`, the folder there before (if any) renamed away first, then removed."""
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     if dest.exists():
         dest.rename(old)
-    new.mkdir(parents=True, exist_ok=True)  # a start that compiled nothing
     new.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
-    return entries
 
 
 @dataclass
@@ -275,12 +281,13 @@ def matches(path: Path, entry: CopiedFile) -> bool:
     return path.is_file() and path.stat().st_size == entry.size and hash_file(path) == entry.blake3
 
 
-def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedFile]) -> bool:
+def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedFile], kind: str = CACHES_DIR,
+                 what: str = "the start-up caches") -> bool:
     """The set's files in the workspace, each copied there and checked there, where no one
     else can change it; False (with a warning) if one is missing or damaged. What another
     start already put there stays: it may be running from it."""
-    for entry in counted(entries, f"putting the start-up caches {name} in place"):
-        source, target = folder / entry.path, workspace / entry.path.removeprefix(f"{CACHES_DIR}/{name}/")
+    for entry in counted(entries, f"putting {what} {name} in place"):
+        source, target = folder / entry.path, workspace / entry.path.removeprefix(f"{kind}/{name}/")
         if matches(target, entry):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -292,8 +299,8 @@ def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedF
             pass
         if not matches(temporary, entry):
             temporary.unlink(missing_ok=True)
-            print(f"warning: {source} is missing or damaged (not as in {MANIFEST_NAME}): starting without the "
-                  f"start-up caches {name}", file=sys.stderr)
+            print(f"warning: {source} is missing or damaged (not as in {MANIFEST_NAME}): starting without "
+                  f"{what} {name}", file=sys.stderr)
             return False
         os.replace(temporary, target)
     return True

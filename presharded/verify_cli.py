@@ -47,10 +47,12 @@ def main() -> None:
                                 require_manifest=True, node=node)
     shards = manifest.shards_of(node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size))
     cached = sum(len(entries) for entries in manifest.caches.values())
-    files = len(shards) + len(manifest.files) + cached
-    result = {"checkpoint": str(args.checkpoint), "files": files, "start_cache_files": cached, "hashes_match": True}
-    lines = [f"ok: {files} files in {args.checkpoint} ({cached} of them start-up caches) match the manifest's "
-             "sizes and hashes"]
+    snapshot = sum(len(entries) for entries in manifest.snapshots.values())
+    files = len(shards) + len(manifest.files) + cached + snapshot
+    result = {"checkpoint": str(args.checkpoint), "files": files, "start_cache_files": cached,
+              "snapshot_files": snapshot, "hashes_match": True}
+    lines = [f"ok: {files} files in {args.checkpoint} ({cached} of them start-up caches, {snapshot} engine "
+             "snapshots) match the manifest's sizes and hashes"]
     if args.source:
         # The same layout and dtype for both; the file pattern only concerns the checkpoint.
         layout = manifest.engine_defaults()

@@ -24,6 +24,7 @@ __all__ = [
     "online_quantized_layers",
     "parallel_ranks",
     "parallel_sizes",
+    "refill_weights",
     "register_model_loader",
     "run_workers",
     "shut_down",
@@ -134,3 +135,17 @@ def shut_down(llm) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def refill_weights(llm) -> None:
+    """After `wake_up` from sleep level 2 (the weights freed): our loader reads the checkpoint's
+    weights into the model again, in its one worker (an engine in this process)."""
+
+    def refill(worker) -> None:
+        from presharded.fast_loader import FastShardedStateLoader
+
+        runner = worker.model_runner
+        FastShardedStateLoader(worker.vllm_config.load_config).load_weights(runner.get_model(), runner.model_config)
+        torch.cuda.synchronize()
+
+    llm.collective_rpc(refill)

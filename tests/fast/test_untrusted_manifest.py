@@ -125,7 +125,7 @@ def test_every_reader_refuses(files_only, tmp_path, case, reader):
 def test_verify_checks_the_start_up_caches(files_only, tmp_path):
     ckpt = shutil.copytree(files_only(), tmp_path / "ckpt")
     proc = run_script("presharded.verify_cli", str(ckpt))
-    assert proc.returncode == 0 and "(1 of them start-up caches)" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "(1 of them start-up caches, 0 engine snapshots)" in proc.stdout, proc.stderr
     cached = ckpt / SET / "inductor" / "kernel.py"
     cached.write_text(cached.read_text().replace("compiled", "replaced"))  # same size, other bytes
     line = refused("a start-up cache file changed (verify)", "presharded.verify_cli", str(ckpt))

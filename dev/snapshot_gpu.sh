@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Engine snapshot (issue 25) on the GPU machine, through the product's own commands:
+# presharded-snapshot makes it, load_sharded_state.py --snapshot restores it, and the
+# greedy tokens are compared with a normal start of the same checkpoint and flags.
+# After ../shared/gpu/README.md's install, with .whl/criu (stage-criu.sh, plus NVIDIA's
+# cuda-checkpoint) carried:
+#   bash dev/snapshot_gpu.sh tiny $OUT          # the tiny Llama, TP=1
+#   bash dev/snapshot_gpu.sh llama-3-8b $OUT    # the 8B shape, random bf16, TP=1
+set -euo pipefail
+model=$1 out=$2
+mkdir -p "$out" /root/criu/bin
+cp -rn .whl/criu/. /root/criu/ 2>/dev/null || true
+printf '#!/bin/sh\nexec env LD_LIBRARY_PATH=/root/criu/lib /root/criu/criu "$@"\n' > /root/criu/bin/criu
+ln -sf /root/criu/cuda-checkpoint /root/criu/bin/cuda-checkpoint
+chmod +x /root/criu/bin/criu /root/criu/cuda-checkpoint
+export PYTHONPATH=/root/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 PATH=/root/criu/bin:$PATH
+echo 2 > /proc/sys/kernel/io_uring_disabled
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /root/site . 2>&1 | tail -2
+{ criu --version; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; uname -r
+  python3 -c "import importlib.metadata as m; print('vllm', m.version('vllm'), 'torch', m.version('torch'))"; } \
+  > "$out/system.txt"
+cd /root  # as a user would: the package installed, the checkpoint anywhere
+flags=()
+if [ "$model" = tiny ]; then
+  [ -d /root/tiny ] || python3 -m presharded.tiny_models /root/tiny > /dev/null
+  flags=(--gpu-memory-utilization 0.3)
+else
+  [ -d "/root/$model" ] || python3 -c "from pathlib import Path; from presharded.bench import synthesize; synthesize('$model', Path('/root/$model'))"
+fi
+ckpt=/root/$model-tp1
+rm -rf "$ckpt"
+python3 -m save_sharded_state --model "/root/$model" --output "$ckpt" --no-start-caches "${flags[@]}" --json \
+  > "$out/$model-save.json"
+python3 -m presharded.snapshot_cli "$ckpt" "${flags[@]}" --json > "$out/$model-snapshot.json"
+load() { python3 -m load_sharded_state --model "$ckpt" --prompt "The capital of France is" --max-tokens 32 --json \
+  "${flags[@]}" "$@"; }
+load --load-format fast_sharded_state > "$out/$model-normal.json" 2> "$out/$model-normal.err"
+sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0   # a new node: cold files, no image copy
+load --snapshot > "$out/$model-restored-cold.json" 2> "$out/$model-restored-cold.err"
+load --snapshot > "$out/$model-restored-warm.json" 2> "$out/$model-restored-warm.err"
+python3 - "$out" "$model" <<'PY'
+import json, pathlib, sys
+out, model = pathlib.Path(sys.argv[1]), sys.argv[2]
+normal = json.loads((out / f"{model}-normal.json").read_text())
+print(f"{model}: normal start {normal['seconds']}")
+for run in ("restored-cold", "restored-warm"):
+    r = json.loads((out / f"{model}-{run}.json").read_text())
+    print(f"{model} {run}: used {r['snapshot']['used']}, same tokens {r['token_ids'] == normal['token_ids']}, "
+          f"{r['snapshot'].get('seconds')}")
+PY

@@ -1,0 +1,43 @@
+"""Add an engine snapshot to a checkpoint: start vLLM's engine on it once with
+the engine flags given, let it generate and fall asleep (its weights and KV
+cache freed), and keep the process, dumped by CRIU with NVIDIA's
+cuda-checkpoint, inside the checkpoint as the snapshot for this machine's GPU,
+driver, versions and those flags. A load with the same flags restores it
+instead of starting vLLM (presharded/snapshot.py says how, and what must match):
+
+    sysctl kernel.io_uring_disabled=2        # once per boot: CRIU cannot dump an io_uring
+    presharded-snapshot /models/llama-8b [--max-model-len 8192 ...]
+    python load_sharded_state.py --model /models/llama-8b --snapshot [--max-model-len 8192 ...]
+
+Needs root, one NVIDIA GPU (TP=1 for now), `criu` (4.2.1 or later) and
+`cuda-checkpoint` on PATH.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from presharded.errors import exits_cleanly
+from presharded.snapshot import make
+from presharded.trust import TRUST_ENV, TRUST_FLAG
+
+
+@exits_cleanly
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument(TRUST_FLAG, dest="trust", action="store_true",
+                        help=f"start from the checkpoint's start-up caches though this user did not make them "
+                        f"here (or {TRUST_ENV}=1)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args, engine_flags = parser.parse_known_args()
+    name, made = make(args.checkpoint, engine_flags, args.trust)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "snapshot": name, **made}))
+    else:
+        print(f"{args.checkpoint}: engine snapshot {name} ({made['image_bytes'] / 2**30:.2f} GiB; "
+              f"CUDA checkpoint {made['cuda_checkpoint']:.2f} s, dump {made['dump']:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

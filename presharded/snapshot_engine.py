@@ -1,0 +1,109 @@
+"""The process an engine snapshot holds (presharded/snapshot.py starts it and
+dumps it): vLLM's engine in this very process, started from the checkpoint
+with sleep mode, asleep once it has generated. Restored, it goes on where it
+waited: it wakes, reads its weights from the checkpoint with our loader,
+answers the one request it finds in its inbox, and exits.
+
+    python -m presharded.snapshot_engine INBOX --model WORKSPACE/ID/model [engine flags]
+"""
+
+import os
+
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from presharded.engine_defaults import apply_engine_defaults
+from presharded.flags import fill_unset, parse_engine_flags
+from presharded.formats import FAST_FORMAT
+from presharded.load_checks import saved_layout
+from presharded.manifest import read_manifest
+from presharded.snapshot import put, wait_for
+
+PROMPT = "The capital of France is"
+
+
+def start(argv: list[str]):
+    """vLLM's engine as a load starts it (the checkpoint's layout where unset), with sleep mode."""
+    from vllm import LLM, EngineArgs
+
+    args, parser = parse_engine_flags(argv, lambda parser: None, __doc__, {"load_format": FAST_FORMAT})
+    model = Path(args.model)
+    fill_unset(args, parser, saved_layout(model, read_manifest(model)))
+    apply_engine_defaults(args, parser, saving=False)
+    args.load_format, args.enable_sleep_mode = FAST_FORMAT, True
+    return LLM.from_engine_args(EngineArgs.from_cli_args(args))
+
+
+def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+
+
+def fall_asleep(llm) -> float:
+    """The weights and the KV cache freed, and every GPU block not in use given back: what is
+    left on the GPU goes into the image. The GiB still in use."""
+    import torch
+
+    llm.sleep(level=2)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
+
+
+def redirect(log: str | None) -> None:
+    """Standard input and output to /dev/null (nothing of this machine's terminal or pipes goes into
+    the image), or, restored, the output to `log`."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log else os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2) if log is None else (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+
+
+def answer(llm, request: dict) -> dict:
+    """Restored: wake, refill the weights, generate."""
+    from presharded.vllm_compat import REQUEST_ERRORS, refill_weights
+
+    seconds = {}
+    t = time.perf_counter()
+    llm.wake_up()
+    seconds["wake"] = time.perf_counter() - t
+    t = time.perf_counter()
+    refill_weights(llm)
+    seconds["weights"] = time.perf_counter() - t
+    t = time.perf_counter()
+    try:
+        output = generate(llm, request["prompt"], request["max_tokens"], request["temperature"], request["top_p"])
+    except REQUEST_ERRORS as e:
+        return {"error": str(e).splitlines()[0], "request": True}
+    seconds["generate"] = time.perf_counter() - t
+    return {"text": output.text, "token_ids": list(output.token_ids), "seconds": seconds}
+
+
+def main() -> None:
+    inbox, argv = Path(sys.argv[1]), sys.argv[2:]
+    t = time.perf_counter()
+    llm = start(argv)
+    tokens = list(generate(llm, PROMPT, 16).token_ids)
+    started = time.perf_counter() - t
+    asleep = fall_asleep(llm)
+    redirect(None)
+    put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3), "gpu_in_use_asleep_gib": asleep})
+    request = wait_for(inbox / "request.json", lambda: True, float("inf"), "the request")  # restored: from here on
+    redirect(request["log"])
+    try:
+        done = answer(llm, request)
+    except Exception as e:  # the script that restored this process reads why, and starts vLLM instead
+        traceback.print_exc()
+        done = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    put(inbox / "done.json", done)
+    os._exit(0)  # vLLM's shutdown would only take time
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Engine snapshots (presharded/snapshot.py) around the restore: CI has no GPU
+and no CRIU that runs on its glibc, so the restore itself is proven on the GPU
+machine (dev/results/snapshot-*). Here: a set's place in the manifest and
+verify, the trust rules, a damaged image, another Python, missing tools and a
+CRIU that fails, each one warning and a normal start with the same tokens;
+presharded-snapshot's refusals. A set here is made by hand, for this machine
+and these flags: its image is bytes, not a process."""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROMPT, generate, refused, run_script
+from presharded import snapshot
+from presharded.errors import UserError
+from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
+from presharded.snapshot import engine_flags, set_name
+from presharded.trust import TRUST_SNAPSHOT_ENV, record
+
+FLAGS = ["--enforce-eager"]  # conftest.generate's engine flags
+REQUEST = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0.0, "top_p": 1.0}
+
+
+def with_snapshot(checkpoint: Path, dest: Path, flags: list[str] = FLAGS, python: str = sys.executable) -> str:
+    """A copy of `checkpoint` at `dest` with a snapshot set for this machine and `flags`; the set's name."""
+    shutil.copytree(checkpoint, dest)
+    name = set_name(engine_flags(flags), 1, 1)
+    files = {"pages-1.img": os.urandom(1 << 20), "snapshot.json": json.dumps({"python": os.path.realpath(python)})}
+    manifest = read_manifest(dest)
+    manifest.snapshots[name] = []
+    for file, data in files.items():
+        path = dest / "snapshots" / name / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+        manifest.snapshots[name].append(CopiedFile(path.relative_to(dest).as_posix(), path.stat().st_size,
+                                                   hash_file(path)))
+    write_manifest(dest, manifest)
+    return name
+
+
+@pytest.fixture
+def snapshotted(checkpoints, tmp_path, monkeypatch) -> Path:
+    """A copy of the tiny TP=1 checkpoint with a set; this user's trust records empty; no tools on PATH."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv(TRUST_SNAPSHOT_ENV, raising=False)
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + ":/usr/bin:/bin")
+    with_snapshot(checkpoints(1, 1), tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def restore(folder: Path, capsys, flags: list[str] = FLAGS, trust: bool = False) -> tuple[dict, list[str]]:
+    """snapshot.restore as a load calls it: what it reported, and its warning lines."""
+    status: dict = {}
+    assert snapshot.restore(folder, read_manifest(folder), flags, REQUEST, trust, status) is None
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+
+
+def fake_tools(folder: Path) -> str:
+    """A `criu` that fails as CRIU fails, and a `cuda-checkpoint`: a PATH with them first."""
+    folder.mkdir()
+    for tool in snapshot.TOOLS:
+        (folder / tool).write_text("#!/bin/sh\necho 'Error (criu/cr-restore.c:2417): no process to restore here' >&2\n"
+                                   "exit 1\n")
+        (folder / tool).chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def test_flags_compare_as_vllm_reads_them():
+    assert engine_flags(["--max_model_len=64", "-tp", "1"]) == ["--max-model-len", "64", "-tp", "1"]
+    assert engine_flags(["--load-format", "sharded_state", "--enforce-eager"]) == ["--enforce-eager"]
+    assert set_name(["--enforce-eager"], 1, 1) != set_name(["--enforce-eager", "--max-model-len", "64"], 1, 1)
+
+
+def test_the_image_keeps_no_secrets(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    env = snapshot.engine_env({})
+    assert "HF_TOKEN" not in env and "AWS_SECRET_ACCESS_KEY" not in env and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_the_set_is_in_the_manifest_and_verified(snapshotted):
+    proc = run_script("presharded.verify_cli", str(snapshotted), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["snapshot_files"] == 2, proc.stderr
+    (name, entries), = read_manifest(snapshotted).snapshots.items()
+    (snapshotted / entries[0].path).write_bytes(os.urandom(1 << 20))
+    line = refused("an engine snapshot's image changed", "presharded.verify_cli", str(snapshotted))
+    assert "does not match its hash" in line and name in line
+
+
+@pytest.mark.parametrize("path", ["start-caches/x/vllm/a", "snapshots/other/pages-1.img", "snapshots/../x"])
+def test_a_set_lists_only_its_own_folder(snapshotted, path):
+    text = (snapshotted / "presharded.json").read_text()
+    raw = json.loads(text)
+    (name, entries), = raw["snapshots"].items()
+    entries[0]["path"] = path
+    (snapshotted / "presharded.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError):
+        read_manifest(snapshotted)
+
+
+def test_a_snapshot_runs_only_if_trusted(snapshotted, capsys):
+    status, warnings = restore(snapshotted, capsys)
+    assert len(warnings) == 1 and "did not make on this machine" in warnings[0] and "--trust-snapshot" in warnings[0]
+    (name, entries), = read_manifest(snapshotted).snapshots.items()
+    record(name, entries, snapshotted, "snapshots")  # made here by this user: trusted, on to the tools
+    status, warnings = restore(snapshotted, capsys)
+    assert len(warnings) == 1 and "not found on PATH" in warnings[0], warnings
+    assert status["used"] is False and status["set"] == name
+
+
+def test_what_does_not_match_is_named(snapshotted, checkpoints, tmp_path, capsys):
+    _, warnings = restore(snapshotted, capsys, flags=[*FLAGS, "--max-model-len", "64"])
+    assert len(warnings) == 1 and "none for" in warnings[0] and "engine flags" in warnings[0]
+    with_snapshot(checkpoints(1, 1), tmp_path / "other-python", python="/usr/bin/env")
+    _, warnings = restore(tmp_path / "other-python", capsys, trust=True)
+    assert len(warnings) == 1 and "made with /usr/bin/env" in warnings[0]
+
+
+def test_a_damaged_image_is_not_restored(snapshotted, capsys):
+    (name, entries), = read_manifest(snapshotted).snapshots.items()
+    with open(snapshotted / entries[0].path, "r+b") as f:  # same size, other bytes
+        f.write(b"\0" * 4096)
+    status, warnings = restore(snapshotted, capsys, trust=True)
+    assert len(warnings) == 1 and "missing or damaged" in warnings[0] and name in warnings[0]
+    assert status["used"] is False
+
+
+def test_a_failed_restore_starts_vllm_with_the_same_tokens(snapshotted, tmp_path):
+    """Trusted and intact, but CRIU fails (as on any machine it cannot restore on): one warning, then
+    vLLM starts as usual and gives the tokens a start without --snapshot gives."""
+    proc = run_script("load_sharded_state.py", "--model", str(snapshotted), "--prompt", PROMPT, "--max-tokens", "24",
+                      "--enforce-eager", "--json", "--snapshot", "--trust-snapshot",
+                      env={"PATH": fake_tools(tmp_path / "bin")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    out = json.loads(proc.stdout)
+    expected = "criu restore failed (Error (criu/cr-restore.c" if os.geteuid() == 0 else "CRIU needs root"
+    assert len(warnings) == 1 and expected in warnings[0], proc.stderr[-3000:]
+    assert out["snapshot"]["used"] is False and out["load_format"] == "sharded_state"
+    assert out["token_ids"] == generate(snapshotted)["token_ids"]
+
+
+def test_presharded_snapshot_refuses_what_it_cannot_do(checkpoints, tmp_path):
+    tp2 = checkpoints(2, 1)
+    line = refused("an engine snapshot at TP=2", "presharded.snapshot_cli", str(tp2), unchanged=tp2)
+    assert "only one GPU" in line
+    tp1 = checkpoints(1, 1)
+    line = refused("an engine snapshot without CRIU", "presharded.snapshot_cli", str(tp1), unchanged=tp1)
+    assert "not found on PATH" in line or "needs an NVIDIA GPU" in line
