@@ -283,10 +283,10 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
             save = subprocess.run([sys.executable, "-m", "presharded.save", "--model", str(source),
                                    "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json",
                                    "--start-caches", *extra], capture_output=True, text=True)
-            if save.returncode != 0 or json.loads(save.stdout)["caches"] is None:
+            if save.returncode != 0 or json.loads(save.stdout.strip().splitlines()[-1])["caches"] is None:
                 raise RuntimeError(f"save with start-up caches at TP={tp} failed:\n{save.stderr[-3000:]}")
             report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2),
-                                    **json.loads(save.stdout)})
+                                    **json.loads(save.stdout.strip().splitlines()[-1])})
         if "snapshot" in args.fresh_variants and not read_manifest(checkpoint).snapshots:
             made = subprocess.run([sys.executable, "-m", "presharded.snapshot_cli", str(checkpoint), "--json",
                                    TRUST_FLAG, "-tp", str(tp), *extra], capture_output=True, text=True)

@@ -8,6 +8,7 @@ the driver (node 0) writes the manifest and publishes."""
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -257,6 +258,7 @@ def finish_other_node(staging: Path, source: Path, node: Node) -> Manifest | Non
 def main() -> None:
     """`python -m presharded.save`: a save for the package's own commands (presharded-bench),
     with the script's flags. The reference, each step explained, is save_sharded_state.py."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results
     save = Save(sys.argv[1:], add_save_flags, __doc__)
     with save.output_locked():
         from vllm import LLM

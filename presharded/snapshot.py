@@ -43,7 +43,7 @@ from presharded.errors import UserError
 from presharded.load_checks import check_checkpoint
 from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, Manifest, hash_file, write_manifest
 from presharded.private import private_folder
-from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place, swap_in, use_set
+from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, link_model, put_in_place, swap_in, use_set
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, record, trusted_by_user
 
 TOOLS = ("criu", "cuda-checkpoint")
@@ -51,6 +51,7 @@ TOOLS = ("criu", "cuda-checkpoint")
 # established TCP socket; there is no iptables to lock the network with.
 CRIU_FLAGS = ["--shell-job", "--tcp-established", "--network-lock", "skip", "--ext-unix-sk", "--file-locks"]
 META = "snapshot.json"
+COMPILED = "workspace"  # in a set: the compile caches the process used, put back in the workspace before a restore
 SECRETS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")  # left out of the process, hence its image
 IMAGES = Path("/dev/shm") if Path("/dev/shm").is_dir() else WORKSPACE.parent  # the checked copy: memory, no disk
 
@@ -182,9 +183,10 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple
         raise UserError("CRIU cannot dump the io_uring that the engine opens: run "
                         "`sysctl kernel.io_uring_disabled=2` first")
     name = set_name(engine_flags(argv), manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
-    caches = use_set(checkpoint, manifest, 1, 1, trust_caches)  # a faster start; the workspace link in any case
+    use_set(checkpoint, manifest, 1, 1, trust_caches)  # the start-up caches in the workspace, if trusted: a faster start
     workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
     link_model(workspace, checkpoint)
+    caches = {var: str(workspace / kind) for kind, var in KINDS.items()}  # whatever it compiles: kept with the image
     new = checkpoint / SNAPSHOTS_DIR / f".{name}.new-{os.getpid()}"
     seconds: dict[str, float] = {}
     with inbox(manifest) as box:
@@ -192,7 +194,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple
         cmd = [sys.executable, "-m", "presharded.snapshot_engine", str(box), "--model", str(workspace / "model"),
                *argv]
         print(f"starting vLLM on {checkpoint} for the engine snapshot {name}", file=sys.stderr, flush=True)
-        proc = subprocess.Popen(cmd, env=engine_env(caches.env), stdin=subprocess.DEVNULL, stdout=sys.stderr,
+        proc = subprocess.Popen(cmd, env=engine_env(caches), stdin=subprocess.DEVNULL, stdout=sys.stderr,
                                 start_new_session=True, cwd="/")
         try:
             ready = wait_for(box / "ready.json", lambda: proc.poll() is None, 3600, "vLLM's engine")
@@ -205,6 +207,9 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple
                     "vllm": importlib.util.find_spec("vllm").origin, "tokens": ready["tokens"],
                     "gpu_in_use_asleep_gib": ready["gpu_in_use_asleep_gib"]}
             (new / META).write_text(json.dumps(meta, indent=1) + "\n")
+            for kind in KINDS:  # the process maps what it compiled (Inductor's .so files): it must be there
+                if (workspace / kind).is_dir():
+                    shutil.copytree(workspace / kind, new / COMPILED / kind)
             files = sorted(p for p in new.rglob("*") if p.is_file())
             entries = [CopiedFile(f"{SNAPSHOTS_DIR}/{name}/{p.relative_to(new).as_posix()}", p.stat().st_size,
                                   hash_file(p)) for p in files]
@@ -263,7 +268,12 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
     for other in images.glob("snapshot-*"):  # one image at a time in memory
         if other != image:
             shutil.rmtree(other, ignore_errors=True)
-    if not put_in_place(image, checkpoint, name, entries, SNAPSHOTS_DIR, "the engine snapshot"):
+    workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
+    compiled = [e for e in entries if e.path.startswith(f"{SNAPSHOTS_DIR}/{name}/{COMPILED}/")]
+    if not (put_in_place(image, checkpoint, name, [e for e in entries if e not in compiled], SNAPSHOTS_DIR,
+                         "the engine snapshot")
+            and put_in_place(workspace, checkpoint, COMPILED, compiled, f"{SNAPSHOTS_DIR}/{name}",
+                             f"the engine snapshot {name}'s")):
         status["reason"] = "its image is missing or damaged"  # put_in_place warned
         return None
     if (made_with := made_by(image / META)) != os.path.realpath(sys.executable):
@@ -272,7 +282,7 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
     if problem := unsupported(manifest, 1):
         return skip(problem)
     seconds["check"] = time.perf_counter() - start
-    link_model(private_folder(WORKSPACE) / checkpoint_id(manifest), checkpoint)
+    link_model(workspace, checkpoint)
     with inbox(manifest) as box:
         put(box / "request.json", {**request, "log": str(box / "engine.log")})
         become_subreaper()  # the restored process becomes this one's child: waited for, and killed with it
