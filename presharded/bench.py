@@ -240,7 +240,8 @@ def start_restored(checkpoint: Path, tp: int, extra: list[str]) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     result = json.loads(proc.stdout) if proc.returncode == 0 else {}
     if not result.get("snapshot", {}).get("used"):
-        raise RuntimeError(f"the engine snapshot was not restored:\n{proc.stderr[-3000:]}")
+        warnings = [line for line in proc.stderr.splitlines() if line.startswith(("warning:", "error:"))]
+        raise RuntimeError("the engine snapshot was not restored: " + "\n".join(warnings) + f"\n{proc.stderr[-1500:]}")
     s = result["snapshot"]["seconds"]
     return {"import": 0.0, "engine_start": s["check"] + s["restore"] + s["cuda_restore"] + s["wake"],
             "model_init": 0.0, "weights": s["weights"], "profile_kv_warmup": 0.0, "first_token": s["generate"],
