@@ -183,7 +183,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple
         raise UserError("CRIU cannot dump the io_uring that the engine opens: run "
                         "`sysctl kernel.io_uring_disabled=2` first")
     name = set_name(engine_flags(argv), manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
-    use_set(checkpoint, manifest, 1, 1, trust_caches)  # the start-up caches in the workspace, if trusted: a faster start
+    use_set(checkpoint, manifest, 1, 1, trust_caches)  # the start-up caches in the workspace if trusted: faster
     workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
     link_model(workspace, checkpoint)
     caches = {var: str(workspace / kind) for kind, var in KINDS.items()}  # whatever it compiles: kept with the image
@@ -197,7 +197,8 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple
         proc = subprocess.Popen(cmd, env=engine_env(caches), stdin=subprocess.DEVNULL, stdout=sys.stderr,
                                 start_new_session=True, cwd="/")
         try:
-            ready = wait_for(box / "ready.json", lambda: proc.poll() is None, 3600, "vLLM's engine")
+            ready = wait_for(box / "ready.json", lambda: proc.poll() is None, 3600,
+                             "vLLM's engine for the snapshot")
             seconds["cuda_checkpoint"] = tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(proc.pid))
             seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(proc.pid), "-D", str(new), "-W", str(box),
                                    *CRIU_FLAGS, "-o", "dump.log", log=box / "dump.log")
@@ -222,8 +223,8 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple
     manifest.snapshots[name] = entries
     write_manifest(checkpoint, manifest)
     record(name, entries, checkpoint, SNAPSHOTS_DIR)
-    image = sum(e.size for e in entries)
-    return name, {"image_bytes": image, "start_seconds": ready["start_seconds"], **{k: round(v, 3) for k, v in seconds.items()}}
+    made = {"image_bytes": sum(e.size for e in entries), "start_seconds": ready["start_seconds"]}
+    return name, {**made, **{k: round(v, 3) for k, v in seconds.items()}}
 
 
 @dataclass
