@@ -14,7 +14,7 @@ def test_verify_passes_on_a_good_checkpoint(checkpoints):
     proc = run_script(VERIFY, str(checkpoints(2, 1)), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout) == {"checkpoint": str(checkpoints(2, 1)), "files": 7, "start_cache_files": 0,
-                                       "hashes_match": True}
+                                       "snapshot_files": 0, "hashes_match": True}
 
 
 def test_verify_finds_a_flipped_byte(checkpoints, tmp_path):
