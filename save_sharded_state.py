@@ -40,6 +40,7 @@ def main() -> None:
                 save.run_workers(engine_args)  # this node's workers (--nnodes), until the driver is done
         if save.wants_start_caches():
             save.add_start_caches()  # vLLM started once on the checkpoint; what it compiled kept in it
+    save.upload()  # --output s3://...: every file uploaded, the manifest last
     save.report()
 
 

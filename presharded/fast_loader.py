@@ -15,7 +15,8 @@ from torch import nn
 from presharded.errors import UserError, refuses
 from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV
 from presharded.load_checks import check_checkpoint
-from presharded.manifest import default_pattern, render
+from presharded import s3
+from presharded.manifest import default_pattern, read_manifest, render
 from presharded.reader import Staging, load_files
 from presharded.vllm_compat import BaseModelLoader, parallel_ranks, parallel_sizes, unique_tensors
 
@@ -51,9 +52,10 @@ class FastShardedStateLoader(BaseModelLoader):
         self.threads = int(extra.pop("threads", 16))
         self.chunk_size = int(extra.pop("chunk_mib", 16)) * 2**20
         self.pattern = extra.pop("pattern", None)
+        self.s3 = extra.pop("s3", None)  # the checkpoint's weights are there; its small files in the model folder
         if extra:
             raise UserError(f"unknown model_loader_extra_config keys for {FAST_FORMAT}: {sorted(extra)}; "
-                            "it takes threads, chunk_mib and pattern")
+                            "it takes threads, chunk_mib, pattern and s3")
         # vLLM makes the loader in the worker right before it builds the model:
         # start pinning the staging buffers now, to be ready when the weights are read.
         self.staging = None
@@ -68,10 +70,15 @@ class FastShardedStateLoader(BaseModelLoader):
         folder = Path(model_config.model_weights or model_config.model)
         pp_size, tp_size = parallel_sizes()
         pp_rank, tp_rank = parallel_ranks()
-        manifest = check_checkpoint(folder, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size,
-                                    rank=(pp_rank, tp_rank))
+        if self.s3:  # the load fetched the small files and checked the objects (presharded/s3.py)
+            manifest = read_manifest(folder)
+        else:
+            manifest = check_checkpoint(folder, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size,
+                                        rank=(pp_rank, tp_rank))
         aliases = manifest.aliases if manifest is not None else {}
-        if manifest is not None:
+        if self.s3:
+            paths = s3.objects(self.s3, manifest, [s.path for s in manifest.shards_of([(pp_rank, tp_rank)])])
+        elif manifest is not None:
             paths = [folder / s.path for s in manifest.shards_of([(pp_rank, tp_rank)])]
         else:  # as vLLM's sharded_state finds them
             pattern = self.pattern or default_pattern(pp_size)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from presharded import prefetch, progress, snapshot
+from presharded import prefetch, progress, s3, snapshot
 from presharded.engine_defaults import apply_engine_defaults
 from presharded.engine_output import engine_refusals
 from presharded.errors import UserError
@@ -60,14 +60,20 @@ class Load:
         self.node = Node.from_args(early)
         self.nodes = Liveness(self.node, "the load", fail) if self.node.count > 1 else None  # a dead node ends all
         self.layout, self.manifest, self.prefetching = {}, None, False
+        self.s3 = early.model if s3.is_s3(early.model) else None
+        if self.s3:  # the small files fetched here, the weights read from there (presharded/s3.py)
+            if (early.load_format or FAST_FORMAT) != FAST_FORMAT:
+                raise UserError(f"an s3:// checkpoint loads with --load-format {FAST_FORMAT}: vLLM's "
+                                f"{early.load_format} reads only folders")
+            early.load_format, early.model = FAST_FORMAT, str(s3.fetch(self.s3))
         load_format = early.load_format or SHARDED_STATE
         if load_format in CHECKPOINT_FORMATS:
             self.manifest = check_checkpoint(Path(early.model), tensor_parallel_size=early.tensor_parallel_size,
                                              pipeline_parallel_size=early.pipeline_parallel_size,
                                              verify_hashes=early.verify_hashes, load_format=load_format,
-                                             node=self.node)  # of the ranks this node runs
+                                             node=self.node, s3_url=self.s3)  # of the ranks this node runs
             self.layout = saved_layout(Path(early.model), self.manifest)
-            if early.prefetch and self.manifest is not None:  # presharded/prefetch.py
+            if early.prefetch and self.manifest is not None and not self.s3:  # presharded/prefetch.py
                 ranks = self.node.ranks(self.manifest.tensor_parallel_size, self.manifest.pipeline_parallel_size)
                 files = [Path(early.model) / s.path for s in self.manifest.shards_of(ranks)]
                 self.prefetching = prefetch.start(files) is not None
@@ -82,9 +88,9 @@ class Load:
         early = self.early
         if not getattr(early, "snapshot", False):
             return None
-        if self.manifest is None or self.node.count > 1:
-            print("warning: not restoring an engine snapshot: it needs a checkpoint with a manifest, on one node; "
-                  "starting vLLM instead", file=sys.stderr)
+        if self.manifest is None or self.node.count > 1 or self.s3:
+            print("warning: not restoring an engine snapshot: it needs a checkpoint folder with a manifest, on one "
+                  "node; starting vLLM instead", file=sys.stderr)
             return None
         if not self.prefetching:
             self.prefetching = prefetch.start([Path(early.model) / s.path for s in self.manifest.shards]) is not None
@@ -106,6 +112,9 @@ class Load:
         self.seconds["import"] = round(time.perf_counter() - self.started - self.seconds["checks"], 3)
         args, parser = parse_engine_flags(self.argv, self.add_flags, self.doc, {"load_format": SHARDED_STATE})
         fill_unset(args, parser, self.layout)
+        if self.s3:
+            args.model, args.load_format = self.early.model, FAST_FORMAT
+            args.model_loader_extra_config = {**(args.model_loader_extra_config or {}), "s3": self.s3}
         apply_engine_defaults(args, parser, saving=False)
         engine_dies_with_this_process()
         self.args = args

@@ -5,6 +5,7 @@ import re
 import sys
 from pathlib import Path
 
+from presharded import s3
 from presharded.errors import UserError
 from presharded.formats import SHARDED_STATE
 from presharded.staging import UNFINISHED_MARKER
@@ -65,6 +66,7 @@ def check_checkpoint(
     load_format: str | None = None,
     node: Node = Node(),
     rank: tuple[int, int] | None = None,
+    s3_url: str | None = None,
 ) -> Manifest | None:
     """The checkpoint's manifest once every check passes; None (with a warning)
     for a checkpoint made without one, such as vLLM's own example writes.
@@ -72,7 +74,9 @@ def check_checkpoint(
     are always hashed, the weights themselves (and with `caches` the start-up
     caches and engine snapshots) with `verify_hashes`. Stray files are looked for among the
     weights, or with `every_file` among all files.
-    Only the weights of the ranks that `node` runs (of one `rank`) are required."""
+    Only the weights of the ranks that `node` runs (of one `rank`) are required.
+    With `s3_url` the folder is an S3 checkpoint's local copy (presharded/s3.py):
+    its weights are checked there, as objects."""
     if not folder.is_dir():
         raise UserError(f"checkpoint {folder} is not a folder; pass the --output of save_sharded_state.py")
     if (folder / UNFINISHED_MARKER).exists():
@@ -97,6 +101,9 @@ def check_checkpoint(
     check_layout(folder, manifest.engine_defaults(), tensor_parallel_size, pipeline_parallel_size)
     shards = manifest.shards_of([rank] if rank else node.ranks(manifest.tensor_parallel_size,
                                                                manifest.pipeline_parallel_size))
+    if s3_url:  # the weights stay in S3: checked there
+        s3.check_weights(s3_url, manifest, shards, verify_hashes)
+        shards = []
     cached = [e for sets in (manifest.caches, manifest.snapshots) for entries in sets.values() for e in entries]
     for entry in [*shards, *manifest.files, *(cached if caches else [])]:
         path = folder / entry.path

@@ -84,6 +84,7 @@ class Manifest:
     nodes: int = 1  # how many nodes saved it; each may hold only its own ranks' files
     caches: dict[str, list[CopiedFile]] = field(default_factory=dict)  # start-up caches: presharded/start_caches.py
     snapshots: dict[str, list[CopiedFile]] = field(default_factory=dict)  # engine snapshots: presharded/snapshot.py
+    etags: dict[str, str] = field(default_factory=dict)  # in S3: each file's object's ETag (presharded/s3.py)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     hash: str = "blake3"
@@ -198,6 +199,9 @@ class Manifest:
                 return f"the path {entry.path!r} {problem}"
         if len(set(paths)) != len(paths):
             return "a path is listed twice"
+        for path, etag in self.etags.items():
+            if path not in paths or not isinstance(etag, str) or not 0 < len(etag) <= 200:
+                return f"the ETag of {path!r} is not a short string for a file it lists"
         return None
 
     def entries(self) -> list["Shard | CopiedFile"]:
@@ -219,7 +223,7 @@ MANIFEST_FIELDS = {
     "quantization": ((str, type(None)), True), "architecture": ((str,), True), "source": ((str,), True),
     "created": ((str,), True), "shards": ((list,), True), "files": ((list,), True),
     "online_quantization": ((bool,), False), "aliases": ((dict,), False), "nodes": ((int,), False),
-    "caches": ((dict,), False), "snapshots": ((dict,), False),
+    "caches": ((dict,), False), "snapshots": ((dict,), False), "etags": ((dict,), False),
 }
 SHARD_FIELDS = {
     "path": ((str,), True), "pp_rank": ((int,), True), "tp_rank": ((int,), True), "part": ((int,), True),

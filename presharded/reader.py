@@ -1,7 +1,7 @@
 """Reads safetensors files straight into existing tensors, fast.
 
-Each file's data is read in large chunks by a few threads with pread, each
-into one of its own two staging buffers (pinned, for a GPU), and copied from there
+Each file's data is read in large chunks by a few threads with pread (or, in
+S3, ranged GETs: presharded/s3.py), each into one of its own two staging buffers (pinned, for a GPU), and copied from there
 asynchronously straight into the parameters, so reading, copying and the
 next read overlap. Host memory stays bounded (threads x 2 buffers), never a
 second copy of the model. Every tensor must match its destination exactly:
@@ -17,11 +17,28 @@ from pathlib import Path
 import torch
 
 from presharded.errors import UserError
-from presharded.safetensors_layout import DTYPES, Segment, chunks, flat_bytes, read_header
+from presharded.safetensors_layout import DTYPES, Segment, chunks, flat_bytes, parse_header, read_header
+
+File = Path  # or an S3Object of presharded/s3.py: `name`, `size`, `read` and `read_into` at an offset
 
 
-def plan_file(path: Path, params: dict[str, torch.Tensor]) -> list[Segment]:
-    header, data_start = read_header(path)
+class Opened:
+    """A file on disk, open for reading into buffers at any offset."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:
+                raise UserError(f"unexpected end of file at byte {offset + done}: the file is truncated")
+            done += n
+
+
+def plan_file(path: File, params: dict[str, torch.Tensor]) -> list[Segment]:
+    header, data_start = read_header(path) if isinstance(path, Path) else parse_header(path.url, path.size, path.read)
     segments = []
     for name, info in header.items():
         if name not in params:
@@ -110,17 +127,12 @@ class Reader:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.turn = 0
 
-    def read_and_copy(self, fd: int, lo: int, hi: int, parts: list[Segment]) -> None:
+    def read_and_copy(self, source, lo: int, hi: int, parts: list[Segment]) -> None:
         i, self.turn = self.turn, 1 - self.turn
         if self.events[i] is not None:
             self.events[i].synchronize()  # the copy out of this buffer has finished
         buf = self.buffers[i][: hi - lo]
-        view, done = memoryview(buf.numpy()), 0
-        while done < hi - lo:
-            n = os.preadv(fd, [view[done:]], lo + done)
-            if n == 0:
-                raise UserError(f"unexpected end of file at byte {lo + done}: the file is truncated")
-            done += n
+        source.read_into(memoryview(buf.numpy()), lo)
         if self.cuda:
             with torch.cuda.stream(self.stream):
                 for p in parts:
@@ -132,10 +144,10 @@ class Reader:
                 p.tensor.copy_(buf[p.start - lo : p.end - lo])
 
 
-Chunk = tuple[Path, int, int, list[Segment]]  # a file, bytes [lo, hi) of it, and the pieces of tensors there
+Chunk = tuple[File, int, int, list[Segment]]  # a file, bytes [lo, hi) of it, and the pieces of tensors there
 
 
-def load_files(paths: list[Path], params: dict[str, torch.Tensor], staging: Staging) -> int:
+def load_files(paths: list[File], params: dict[str, torch.Tensor], staging: Staging) -> int:
     """Read every file into `params` (all on one device); returns the bytes read.
     Releases the staging buffers, whatever happens."""
     device = next(iter(params.values())).device
@@ -146,7 +158,7 @@ def load_files(paths: list[Path], params: dict[str, torch.Tensor], staging: Stag
         staging.release()
 
 
-def plan(paths: list[Path], params: dict[str, torch.Tensor], chunk_size: int) -> list[Chunk]:
+def plan(paths: list[File], params: dict[str, torch.Tensor], chunk_size: int) -> list[Chunk]:
     """Every file's chunks; each of `params` must be filled exactly once (they are taken out of it)."""
     work = []
     for path in paths:
@@ -166,15 +178,17 @@ def read(work: list[Chunk], buffers: list[torch.Tensor], threads: int, device: t
             local.reader = Reader([buffers.pop(), buffers.pop()], device)
             readers.append(local.reader)
         path, lo, hi, parts = item
-        local.reader.read_and_copy(fds[path], lo, hi, parts)
+        local.reader.read_and_copy(sources[path], lo, hi, parts)
 
-    fds = {path: os.open(path, os.O_RDONLY) for path in {path for path, *_ in work}}
+    files = {path for path, *_ in work}
+    sources = {path: Opened(path) if isinstance(path, Path) else path for path in files}
     try:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, work))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for source in sources.values():
+            if isinstance(source, Opened):
+                os.close(source.fd)
     return sum(hi - lo for _, lo, hi, _ in work)

@@ -6,6 +6,7 @@ file through a few staging buffers."""
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,23 +40,27 @@ def read_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's tensor table, and where its data begins; every
     tensor's bytes lie inside the file."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        header = None
-        if 0 < length <= min(size - 8, MAX_HEADER):
-            try:
-                header = json.loads(f.read(length))
-            except (ValueError, RecursionError):
-                pass
+        return parse_header(str(path), os.fstat(f.fileno()).st_size, lambda at, n: os.pread(f.fileno(), n, at))
+
+
+def parse_header(name: str, size: int, read: Callable[[int, int], bytes]) -> tuple[dict, int]:
+    """The same, from `read(offset, length)` of a file of `size` bytes (one on disk or in S3)."""
+    head = read(0, 8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    header = None
+    if 0 < length <= min(size - 8, MAX_HEADER):
+        try:
+            header = json.loads(read(8, length))
+        except (ValueError, RecursionError):
+            pass
     if not isinstance(header, dict):
-        raise UserError(f"{path} is not a safetensors file (no readable tensor table); copy it again, or save again")
+        raise UserError(f"{name} is not a safetensors file (no readable tensor table); copy it again, or save again")
     header.pop("__metadata__", None)
-    for name, info in header.items():
+    for tensor, info in header.items():
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= size - 8 - length):
-            raise UserError(f"{path}: {name}'s bytes do not lie inside the file; copy it again, or save again")
+            raise UserError(f"{name}: {tensor}'s bytes do not lie inside the file; copy it again, or save again")
     return header, 8 + length
 
 

@@ -23,7 +23,7 @@ from presharded.errors import UserError, exits_cleanly
 from presharded.flags import AddFlags, parse_engine_flags, parse_for_checks, parse_size, positive_size
 from presharded.formats import SAVE_FORMAT
 from presharded.manifest import CopiedFile, Manifest, hash_file, read_manifest, write_manifest
-from presharded import progress
+from presharded import progress, s3
 from presharded.nodes import Liveness, Node
 from presharded.save_checks import check_save
 from presharded.save_messages import SAVE_RECORDS, RankRecord, SaveRequest, check_records
@@ -34,7 +34,7 @@ from presharded.staging import output_locked, publish, staging_for
 
 def add_save_flags(parser: argparse.ArgumentParser) -> None:
     """A save's flags, beside vLLM's engine flags."""
-    parser.add_argument("--output", required=True, help="folder to write the checkpoint to")
+    parser.add_argument("--output", required=True, help="folder to write the checkpoint to, or s3://BUCKET/PREFIX")
     parser.add_argument("--max-file-size", type=positive_size, default=parse_size("5GiB"),
                         help="largest safetensors file, e.g. 5GiB (default) or 500MB")
     parser.add_argument("--file-pattern", default=None,
@@ -147,21 +147,31 @@ class Save:
                   file=sys.stderr)
         self.seconds["caches"] = round(time.perf_counter() - started, 2)
 
+    def upload(self) -> None:
+        """With --output s3://...: the checkpoint uploaded, the manifest last; the local copy removed."""
+        if self.target.upload and self.manifest is not None:
+            started = time.perf_counter()
+            print(f"uploading {self.manifest.total_bytes / 1e9:.2f} GB to {self.target.upload}", file=sys.stderr)
+            s3.upload(self.target.output, self.target.upload)
+            shutil.rmtree(self.target.output)
+            self.seconds["upload"] = round(time.perf_counter() - started, 2)
+
     def report(self) -> None:
         """The result: the checkpoint's path on stdout (or JSON), what was saved on stderr."""
-        output, manifest = self.target.output, self.manifest
+        output, manifest = self.target.upload or self.target.output, self.manifest
         if manifest is None:
             print(f"{self.node}: the driver moved this node's files into its own folder (they share one)",
                   file=sys.stderr)
             return
-        here = [s for s in manifest.shards if (output / s.path).exists()]
+        here = manifest.shards if self.target.upload else [s for s in manifest.shards if (output / s.path).exists()]
         if not self.node.is_driver:
             print(output)
             print(f"{self.node}: saved {len(here)} of the checkpoint's {len(manifest.shards)} files", file=sys.stderr)
             return
         write = max(rank.write_seconds for rank in self.records)  # ranks write in parallel: the slowest sets the pace
         seconds = {"engine": self.seconds["engine"], "write": round(write, 3), "save": self.seconds["save"],
-                   "caches": self.seconds.get("caches", 0.0), "total": round(time.perf_counter() - self.started, 2)}
+                   "caches": self.seconds.get("caches", 0.0), "upload": self.seconds.get("upload", 0.0),
+                   "total": round(time.perf_counter() - self.started, 2)}
         if self.args.json:
             print(json.dumps({"output": str(output), "files": len(manifest.shards), "bytes": manifest.total_bytes,
                               "write_gbps": round(manifest.total_bytes / write / 1e9, 3), "caches": self.caches,
@@ -274,6 +284,7 @@ def main() -> None:
                 save.run_workers(engine_args)
         if save.wants_start_caches():
             save.add_start_caches()
+    save.upload()
     save.report()
 
 

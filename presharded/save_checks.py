@@ -4,9 +4,11 @@ plain files that ranks cannot share."""
 
 import argparse
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from presharded import s3
 from presharded.errors import UserError
 from presharded.source_model import has_weights, is_checkpoint, resolve_model
 from presharded.manifest import default_pattern, pattern_problem, read_manifest
@@ -21,6 +23,7 @@ class SaveTarget:
     tensor_parallel_size: int
     pipeline_parallel_size: int
     file_pattern: str
+    upload: str | None = None  # --output s3://...: `output` is the local copy, uploaded once complete
 
 
 def check_save(early: argparse.Namespace) -> SaveTarget:
@@ -28,7 +31,11 @@ def check_save(early: argparse.Namespace) -> SaveTarget:
         raise UserError("--model is required: a model folder or hub id")
     source = resolve_model(early.model, early.revision)
     check_source(source, local=Path(early.model).expanduser().is_dir())
-    output = Path(early.output).resolve()
+    upload = early.output if s3.is_s3(early.output) else None
+    if upload:
+        output = check_upload(upload, early)
+    else:
+        output = Path(early.output).resolve()
     check_output(source, output, replace=early.replace)
     if (early.load_format or "auto") not in SOURCE_FORMATS:
         raise UserError(f"--load-format {early.load_format} cannot be a source; use one of {', '.join(SOURCE_FORMATS)}")
@@ -37,7 +44,21 @@ def check_save(early: argparse.Namespace) -> SaveTarget:
     tp, pp = early.tensor_parallel_size or 1, early.pipeline_parallel_size or 1
     pattern = early.file_pattern or default_pattern(pp)
     check_pattern(pattern, tp, pp)
-    return SaveTarget(source, output, tp, pp, pattern)
+    return SaveTarget(source, output, tp, pp, pattern, upload)
+
+
+def check_upload(url: str, early: argparse.Namespace) -> Path:
+    """An S3 prefix a save can take: the bucket there, nothing at the prefix; the local folder
+    the checkpoint is written into first (emptied: what a failed save left there)."""
+    if early.replace:
+        raise UserError("--replace is refused on s3:// (a reader could mix the old checkpoint's objects with the "
+                        "new one's); save to a new prefix")
+    if (early.nnodes or 1) > 1:
+        raise UserError("--output s3:// is for one node yet; save across the nodes to a folder, then upload it")
+    s3.check_empty(url)
+    local = s3.upload_folder(url)
+    shutil.rmtree(local, ignore_errors=True)
+    return local
 
 
 def check_source(source: Path, *, local: bool) -> None:

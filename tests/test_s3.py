@@ -1,0 +1,154 @@
+"""Checkpoints in S3 (presharded/s3.py), against a real S3 server: moto's
+standalone server on 127.0.0.1, started here, reached over HTTP by boto3
+through the standard AWS variables. A save uploads, a load reads the weights
+in ranges from there with the same tokens as vLLM's own loader from the
+source; what S3 refuses or answers wrongly is one line."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import PROMPT, refused, run_script
+from presharded.manifest import MANIFEST_NAME
+
+BUCKET = "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """moto's S3 server, and the variables that point boto3 at it, for the scripts and for this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield env
+    server.terminate()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def objects(prefix: str) -> dict[str, int]:
+    import boto3
+
+    listed = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return {o["Key"].removeprefix(prefix): o["Size"] for o in listed}
+
+
+@pytest.fixture(scope="module")
+def uploaded(tiny_model, s3_env) -> str:
+    url = f"s3://{BUCKET}/tiny-tp1"
+    proc = run_script("save_sharded_state.py", "--model", str(tiny_model), "--output", url, "--enforce-eager",
+                      "--json", env=s3_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["output"] == url
+    return url
+
+
+def load(url: str, env: dict, *flags: str) -> dict:
+    proc = run_script("load_sharded_state.py", "--model", url, "--prompt", PROMPT, "--max-tokens", "24",
+                      "--enforce-eager", "--json", *flags, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_a_save_uploads_every_file_and_the_manifest_with_their_etags(uploaded):
+    import boto3
+
+    listed = objects("tiny-tp1/")
+    manifest = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=f"tiny-tp1/{MANIFEST_NAME}")["Body"].read())
+    paths = [s["path"] for s in manifest["shards"]] + [f["path"] for f in manifest["files"]]
+    assert set(listed) == {*paths, MANIFEST_NAME} and set(manifest["etags"]) == set(paths)
+
+
+def test_a_load_from_s3_gives_the_sources_tokens(uploaded, s3_env, reference_tokens):
+    out = load(uploaded, s3_env, "--verify-hashes")
+    assert out["load_format"] == "fast_sharded_state" and out["token_ids"] == reference_tokens(1, 1)
+
+
+def test_what_s3_refuses_is_one_line(uploaded, tiny_model, s3_env):
+    line = refused("a load from a bucket that is not there", "load_sharded_state.py", "--model",
+                   "s3://no-such-bucket/tiny")
+    assert "no bucket 'no-such-bucket'" in line
+    line = refused("a load from an S3 prefix without a checkpoint", "load_sharded_state.py", "--model",
+                   f"s3://{BUCKET}/nothing-here")
+    assert "nothing-here holds no checkpoint" in line
+    line = refused("an S3 load with vLLM's sharded_state", "load_sharded_state.py", "--model", uploaded,
+                   "--load-format", "sharded_state")
+    assert "fast_sharded_state" in line
+    line = refused("a save to an S3 prefix that holds objects", "save_sharded_state.py", "--model", str(tiny_model),
+                   "--output", uploaded)
+    assert "already holds objects" in line
+    line = refused("--replace on s3://", "save_sharded_state.py", "--model", str(tiny_model), "--output",
+                   f"s3://{BUCKET}/new", "--replace")
+    assert "--replace is refused on s3://" in line
+    line = refused("a save to a bucket that is not there", "save_sharded_state.py", "--model", str(tiny_model),
+                   "--output", "s3://no-such-bucket/tiny")
+    assert "no such bucket" in line
+
+
+def test_an_object_changed_since_its_manifest_is_never_read(uploaded, s3_env):
+    """The same size, other bytes: its ETag differs from the manifest's."""
+    import boto3
+
+    client = boto3.client("s3")
+    copy = "tiny-changed/"
+    for key in objects("tiny-tp1/"):
+        client.copy_object(Bucket=BUCKET, Key=copy + key, CopySource={"Bucket": BUCKET, "Key": f"tiny-tp1/{key}"})
+    weights = next(k for k in objects(copy) if k.endswith(".safetensors"))
+    data = bytearray(client.get_object(Bucket=BUCKET, Key=copy + weights)["Body"].read())
+    data[-1] ^= 0xFF  # in the last tensor's bytes: its table stays as saved
+    client.put_object(Bucket=BUCKET, Key=copy + weights, Body=bytes(data))
+    line = refused("an S3 weight object changed since its manifest", "load_sharded_state.py", "--model",
+                   f"s3://{BUCKET}/{copy}")
+    assert weights in line and "not the object its manifest lists" in line
+
+
+def test_every_read_is_of_the_object_the_manifest_lists(uploaded):
+    """Each ranged GET carries the manifest's ETag (If-Match): an object changed after the checks
+    is refused by the server mid-load, not read."""
+    from presharded import s3
+    from presharded.errors import UserError
+    from presharded.manifest import read_manifest
+
+    manifest = read_manifest(s3.fetch(uploaded))
+    (obj,) = s3.objects(uploaded, manifest, [manifest.shards[0].path])
+    assert len(obj.read(0, 8)) == 8
+    stale = s3.S3Object(obj.url, obj.bucket, obj.key, obj.size, '"0123456789abcdef0123456789abcdef"')
+    with pytest.raises(UserError, match="changed since its manifest"):
+        stale.read(0, 8)
+
+
+def test_a_server_that_is_gone_is_one_line(uploaded, s3_env, monkeypatch):
+    from presharded import s3
+    from presharded.errors import UserError
+    from presharded.manifest import read_manifest
+
+    manifest = read_manifest(s3.fetch(uploaded))
+    (obj,) = s3.objects(uploaded, manifest, [manifest.shards[0].path])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")  # nothing listens there
+    monkeypatch.setattr(s3, "_clients", {})
+    with pytest.raises(UserError, match="check AWS_ENDPOINT_URL and that the server is up"):
+        obj.read(0, 8)
