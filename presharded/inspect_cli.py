@@ -6,11 +6,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from presharded import s3
 from presharded.errors import UserError, exits_cleanly
 from presharded.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 
-def summary(manifest: Manifest, folder: Path) -> str:
+def summary(manifest: Manifest, folder: str | Path) -> str:
     per_rank = Counter((s.pp_rank, s.tp_rank) for s in manifest.shards)
     largest = max(s.size for s in manifest.shards)
     lines = [
@@ -32,15 +33,16 @@ def summary(manifest: Manifest, folder: Path) -> str:
 @exits_cleanly
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", help="a checkpoint folder, or s3://BUCKET/PREFIX")
     parser.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     args = parser.parse_args()
-    if not args.checkpoint.is_dir():
-        what = "is a file" if args.checkpoint.exists() else "does not exist"
-        raise UserError(f"{args.checkpoint} {what}; pass a checkpoint folder written by save_sharded_state.py")
-    manifest = read_manifest(args.checkpoint)
+    folder = s3.fetch(args.checkpoint) if s3.is_s3(args.checkpoint) else Path(args.checkpoint)
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise UserError(f"{folder} {what}; pass a checkpoint folder written by save_sharded_state.py")
+    manifest = read_manifest(folder)
     if manifest is None:
-        raise UserError(f"{args.checkpoint} has no {MANIFEST_NAME}; pass a folder written by save_sharded_state.py")
+        raise UserError(f"{folder} has no {MANIFEST_NAME}; pass a folder written by save_sharded_state.py")
     if args.json:
         print(json.dumps(dataclasses.asdict(manifest)))
     else:

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from presharded import progress
+from presharded import progress, s3
 from presharded.load_checks import check_checkpoint
 from presharded.errors import UserError, exits_cleanly
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
@@ -29,22 +29,24 @@ def as_flags(settings: dict) -> list[str]:
 @exits_cleanly
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", help="a checkpoint folder, or s3://BUCKET/PREFIX")
     parser.add_argument("--source", help="the model it was saved from: compare greedy tokens too")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--node-rank", type=int, default=None,
                         help="saved by several nodes onto disks of their own: check the ranks of this node only")
     args, engine_extra = parser.parse_known_args()
     progress.decide(quiet=args.json)
+    url = args.checkpoint if s3.is_s3(args.checkpoint) else None
+    folder = s3.fetch(url) if url else Path(args.checkpoint)
 
     node = Node()
-    if args.node_rank is not None and (saved := read_manifest(args.checkpoint)):
+    if args.node_rank is not None and (saved := read_manifest(folder)):
         if not 0 <= args.node_rank < saved.nodes:
             raise UserError(f"--node-rank {args.node_rank}: {args.checkpoint} was saved by {saved.nodes} node(s), "
                             f"ranked 0 to {saved.nodes - 1}")
         node = Node(args.node_rank, saved.nodes)
-    manifest = check_checkpoint(args.checkpoint, verify_hashes=True, every_file=True, caches=True,
-                                require_manifest=True, node=node)
+    manifest = check_checkpoint(folder, verify_hashes=True, every_file=True, caches=True,
+                                require_manifest=True, node=node, s3_url=url)
     shards = manifest.shards_of(node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size))
     cached = sum(len(entries) for entries in manifest.caches.values())
     snapshot = sum(len(entries) for entries in manifest.snapshots.values())
@@ -60,7 +62,7 @@ def main() -> None:
         flags = as_flags(layout) + engine_extra
         # Each engine in a process of its own: on a GPU a second engine in one process can give other tokens.
         source = greedy_tokens([(args.source, "auto")], flags)[0]["token_ids"]
-        load_format = FAST_FORMAT if manifest.online_quantization else SHARDED_STATE
+        load_format = FAST_FORMAT if manifest.online_quantization or url else SHARDED_STATE
         pattern_flags = as_flags(pattern and {"model_loader_extra_config": pattern})
         saved = greedy_tokens([(args.checkpoint, load_format)], ["--no-start-caches", *flags, *pattern_flags])
         saved = saved[0]["token_ids"]

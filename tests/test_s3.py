@@ -19,25 +19,31 @@ from presharded.manifest import MANIFEST_NAME
 BUCKET = "checkpoints"
 
 
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory):
-    """moto's S3 server, and the variables that point boto3 at it, for the scripts and for this process."""
+def moto_server(**env: str) -> tuple[subprocess.Popen, str]:
+    """moto's standalone S3 server on a free port of 127.0.0.1, up; its endpoint."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, **env})
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
             break
         except OSError:
             time.sleep(0.05)
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """moto's S3 server, and the variables that point boto3 at it, for the scripts and for this process."""
+    server, endpoint = moto_server()
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket=BUCKET)
@@ -152,3 +158,22 @@ def test_a_server_that_is_gone_is_one_line(uploaded, s3_env, monkeypatch):
     monkeypatch.setattr(s3, "_clients", {})
     with pytest.raises(UserError, match="check AWS_ENDPOINT_URL and that the server is up"):
         obj.read(0, 8)
+
+
+def test_inspect_and_verify_read_s3(uploaded, s3_env):
+    proc = run_script("presharded.inspect_cli", uploaded, env=s3_env)
+    assert proc.returncode == 0 and proc.stdout.startswith(uploaded), proc.stderr[-2000:]
+    proc = run_script("presharded.verify_cli", uploaded, "--json", env=s3_env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["hashes_match"], proc.stderr[-2000:]
+
+
+def test_a_denied_request_is_one_line(s3_env):
+    """A server that checks credentials (moto's, with its IAM on) and keys it does not know."""
+    server, endpoint = moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0")
+    try:
+        proc = run_script("load_sharded_state.py", "--model", f"s3://{BUCKET}/tiny-tp1",
+                          env={**s3_env, "AWS_ENDPOINT_URL": endpoint})
+    finally:
+        server.terminate()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith("403 (Forbidden); check the credentials and the bucket's policy")
