@@ -102,6 +102,7 @@ class S3Object:
         if not len(view):
             return
         from botocore.exceptions import BotoCoreError, ClientError
+        from urllib3.exceptions import HTTPError
 
         try:
             body = client().get_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag,
@@ -115,8 +116,9 @@ class S3Object:
                 done += n
         except (BotoCoreError, ClientError) as e:
             raise failed(e, self.url) from None
-        except OSError as e:  # the connection broke mid-read
-            raise UserError(f"{self.url}: the read broke off ({e}); check that the server is up, and load again")
+        except (OSError, HTTPError) as e:  # the connection broke mid-read
+            raise UserError(f"{self.url}: the read broke off ({type(e).__name__}); check that the server is up, "
+                            "and load again") from None
 
 
 def objects(url: str, manifest: Manifest, paths: list[str]) -> list[S3Object]:

@@ -177,3 +177,32 @@ def test_a_denied_request_is_one_line(s3_env):
         server.terminate()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].endswith("403 (Forbidden); check the credentials and the bucket's policy")
+
+
+def test_a_server_that_dies_mid_read_is_one_line(monkeypatch):
+    """A server that sends the first bytes of a range, then closes the connection."""
+    import threading
+
+    from presharded import s3
+    from presharded.errors import UserError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b'HTTP/1.1 206 Partial Content\r\nContent-Length: 4096\r\nETag: "e"\r\n\r\n' + bytes(100))
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setattr(s3, "_clients", {})
+    obj = s3.S3Object("s3://b/k", "b", "k", 4096, '"e"')
+    with pytest.raises(UserError, match="the read broke off|the server ended the read"):
+        obj.read_into(memoryview(bytearray(4096)), 0)
+    listener.close()
