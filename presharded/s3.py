@@ -22,6 +22,7 @@ from presharded.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, rea
 
 SCHEME = "s3://"
 THREADS = 16
+CHUNK = 64 * 2**20
 
 
 def is_s3(text: str | os.PathLike | None) -> bool:
@@ -196,12 +197,15 @@ def fetch(url: str) -> Path:
     (new / MANIFEST_NAME).write_bytes(body.read())
     manifest = read_manifest(new)
     small = [*manifest.files, *(e for entries in manifest.caches.values() for e in entries)]
+    buffer = memoryview(bytearray(CHUNK))
     for entry, obj in zip(small, objects(url, manifest, [e.path for e in small])):
         target = new / entry.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        view = memoryview(bytearray(entry.size))
-        obj.read_into(view, 0)
-        target.write_bytes(view)
+        with open(target, "wb") as f:
+            for offset in range(0, entry.size, CHUNK):  # a chunk at a time: the manifest's sizes are untrusted
+                view = buffer[: min(CHUNK, entry.size - offset)]
+                obj.read_into(view, offset)
+                f.write(view)
     shutil.rmtree(folder, ignore_errors=True)
     new.rename(folder)
     return folder
@@ -267,7 +271,7 @@ def upload(folder: Path, url: str) -> Manifest:
     return manifest
 
 
-def hash_object(obj: S3Object, chunk: int = 64 * 2**20) -> str:
+def hash_object(obj: S3Object, chunk: int = CHUNK) -> str:
     """The blake3 of an object, read in ranges (for --verify-hashes)."""
     import blake3
 
