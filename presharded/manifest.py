@@ -41,9 +41,14 @@ def hash_file(path: Path) -> str:
 def hash_header(path: Path) -> str:
     """The hash of a safetensors file's length field and tensor table."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else 0
-        return blake3.blake3(head + f.read(min(length, 100 * 2**20))).hexdigest()
+        return hash_header_of(lambda at, n: os.pread(f.fileno(), n, at))
+
+
+def hash_header_of(read) -> str:
+    """The same, from `read(offset, length)` of a file on disk or in S3."""
+    head = read(0, 8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else 0
+    return blake3.blake3(head + read(8, min(length, 100 * 2**20))).hexdigest()
 
 
 @dataclass

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from presharded.errors import UserError
-from presharded.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, read_manifest, write_manifest
+from presharded.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, hash_header_of, read_manifest,
+                                 write_manifest)
 
 SCHEME = "s3://"
 THREADS = 16
@@ -130,42 +131,35 @@ def objects(url: str, manifest: Manifest, paths: list[str]) -> list[S3Object]:
             for p in paths]
 
 
-def check_objects(url: str, manifest: Manifest, paths: list[str]) -> None:
-    """Every object at `paths` is there, of the manifest's size and ETag."""
-    bucket, prefix = split(url)
+def check_objects(listed: list[S3Object]) -> None:
+    """Every object is there, of the manifest's size and ETag (any ETag where it lists none)."""
 
-    def check(path: str) -> None:
-        where = f"{url.rstrip('/')}/{path}"
-        head = call(where, "head_object", Bucket=bucket, Key=prefix + path)
-        size = next(e.size for e in manifest.entries() if e.path == path)
-        if head["ContentLength"] != size or head["ETag"] != manifest.etags.get(path, head["ETag"]):
-            raise UserError(f"{where} is not the object its manifest lists (size {head['ContentLength']}, "
+    def check(obj: S3Object) -> None:
+        head = call(obj.url, "head_object", Bucket=obj.bucket, Key=obj.key)
+        if head["ContentLength"] != obj.size or obj.etag not in ("*", head["ETag"]):
+            raise UserError(f"{obj.url} is not the object its manifest lists (size {head['ContentLength']}, "
                             f"ETag {head['ETag']}); it was changed or damaged: save it again")
 
     with ThreadPoolExecutor(THREADS) as pool:
-        list(pool.map(check, paths))
+        list(pool.map(check, listed))
 
 
 def check_weights(url: str, manifest: Manifest, shards: list, verify_hashes: bool) -> None:
     """The weight objects of `shards`: there, of the manifest's sizes and ETags, their tensor
     tables as saved (and with `verify_hashes` every byte)."""
-    import blake3
-
-    check_objects(url, manifest, [s.path for s in shards])
+    listed = objects(url, manifest, [s.path for s in shards])
+    check_objects(listed)
 
     def check(pair) -> None:
         shard, obj = pair
-        head = obj.read(0, 8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if shard.header_blake3 and blake3.blake3(head + obj.read(8, min(length, 100 * 2**20))).hexdigest() \
-                != shard.header_blake3:
+        if shard.header_blake3 and hash_header_of(obj.read) != shard.header_blake3:
             raise UserError(f"{obj.url}: its tensor table (names, shapes, dtypes) is not the one saved; save it again")
         if verify_hashes and hash_object(obj) != shard.blake3:
             raise UserError(f"{obj.url} does not match its hash in the manifest: it was changed or damaged; "
                             "save it again")
 
     with ThreadPoolExecutor(THREADS) as pool:
-        list(pool.map(check, zip(shards, objects(url, manifest, [s.path for s in shards]))))
+        list(pool.map(check, zip(shards, listed)))
 
 
 def local_copy(url: str) -> Path:
