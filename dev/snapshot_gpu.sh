@@ -2,12 +2,16 @@
 # Engine snapshot (issue 25) on the GPU machine, through the product's own commands:
 # presharded-snapshot makes it, load_sharded_state.py --snapshot restores it, and the
 # greedy tokens are compared with a normal start of the same checkpoint and flags.
+# `server` (or `both`): presharded-snapshot --server, then dev/serve_probe.py times vLLM's
+# own server and presharded-serve (restored on a new node: page cache, image copy and
+# workspace gone; then again warm) to their first answer and compares the tokens.
 # After ../shared/gpu/README.md's install, with .whl/criu (stage-criu.sh, plus NVIDIA's
 # cuda-checkpoint) carried:
 #   bash dev/snapshot_gpu.sh tiny $OUT          # the tiny Llama, TP=1
 #   bash dev/snapshot_gpu.sh llama-3-8b $OUT    # the 8B shape, random bf16, TP=1
+#   bash dev/snapshot_gpu.sh tiny $OUT server   # the server (`both`: engine and server)
 set -euo pipefail
-model=$1 out=$2
+model=$1 out=$2 mode=${3:-engine} repo=$PWD
 mkdir -p "$out" /root/criu/bin
 cp -rn .whl/criu/. /root/criu/ 2>/dev/null || true
 printf '#!/bin/sh\nexec env LD_LIBRARY_PATH=/root/criu/lib /root/criu/criu "$@"\n' > /root/criu/bin/criu
@@ -31,14 +35,15 @@ ckpt=/root/$model-tp1
 rm -rf "$ckpt"
 python3 -m save_sharded_state --model "/root/$model" --output "$ckpt" --no-start-caches "${flags[@]}" --json \
   > "$out/$model-save.json"
-python3 -m presharded.snapshot_cli "$ckpt" "${flags[@]}" --json > "$out/$model-snapshot.json"
-load() { python3 -m load_sharded_state --model "$ckpt" --prompt "The capital of France is" --max-tokens 32 --json \
-  "${flags[@]}" "$@"; }
-load --load-format fast_sharded_state > "$out/$model-normal.json" 2> "$out/$model-normal.err"
-sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0   # a new node: cold files, no image copy
-load --snapshot > "$out/$model-restored-cold.json" 2> "$out/$model-restored-cold.err"
-load --snapshot > "$out/$model-restored-warm.json" 2> "$out/$model-restored-warm.err"
-python3 - "$out" "$model" <<'PY'
+if [ "$mode" != server ]; then
+  python3 -m presharded.snapshot_cli "$ckpt" "${flags[@]}" --json > "$out/$model-snapshot.json"
+  load() { python3 -m load_sharded_state --model "$ckpt" --prompt "The capital of France is" --max-tokens 32 --json \
+    "${flags[@]}" "$@"; }
+  load --load-format fast_sharded_state > "$out/$model-normal.json" 2> "$out/$model-normal.err"
+  sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0   # a new node: cold files, no image copy
+  load --snapshot > "$out/$model-restored-cold.json" 2> "$out/$model-restored-cold.err"
+  load --snapshot > "$out/$model-restored-warm.json" 2> "$out/$model-restored-warm.err"
+  python3 - "$out" "$model" <<'PY'
 import json, pathlib, sys
 out, model = pathlib.Path(sys.argv[1]), sys.argv[2]
 normal = json.loads((out / f"{model}-normal.json").read_text())
@@ -47,4 +52,22 @@ for run in ("restored-cold", "restored-warm"):
     r = json.loads((out / f"{model}-{run}.json").read_text())
     print(f"{model} {run}: used {r['snapshot']['used']}, same tokens {r['token_ids'] == normal['token_ids']}, "
           f"{r['snapshot'].get('seconds')}")
+PY
+fi
+[ "$mode" = engine ] && exit 0
+python3 -m presharded.snapshot_cli "$ckpt" --server "${flags[@]}" --json > "$out/$model-server-snapshot.json"
+probe() { python3 "$repo/dev/serve_probe.py" --model "$ckpt" "${flags[@]}" "$@"; }
+probe --entry vllm --out "$out/$model-server-vllm.json"
+sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0 /tmp/presharded-0   # a new node
+probe --entry serve --trust-snapshot --out "$out/$model-server-restored-cold.json"
+probe --entry serve --out "$out/$model-server-restored-warm.json"
+python3 - "$out" "$model" <<'PY'
+import json, pathlib, sys
+out, model = pathlib.Path(sys.argv[1]), sys.argv[2]
+vllm = json.loads((out / f"{model}-server-vllm.json").read_text())
+print(f"{model} vLLM's server: first answer {vllm['first_answer_seconds']} s")
+for run in ("restored-cold", "restored-warm"):
+    r = json.loads((out / f"{model}-server-{run}.json").read_text())
+    print(f"{model} server {run}: first answer {r['first_answer_seconds']} s, same tokens "
+          f"{r['token_ids'] == vllm['token_ids']}, {r['restore']}")
 PY

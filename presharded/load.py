@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from presharded import prefetch, progress, s3, snapshot
+from presharded import prefetch, progress, s3, snapshot_restore
 from presharded.engine_defaults import apply_engine_defaults
 from presharded.engine_output import engine_refusals
 from presharded.errors import UserError
@@ -81,7 +81,7 @@ class Load:
         self.snapshot: dict = {"used": False}
         self.seconds = {"checks": round(time.perf_counter() - self.started, 3)}
 
-    def from_snapshot(self) -> snapshot.Generated | None:
+    def from_snapshot(self) -> snapshot_restore.Generated | None:
         """With --snapshot: the engine restored from the checkpoint's snapshot, asked the prompt,
         with the rank's weights read into the page cache meanwhile; None (one warning) when it
         cannot be: vLLM then starts as usual."""
@@ -95,8 +95,8 @@ class Load:
         if not self.prefetching:
             self.prefetching = prefetch.start([Path(early.model) / s.path for s in self.manifest.shards]) is not None
         request = {k: getattr(early, k) for k in ("prompt", "max_tokens", "temperature", "top_p")}
-        output = snapshot.restore(Path(early.model), self.manifest, engine_argv(self.argv, self.add_flags), request,
-                                  early.trust_snapshot, self.snapshot)
+        output = snapshot_restore.restore(Path(early.model), self.manifest, engine_argv(self.argv, self.add_flags),
+                                          request, early.trust_snapshot, self.snapshot)
         if output is not None:
             early.load_format = FAST_FORMAT
             early.tensor_parallel_size = early.pipeline_parallel_size = 1

@@ -13,6 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+VLLM = ("-m", "vllm.entrypoints.openai.api_server", "--model")
+SERVE = ("-m", "presharded.serve_cli")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -21,12 +25,11 @@ def free_port() -> int:
 
 @contextmanager
 def running(model: Path, flags: list[str], env: dict[str, str], timeout: float = 3600,
-            stderr=None) -> Iterator[tuple[subprocess.Popen, int | None]]:
-    """vLLM's server on `model`: (the process, its port once it answers; None if it ended or
-    took longer than `timeout`). Stopped when the block ends."""
+            stderr=None, entry: tuple[str, ...] = VLLM) -> Iterator[tuple[subprocess.Popen, int | None]]:
+    """vLLM's server on `model` (or `entry`'s, presharded-serve's): (the process, its port once it answers;
+    None if it ended or took longer than `timeout`). Stopped when the block ends."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *flags,
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, *entry, str(model), *flags, "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
         yield server, port if serving(server, port, timeout) else None

@@ -3,9 +3,12 @@ from the checkpoint in a process of its own (presharded/snapshot_engine.py),
 lets it generate once and sleep (vLLM's sleep mode, level 2: the weights and
 the KV cache freed), moves what is left on the GPU into the process with
 NVIDIA's cuda-checkpoint and dumps the process with CRIU into
-snapshots/SET/. `restore` brings that process back instead of starting
-vLLM: no import, no profiling, no CUDA graphs; it wakes, reads its weights
-from the checkpoint with our loader and answers one request.
+snapshots/SET/. presharded/snapshot_restore.py brings that process back
+instead of starting vLLM: no import, no profiling, no CUDA graphs; it wakes,
+reads its weights from the checkpoint with our loader and answers one
+request. A server snapshot (`make(..., server=True)`,
+presharded/snapshot_server.py) is vLLM's OpenAI-compatible server and its
+engine core, a tree of processes, dumped before it binds a port.
 
 A set is named by what a restore must match: GPU kind and driver, vLLM and
 torch versions, layout and the engine flags as given. The process also maps
@@ -21,7 +24,6 @@ WORKSPACE/ID/snapshot/ (the same path in every process of this user): the
 request (prompt, sampling, where to log) is written before the restore, the
 answer (tokens, seconds) by the process."""
 
-import ctypes
 import importlib.metadata
 import importlib.util
 import json
@@ -32,7 +34,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,8 +44,8 @@ from presharded.errors import UserError
 from presharded.load_checks import check_checkpoint
 from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, Manifest, hash_file, write_manifest
 from presharded.private import private_folder
-from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, link_model, put_in_place, swap_in, use_set
-from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, record, trusted_by_user
+from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, link_model, swap_in, use_set
+from presharded.trust import record
 
 TOOLS = ("criu", "cuda-checkpoint")
 # Proven on the GPU machine (dev/results/snapshot-probe-2026-12-01-h200): torch.distributed's store is an
@@ -53,12 +54,15 @@ CRIU_FLAGS = ["--shell-job", "--tcp-established", "--network-lock", "skip", "--e
 META = "snapshot.json"
 COMPILED = "workspace"  # in a set: the compile caches the process used, put back in the workspace before a restore
 SECRETS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")  # left out of the process, hence its image
+# Flags of the server alone, given anew at each restore: the engine's flags must match the snapshot's.
+SERVER_ONLY = {"--host", "--port", "--uds", "--api-key", "--served-model-name", "--root-path", "--ssl-keyfile",
+               "--ssl-certfile", "--ssl-ca-certs", "--uvicorn-log-level", "--disable-uvicorn-access-log"}
 IMAGES = Path("/dev/shm") if Path("/dev/shm").is_dir() else WORKSPACE.parent  # the checked copy: memory, no disk
 
 
-def engine_flags(argv: list[str]) -> list[str]:
+def engine_flags(argv: list[str], server: bool = False) -> list[str]:
     """The engine flags as a snapshot compares them: `--a_b=c` as `--a-b c`; without --load-format
-    (a restored engine reads its weights with fast_sharded_state)."""
+    (a restored engine reads its weights with fast_sharded_state), nor, for a server, its SERVER_ONLY flags."""
     flags: list[str] = []
     for arg in argv:
         if arg.startswith("--"):
@@ -69,6 +73,13 @@ def engine_flags(argv: list[str]) -> list[str]:
     while "--load-format" in flags:
         at = flags.index("--load-format")
         del flags[at:at + 2]
+    if server:
+        kept, dropping = [], False
+        for arg in flags:
+            dropping = arg in SERVER_ONLY or (dropping and not arg.startswith("-"))
+            if not dropping:
+                kept.append(arg)
+        flags = kept
     return flags
 
 
@@ -92,17 +103,20 @@ def version(package: str) -> str:
     return "none"
 
 
-def set_name(flags: list[str], tensor_parallel_size: int, pipeline_parallel_size: int) -> str:
+def set_name(flags: list[str], tensor_parallel_size: int, pipeline_parallel_size: int,
+             server: bool = False) -> str:
     """What a restore must match, as a folder name (found without importing vLLM)."""
     name, driver = gpu()
     digest = blake3.blake3(json.dumps(flags).encode()).hexdigest()[:12]
-    text = (f"vllm-{version('vllm')}_torch-{version('torch')}_{name}_driver-{driver}"
+    text = (f"{'server_' if server else ''}vllm-{version('vllm')}_torch-{version('torch')}_{name}_driver-{driver}"
             f"_tp{tensor_parallel_size}-pp{pipeline_parallel_size}_flags-{digest}")
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)[:200]
 
 
-def unsupported(manifest: Manifest, nodes: int) -> str | None:
+def unsupported(manifest: Manifest, nodes: int, flags: list[str]) -> str | None:
     """Why no snapshot can be made or restored here, if none can."""
+    if "--worker-extension-cls" in flags:
+        return "the snapshot's engine has a worker extension of its own (the methods a restore calls)"
     if manifest.tensor_parallel_size * manifest.pipeline_parallel_size * nodes > 1:
         return "only one GPU (TP=1, PP=1, one node) is supported yet: every worker would be a process of its own"
     if manifest.quantization:
@@ -133,6 +147,15 @@ def inbox(manifest: Manifest) -> Iterator[Path]:
         os.close(fd)
 
 
+def rpc_folder() -> Path:
+    """Where a server's engine sockets bind (VLLM_RPC_BASE_PATH): short (a socket's path holds 107
+    bytes), this user's, emptied: a restore binds them again."""
+    folder = private_folder(IMAGES / f"presharded-{os.getuid()}" / "rpc")
+    for old in folder.iterdir():
+        old.unlink()
+    return folder
+
+
 def put(path: Path, data: dict) -> None:
     """`data` as JSON at `path`, in one step: a reader polling for it never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -161,19 +184,36 @@ def tool(*args: str, log: Path | None = None) -> float:
     return time.perf_counter() - start
 
 
-def engine_env(extra: dict[str, str]) -> dict[str, str]:
+def engine_env(extra: dict[str, str], server: bool) -> dict[str, str]:
     """The snapshotted process's environment: its image keeps it, so no secrets."""
     env = {k: v for k, v in os.environ.items() if not any(word in k.upper() for word in SECRETS)}
     package = str(Path(presharded.__path__[0]).resolve().parent)  # it runs from / (a folder every node has)
     path = os.pathsep.join([package, *filter(None, [env.get("PYTHONPATH")])])
-    return {**env, **extra, "PYTHONPATH": path, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONUNBUFFERED": "1"}
+    engine = {} if server else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # a server's engine core is a child
+    return {**env, **extra, **engine, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
-def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple[str, dict]:
-    """The verb of presharded-snapshot: a snapshot of an engine started on `checkpoint` with the
-    engine flags `argv`, added to the checkpoint; its name and what it took."""
+def tree(pid: int) -> list[int]:
+    """`pid` and every process under it."""
+    pids = [pid]
+    for parent in pids:  # grows as it goes
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            pids += [int(child) for child in children.read_text().split()]
+    return pids
+
+
+def uses_cuda(pid: int) -> bool:
+    state = subprocess.run([shutil.which("cuda-checkpoint"), "--get-state", "--pid", str(pid)],
+                           capture_output=True, text=True)
+    return state.returncode == 0 and state.stdout.strip() == "running"
+
+
+def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: bool = False) -> tuple[str, dict]:
+    """The verb of presharded-snapshot: a snapshot of an engine (or of vLLM's server) started on
+    `checkpoint` with the flags `argv`, added to the checkpoint; its name and what it took."""
     manifest = check_checkpoint(checkpoint, require_manifest=True)
-    if problem := unsupported(manifest, 1):
+    flags = engine_flags(argv, server)
+    if problem := unsupported(manifest, 1, flags):
         raise UserError(f"cannot snapshot {checkpoint}: {problem}")
     if gpu()[0] == "cpu":
         raise UserError("an engine snapshot needs an NVIDIA GPU: vLLM's sleep mode, which frees the weights and "
@@ -182,31 +222,35 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple
     if uring.exists() and uring.read_text().strip() != "2":
         raise UserError("CRIU cannot dump the io_uring that the engine opens: run "
                         "`sysctl kernel.io_uring_disabled=2` first")
-    name = set_name(engine_flags(argv), manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
+    name = set_name(flags, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, server)
     use_set(checkpoint, manifest, 1, 1, trust_caches)  # the start-up caches in the workspace if trusted: faster
     workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
     link_model(workspace, checkpoint)
     caches = {var: str(workspace / kind) for kind, var in KINDS.items()}  # whatever it compiles: kept with the image
     new = checkpoint / SNAPSHOTS_DIR / f".{name}.new-{os.getpid()}"
+    module = "presharded.snapshot_server" if server else "presharded.snapshot_engine"
     seconds: dict[str, float] = {}
     with inbox(manifest) as box:
         new.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "presharded.snapshot_engine", str(box), "--model", str(workspace / "model"),
-               *argv]
-        print(f"starting vLLM on {checkpoint} for the engine snapshot {name}", file=sys.stderr, flush=True)
-        proc = subprocess.Popen(cmd, env=engine_env(caches), stdin=subprocess.DEVNULL, stdout=sys.stderr,
+        cmd = [sys.executable, "-m", module, str(box), "--model", str(workspace / "model"), *flags]
+        print(f"starting vLLM on {checkpoint} for the snapshot {name}", file=sys.stderr, flush=True)
+        env = engine_env({**caches, "VLLM_RPC_BASE_PATH": str(rpc_folder())}, server)
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr,
                                 start_new_session=True, cwd="/")
         try:
-            ready = wait_for(box / "ready.json", lambda: proc.poll() is None, 3600,
-                             "vLLM's engine for the snapshot")
-            seconds["cuda_checkpoint"] = tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(proc.pid))
+            ready = wait_for(box / "ready.json", lambda: proc.poll() is None, 3600, "vLLM for the snapshot")
+            cuda = [pid for pid in tree(proc.pid) if uses_cuda(pid)]
+            t = time.perf_counter()
+            for pid in cuda:
+                tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
+            seconds["cuda_checkpoint"] = time.perf_counter() - t
             seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(proc.pid), "-D", str(new), "-W", str(box),
                                    *CRIU_FLAGS, "-o", "dump.log", log=box / "dump.log")
             proc.wait(timeout=60)
             meta = {"name": name, "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "engine_flags": engine_flags(argv), "python": os.path.realpath(sys.executable),
+                    "engine_flags": flags, "python": os.path.realpath(sys.executable),
                     "vllm": importlib.util.find_spec("vllm").origin, "tokens": ready["tokens"],
-                    "gpu_in_use_asleep_gib": ready["gpu_in_use_asleep_gib"]}
+                    "cuda_pids": cuda, "gpu_in_use_asleep_gib": ready["gpu_in_use_asleep_gib"]}
             (new / META).write_text(json.dumps(meta, indent=1) + "\n")
             for kind in KINDS:  # the process maps what it compiled (Inductor's .so files): it must be there
                 if (workspace / kind).is_dir():
@@ -216,7 +260,8 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple
                                   hash_file(p)) for p in files]
             swap_in(new, checkpoint / SNAPSHOTS_DIR / name)
         except BaseException:
-            proc.kill()
+            for pid in tree(proc.pid)[::-1]:
+                os.kill(pid, 9)
             shutil.rmtree(new, ignore_errors=True)
             raise
     manifest = check_checkpoint(checkpoint, require_manifest=True)  # as it is now: caches may have been added
@@ -225,128 +270,3 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False) -> tuple
     record(name, entries, checkpoint, SNAPSHOTS_DIR)
     made = {"image_bytes": sum(e.size for e in entries), "start_seconds": ready["start_seconds"]}
     return name, {**made, **{k: round(v, 3) for k, v in seconds.items()}}
-
-
-@dataclass
-class Generated:
-    """What a restored engine answered, as vLLM's output has it."""
-
-    text: str
-    token_ids: list[int]
-
-
-def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict, trust: bool = False,
-            status: dict | None = None) -> Generated | None:
-    """The verb of `load_sharded_state.py --snapshot`: the checkpoint's snapshot for this machine and these
-    engine flags, restored, asked `request`; None, with one warning, when it cannot be (the caller then
-    starts vLLM). `status` receives what happened and every phase's seconds."""
-    status = {} if status is None else status
-    status.update(used=False, seconds={})
-    seconds = status["seconds"]
-
-    def skip(reason: str) -> None:
-        print(f"warning: not restoring the engine snapshot: {reason}; starting vLLM instead", file=sys.stderr)
-        status["reason"] = reason
-        return None
-
-    start = time.perf_counter()
-    if not manifest.snapshots:
-        return skip(f"{checkpoint} has none (presharded-snapshot makes one)")
-    name = status["set"] = set_name(engine_flags(argv), manifest.tensor_parallel_size,
-                                    manifest.pipeline_parallel_size)
-    if name not in manifest.snapshots:
-        return skip(f"{checkpoint} has {', '.join(sorted(manifest.snapshots))}, none for {name} "
-                    "(this GPU, driver, vLLM, torch, layout and engine flags)")
-    entries = manifest.snapshots[name]
-    if not (trusted_by_user(trust, TRUST_SNAPSHOT_ENV) or made_here(name, entries, SNAPSHOTS_DIR)):
-        return skip(f"{name} is a whole process that this user did not make on this machine; if you trust "
-                    f"whoever made it, pass {TRUST_SNAPSHOT_FLAG} (or set {TRUST_SNAPSHOT_ENV}=1)")
-    try:
-        images = private_folder(IMAGES / f"presharded-{os.getuid()}")
-    except UserError as e:
-        return skip(str(e))
-    image = images / f"snapshot-{blake3.blake3(name.encode()).hexdigest()[:16]}"
-    for other in images.glob("snapshot-*"):  # one image at a time in memory
-        if other != image:
-            shutil.rmtree(other, ignore_errors=True)
-    workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
-    compiled = [e for e in entries if e.path.startswith(f"{SNAPSHOTS_DIR}/{name}/{COMPILED}/")]
-    if not (put_in_place(image, checkpoint, name, [e for e in entries if e not in compiled], SNAPSHOTS_DIR,
-                         "the engine snapshot")
-            and put_in_place(workspace, checkpoint, COMPILED, compiled, f"{SNAPSHOTS_DIR}/{name}",
-                             f"the engine snapshot {name}'s")):
-        status["reason"] = "its image is missing or damaged"  # put_in_place warned
-        return None
-    if (made_with := made_by(image / META)) != os.path.realpath(sys.executable):
-        return skip(f"it was made with {made_with}; this is {os.path.realpath(sys.executable)} "
-                    "(the Python environment must be at the same paths)")
-    if problem := unsupported(manifest, 1):
-        return skip(problem)
-    seconds["check"] = time.perf_counter() - start
-    link_model(workspace, checkpoint)
-    with inbox(manifest) as box:
-        put(box / "request.json", {**request, "log": str(box / "engine.log")})
-        become_subreaper()  # the restored process becomes this one's child: waited for, and killed with it
-        pid = None
-        try:
-            t = time.perf_counter()
-            tool(shutil.which("criu"), "restore", "-D", str(image), "-W", str(box), *CRIU_FLAGS, "-d",
-                 "--pidfile", str(box / "restored.pid"), "-o", "restore.log", log=box / "restore.log")
-            pid = int((box / "restored.pid").read_text())
-            seconds["restore"] = time.perf_counter() - t
-            seconds["cuda_restore"] = tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
-            done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored engine")
-        except UserError as e:
-            if pid is not None:
-                os.kill(pid, 9)
-            return skip(str(e))
-        except BaseException:
-            if pid is not None:
-                os.kill(pid, 9)
-            raise
-        reap(pid)
-        relay(box / "engine.log")
-    if "error" in done:
-        if done.get("request"):
-            raise UserError(f"{done['error']} (--prompt, --max-tokens, --max-model-len)")
-        return skip(f"the restored engine failed: {done['error']} (its log is above)")
-    seconds.update(done["seconds"])
-    seconds["total"] = time.perf_counter() - start
-    status.update(used=True, seconds={k: round(v, 3) for k, v in seconds.items()})
-    return Generated(done["text"], done["token_ids"])
-
-
-def made_by(meta: Path) -> str:
-    """The Python that ran the snapshotted process, as its snapshot.json says."""
-    try:
-        return str(json.loads(meta.read_text())["python"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"an unknown Python ({meta.name} is missing or unreadable)"
-
-
-def become_subreaper() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
-def alive(pid: int) -> bool:
-    try:
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:  # not our child: is it there at all
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-
-
-def reap(pid: int) -> None:
-    for _ in range(1000):
-        if not alive(pid):
-            return
-        time.sleep(0.01)
-    os.kill(pid, 9)
-
-
-def relay(log: Path) -> None:
-    if log.exists():
-        sys.stderr.write(log.read_text(errors="replace"))

@@ -9,8 +9,9 @@ instead of starting vLLM (presharded/snapshot.py says how, and what must match):
     presharded-snapshot /models/llama-8b [--max-model-len 8192 ...]
     python load_sharded_state.py --model /models/llama-8b --snapshot [--max-model-len 8192 ...]
 
-Needs root, one NVIDIA GPU (TP=1 for now), `criu` (4.2.1 or later) and
-`cuda-checkpoint` on PATH.
+With --server, the snapshot is of vLLM's OpenAI-compatible server (any
+`vllm serve` flag), which presharded-serve restores. Needs root, one NVIDIA
+GPU (TP=1 for now), `criu` (4.2.1 or later) and `cuda-checkpoint` on PATH.
 """
 
 import argparse
@@ -29,13 +30,15 @@ def main() -> None:
     parser.add_argument(TRUST_FLAG, dest="trust", action="store_true",
                         help=f"start from the checkpoint's start-up caches though this user did not make them "
                         f"here (or {TRUST_ENV}=1)")
+    parser.add_argument("--server", action="store_true",
+                        help="a snapshot of vLLM's OpenAI-compatible server, for presharded-serve")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args, engine_flags = parser.parse_known_args()
-    name, made = make(args.checkpoint, engine_flags, args.trust)
+    name, made = make(args.checkpoint, engine_flags, args.trust, args.server)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "snapshot": name, **made}))
     else:
-        print(f"{args.checkpoint}: engine snapshot {name} ({made['image_bytes'] / 2**30:.2f} GiB; "
+        print(f"{args.checkpoint}: snapshot {name} ({made['image_bytes'] / 2**30:.2f} GiB; "
               f"CUDA checkpoint {made['cuda_checkpoint']:.2f} s, dump {made['dump']:.2f} s)")
 
 

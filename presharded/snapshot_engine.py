@@ -30,11 +30,13 @@ def start(argv: list[str]):
     """vLLM's engine as a load starts it (the checkpoint's layout where unset), with sleep mode."""
     from vllm import LLM, EngineArgs
 
+    from presharded.vllm_compat import SNAPSHOT_WORKER
+
     args, parser = parse_engine_flags(argv, lambda parser: None, __doc__, {"load_format": FAST_FORMAT})
     model = Path(args.model)
     fill_unset(args, parser, saved_layout(model, read_manifest(model)))
     apply_engine_defaults(args, parser, saving=False)
-    args.load_format, args.enable_sleep_mode = FAST_FORMAT, True
+    args.load_format, args.enable_sleep_mode, args.worker_extension_cls = FAST_FORMAT, True, SNAPSHOT_WORKER
     return LLM.from_engine_args(EngineArgs.from_cli_args(args))
 
 
@@ -48,12 +50,8 @@ def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, top_p:
 def fall_asleep(llm) -> float:
     """The weights and the KV cache freed, and every GPU block not in use given back: what is
     left on the GPU goes into the image. The GiB still in use."""
-    import torch
-
     llm.sleep(level=2)
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / 2**30
+    return llm.collective_rpc("presharded_asleep")[0]
 
 
 def redirect(log: str | None) -> None:
@@ -67,14 +65,14 @@ def redirect(log: str | None) -> None:
 
 def answer(llm, request: dict) -> dict:
     """Restored: wake, refill the weights, generate."""
-    from presharded.vllm_compat import REQUEST_ERRORS, refill_weights
+    from presharded.vllm_compat import REQUEST_ERRORS
 
     seconds = {}
     t = time.perf_counter()
     llm.wake_up()
     seconds["wake"] = time.perf_counter() - t
     t = time.perf_counter()
-    refill_weights(llm)
+    llm.collective_rpc("presharded_refill")
     seconds["weights"] = time.perf_counter() - t
     t = time.perf_counter()
     try:

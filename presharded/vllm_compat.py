@@ -24,7 +24,12 @@ __all__ = [
     "online_quantized_layers",
     "parallel_ranks",
     "parallel_sizes",
-    "refill_weights",
+    "SNAPSHOT_WORKER",
+    "SnapshotWorker",
+    "bind",
+    "engine_client",
+    "serve",
+    "serve_parser",
     "register_model_loader",
     "run_workers",
     "shut_down",
@@ -137,15 +142,54 @@ def shut_down(llm) -> None:
         torch.cuda.empty_cache()
 
 
-def refill_weights(llm) -> None:
-    """After `wake_up` from sleep level 2 (the weights freed): our loader reads the checkpoint's
-    weights into the model again, in its one worker (an engine in this process)."""
+class SnapshotWorker:
+    """What an engine snapshot's worker gains (`--worker-extension-cls`), called by name through
+    collective_rpc: a function cannot cross the server's socket to its engine core."""
 
-    def refill(worker) -> None:
+    def presharded_asleep(self) -> float:
+        """Asleep: every GPU block not in use given back (what is left goes into the image); the GiB left."""
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**30
+
+    def presharded_refill(self) -> None:
+        """Woken from sleep level 2 (the weights freed): our loader reads the checkpoint's weights again."""
         from presharded.fast_loader import FastShardedStateLoader
 
-        runner = worker.model_runner
-        FastShardedStateLoader(worker.vllm_config.load_config).load_weights(runner.get_model(), runner.model_config)
+        runner = self.model_runner
+        FastShardedStateLoader(self.vllm_config.load_config).load_weights(runner.get_model(), runner.model_config)
         torch.cuda.synchronize()
 
-    llm.collective_rpc(refill)
+
+SNAPSHOT_WORKER = f"{__name__}.SnapshotWorker"
+
+
+def _api_server():
+    try:  # 0.32
+        from vllm.entrypoints.launchers import cli_args, launcher
+        from vllm.entrypoints.launchers.api_server import entry
+        return cli_args, launcher, entry
+    except ImportError:  # 0.26
+        from vllm.entrypoints.openai import api_server, cli_args
+        return cli_args, api_server, api_server
+
+
+def serve_parser() -> FlexibleArgumentParser:
+    """`vllm serve`'s parser: every engine and server flag."""
+    cli_args = _api_server()[0]
+    return cli_args.make_arg_parser(FlexibleArgumentParser(description="vLLM's OpenAI-compatible server"))
+
+
+def engine_client(args):
+    """An async context: the server's engine client (its engine core in a child process)."""
+    return _api_server()[2].build_async_engine_client(args)
+
+
+def bind(args) -> tuple[str, object]:
+    """The server's socket, bound to --host/--port (or --uds): its address and the socket."""
+    return _api_server()[1].setup_server(args, reuse_port=False)
+
+
+async def serve(engine, listen: str, sock, args):
+    """The app built on `engine` and served on `sock` until the server stops; its shutdown task."""
+    return await _api_server()[2].build_and_serve(engine, listen, sock, args)

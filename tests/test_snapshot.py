@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROMPT, generate, refused, run_script
-from presharded import snapshot
+from conftest import PROMPT, generate, refused, run_script, script_env
+from presharded import server, snapshot, snapshot_restore
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
 from presharded.snapshot import engine_flags, set_name
@@ -25,10 +25,12 @@ FLAGS = ["--enforce-eager"]  # conftest.generate's engine flags
 REQUEST = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0.0, "top_p": 1.0}
 
 
-def with_snapshot(checkpoint: Path, dest: Path, flags: list[str] = FLAGS, python: str = sys.executable) -> str:
-    """A copy of `checkpoint` at `dest` with a snapshot set for this machine and `flags`; the set's name."""
+def with_snapshot(checkpoint: Path, dest: Path, flags: list[str] = FLAGS, python: str = sys.executable,
+                  server: bool = False) -> str:
+    """A copy of `checkpoint` at `dest` with a snapshot set (of the server if `server`) for this
+    machine and `flags`; the set's name."""
     shutil.copytree(checkpoint, dest)
-    name = set_name(engine_flags(flags), 1, 1)
+    name = set_name(engine_flags(flags, server), 1, 1, server)
     files = {"pages-1.img": os.urandom(1 << 20), "snapshot.json": json.dumps({"python": os.path.realpath(python)})}
     manifest = read_manifest(dest)
     manifest.snapshots[name] = []
@@ -55,7 +57,7 @@ def snapshotted(checkpoints, tmp_path, monkeypatch) -> Path:
 def restore(folder: Path, capsys, flags: list[str] = FLAGS, trust: bool = False) -> tuple[dict, list[str]]:
     """snapshot.restore as a load calls it: what it reported, and its warning lines."""
     status: dict = {}
-    assert snapshot.restore(folder, read_manifest(folder), flags, REQUEST, trust, status) is None
+    assert snapshot_restore.restore(folder, read_manifest(folder), flags, REQUEST, trust, status) is None
     return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
 
 
@@ -73,12 +75,15 @@ def test_flags_compare_as_vllm_reads_them():
     assert engine_flags(["--max_model_len=64", "-tp", "1"]) == ["--max-model-len", "64", "-tp", "1"]
     assert engine_flags(["--load-format", "sharded_state", "--enforce-eager"]) == ["--enforce-eager"]
     assert set_name(["--enforce-eager"], 1, 1) != set_name(["--enforce-eager", "--max-model-len", "64"], 1, 1)
+    served = ["--port", "8000", "--api-key=k", "--served-model-name", "a", "b", "--max-model-len", "64", "--host", "::"]
+    assert engine_flags(served, server=True) == ["--max-model-len", "64"]
+    assert set_name(["--max-model-len", "64"], 1, 1, server=True).startswith("server_")
 
 
 def test_the_image_keeps_no_secrets(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    env = snapshot.engine_env({})
+    env = snapshot.engine_env({}, server=False)
     assert "HF_TOKEN" not in env and "AWS_SECRET_ACCESS_KEY" not in env and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
@@ -142,6 +147,27 @@ def test_a_failed_restore_starts_vllm_with_the_same_tokens(snapshotted, tmp_path
     assert len(warnings) == 1 and expected in warnings[0], proc.stderr[-3000:]
     assert out["snapshot"]["used"] is False and out["load_format"] == "sharded_state"
     assert out["token_ids"] == generate(snapshotted)["token_ids"]
+
+
+def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, tmp_path):
+    """A server snapshot for this machine and these flags, trusted, but CRIU fails: one warning, then
+    vLLM's server starts on the checkpoint with our loader and answers with a load's tokens."""
+    served = tmp_path / "served"
+    with_snapshot(checkpoints(1, 1), served, server=True)
+    status: dict = {}
+    assert snapshot_restore.serve(snapshotted, read_manifest(snapshotted), FLAGS, True, status) is None
+    assert "has no server snapshot" in status["reason"]  # an engine's set is not a server's
+    env = dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1", PATH=fake_tools(tmp_path / "bin"))
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err, server.running(served, [*FLAGS, "--trust-snapshot"], env, timeout=240, stderr=err,
+                                               entry=server.SERVE) as (proc, port):
+        assert port is not None, log.read_text()[-3000:]
+        body = {"model": str(served), "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
+        choice = server.completion(port, body, timeout=60)["choices"][0]
+    warnings = [line for line in log.read_text().splitlines() if line.startswith("warning:")]
+    expected = "criu restore failed (Error (criu/cr-restore.c" if os.geteuid() == 0 else "CRIU needs root"
+    assert len(warnings) == 1 and expected in warnings[0], log.read_text()[-3000:]
+    assert choice["token_ids"] == generate(served)["token_ids"]
 
 
 def test_presharded_snapshot_refuses_what_it_cannot_do(checkpoints, tmp_path):

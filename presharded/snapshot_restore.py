@@ -1,0 +1,260 @@
+"""Engine snapshots brought back (presharded/snapshot.py makes them): the
+checkpoint's set for this machine and these flags, trusted, copied into this
+user's memory folder and hashed there, restored by CRIU and cuda-checkpoint.
+`restore` asks the restored engine one request (load_sharded_state.py
+--snapshot); `serve` lets the restored server serve on the port asked for
+(presharded-serve). Anything that does not fit gives one warning, and the
+caller starts vLLM as usual."""
+
+import ctypes
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from presharded.errors import UserError
+from presharded.manifest import SNAPSHOTS_DIR, Manifest
+from presharded.private import private_folder
+from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, engine_flags, inbox, put, rpc_folder,
+                                 set_name, tool, tree, unsupported, wait_for)
+from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place
+from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
+
+
+@dataclass
+class Generated:
+    """What a restored engine answered, as vLLM's output has it."""
+
+    text: str
+    token_ids: list[int]
+
+
+def skip(status: dict, reason: str) -> None:
+    print(f"warning: not restoring the snapshot: {reason}; starting vLLM instead", file=sys.stderr)
+    status["reason"] = reason
+
+
+def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: bool, status: dict,
+                server: bool) -> tuple[Path, Path] | None:
+    """The checkpoint's set for this machine and `flags`, trusted, copied into this user's memory
+    folder and checked there, its compile caches in the workspace: (the image, the workspace);
+    None, with one warning, when there is none that can run here."""
+    kind = "server snapshot (presharded-snapshot --server)" if server else "engine snapshot (presharded-snapshot)"
+    sets = [s for s in manifest.snapshots if s.startswith("server_") == server]
+    if not sets:
+        return skip(status, f"{checkpoint} has no {kind}")
+    name = status["set"] = set_name(flags, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, server)
+    if name not in sets:
+        return skip(status, f"{checkpoint} has {', '.join(sorted(sets))}, none for {name} "
+                    "(this GPU, driver, vLLM, torch, layout and engine flags)")
+    entries = manifest.snapshots[name]
+    if not (trusted_by_user(trust, TRUST_SNAPSHOT_ENV) or made_here(name, entries, SNAPSHOTS_DIR)):
+        return skip(status, f"{name} is a whole process that this user did not make on this machine; if you "
+                    f"trust whoever made it, pass {TRUST_SNAPSHOT_FLAG} (or set {TRUST_SNAPSHOT_ENV}=1)")
+    try:
+        images = private_folder(IMAGES / f"presharded-{os.getuid()}")
+    except UserError as e:
+        return skip(status, str(e))
+    image = images / f"snapshot-{blake3.blake3(name.encode()).hexdigest()[:16]}"
+    for other in images.glob("snapshot-*"):  # one image at a time in memory
+        if other != image:
+            shutil.rmtree(other, ignore_errors=True)
+    workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
+    compiled = [e for e in entries if e.path.startswith(f"{SNAPSHOTS_DIR}/{name}/{COMPILED}/")]
+    if not (put_in_place(image, checkpoint, name, [e for e in entries if e not in compiled], SNAPSHOTS_DIR,
+                         "the snapshot")
+            and put_in_place(workspace, checkpoint, COMPILED, compiled, f"{SNAPSHOTS_DIR}/{name}",
+                             f"the snapshot {name}'s")):
+        status["reason"] = "its image is missing or damaged"  # put_in_place warned
+        return None
+    if (made_with := meta_of(image).get("python")) != os.path.realpath(sys.executable):
+        return skip(status, f"it was made with {made_with or 'an unknown Python'}; this is "
+                    f"{os.path.realpath(sys.executable)} (the Python environment must be at the same paths)")
+    if problem := unsupported(manifest, 1, flags):
+        return skip(status, problem)
+    link_model(workspace, checkpoint)
+    return image, workspace
+
+
+def bring_back(image: Path, box: Path, seconds: dict) -> int:
+    """CRIU restores the image's processes, cuda-checkpoint their GPU state: the root's PID."""
+    rpc_folder()
+    t = time.perf_counter()
+    tool(shutil.which("criu"), "restore", "-D", str(image), "-W", str(box), *CRIU_FLAGS, "-d",
+         "--pidfile", str(box / "restored.pid"), "-o", "restore.log", log=box / "restore.log")
+    pid = int((box / "restored.pid").read_text())
+    seconds["restore"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for cuda in meta_of(image).get("cuda_pids", [pid]):
+        tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(cuda))
+    seconds["cuda_restore"] = time.perf_counter() - t
+    return pid
+
+
+def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict, trust: bool = False,
+            status: dict | None = None) -> Generated | None:
+    """The verb of `load_sharded_state.py --snapshot`: the checkpoint's snapshot for this machine and these
+    engine flags, restored, asked `request`; None, with one warning, when it cannot be (the caller then
+    starts vLLM). `status` receives what happened and every phase's seconds."""
+    status = {} if status is None else status
+    status.update(used=False, seconds={})
+    seconds = status["seconds"]
+    start = time.perf_counter()
+    if (ready := ready_image(checkpoint, manifest, engine_flags(argv), trust, status, False)) is None:
+        return None
+    image, _ = ready
+    seconds["check"] = time.perf_counter() - start
+    with inbox(manifest) as box:
+        put(box / "request.json", {**request, "log": str(box / "engine.log")})
+        become_subreaper()  # the restored process becomes this one's child: waited for, and killed with it
+        pid = None
+        try:
+            pid = bring_back(image, box, seconds)
+            done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored engine")
+        except UserError as e:
+            if pid is not None:
+                os.kill(pid, 9)
+            return skip(status, str(e))
+        except BaseException:
+            if pid is not None:
+                os.kill(pid, 9)
+            raise
+        reap(pid)
+        relay(box / "engine.log")
+    if "error" in done:
+        if done.get("request"):
+            raise UserError(f"{done['error']} (--prompt, --max-tokens, --max-model-len)")
+        return skip(status, f"the restored engine failed: {done['error']} (its log is above)")
+    seconds.update(done["seconds"])
+    seconds["total"] = time.perf_counter() - start
+    status.update(used=True, seconds={k: round(v, 3) for k, v in seconds.items()})
+    return Generated(done["text"], done["token_ids"])
+
+
+def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = False,
+          status: dict | None = None) -> int | None:
+    """The verb of presharded-serve: the checkpoint's server snapshot for this machine and these flags,
+    restored to serve as `argv` asks (its port, its key); the server's exit code once it stops. None,
+    with one warning, when it cannot be restored (the caller then starts vLLM's server)."""
+    status = {} if status is None else status
+    status.update(used=False, seconds={})
+    seconds = status["seconds"]
+    start = time.perf_counter()
+    if (ready := ready_image(checkpoint, manifest, engine_flags(argv, True), trust, status, True)) is None:
+        return None
+    image, workspace = ready
+    seconds["check"] = time.perf_counter() - start
+    with inbox(manifest) as box:
+        log = box / "server.log"
+        put(box / "request.json", {"argv": ["--model", str(workspace / "model"), *argv], "name": str(checkpoint),
+                                   "log": str(log)})
+        become_subreaper()
+        pid = None
+        try:
+            pid = bring_back(image, box, seconds)
+            with following(log):
+                done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored server")
+                if "error" in done:
+                    raise UserError(f"the restored server failed: {done['error']} (its log is above)")
+                seconds.update(done["seconds"], total=time.perf_counter() - start)
+                status.update(used=True, seconds={k: round(v, 3) for k, v in seconds.items()})
+                print(f"restored {status['set']}: serving on {done['listen']}, {seconds['total']:.2f} s after the "
+                      f"start ({', '.join(f'{k} {v:.2f} s' for k, v in status['seconds'].items())})",
+                      file=sys.stderr, flush=True)
+                return until_it_exits(pid)
+        except UserError as e:
+            if pid is not None:
+                kill_tree(pid)
+            return skip(status, str(e))
+        except BaseException:
+            if pid is not None:
+                kill_tree(pid)
+            raise
+
+
+def meta_of(image: Path) -> dict:
+    """The set's snapshot.json ({} if it is missing or unreadable)."""
+    try:
+        meta = json.loads((image / META).read_text())
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextmanager
+def following(log: Path) -> Iterator[None]:
+    """What the restored process writes to `log`, copied to this process's stderr as it comes."""
+    import threading
+
+    stop = threading.Event()
+
+    def copy() -> None:
+        with open(log, "a+", errors="replace") as f:
+            f.seek(0)
+            while not stop.wait(0.1):
+                sys.stderr.write(f.read())
+            sys.stderr.write(f.read())
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def until_it_exits(pid: int) -> int:
+    """Wait for the restored server (SIGTERM and SIGINT passed on to it); its exit code."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: os.kill(pid, number))
+    while True:
+        try:
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        except InterruptedError:
+            continue
+
+
+def kill_tree(pid: int) -> None:
+    for each in tree(pid)[::-1]:
+        try:
+            os.kill(each, 9)
+        except ProcessLookupError:
+            pass
+
+
+def become_subreaper() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def alive(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:  # not our child: is it there at all
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def reap(pid: int) -> None:
+    for _ in range(1000):
+        if not alive(pid):
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+
+
+def relay(log: Path) -> None:
+    if log.exists():
+        sys.stderr.write(log.read_text(errors="replace"))
