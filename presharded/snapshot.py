@@ -198,8 +198,19 @@ def tree(pid: int) -> list[int]:
     pids = [pid]
     for parent in pids:  # grows as it goes
         for children in Path(f"/proc/{parent}/task").glob("*/children"):
-            pids += [int(child) for child in children.read_text().split()]
+            try:
+                pids += [int(child) for child in children.read_text().split()]
+            except OSError:  # gone meanwhile
+                pass
     return pids
+
+
+def kill_tree(pid: int) -> None:
+    for each in tree(pid)[::-1]:
+        try:
+            os.kill(each, 9)
+        except ProcessLookupError:
+            pass
 
 
 def uses_cuda(pid: int) -> bool:
@@ -260,8 +271,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
                                   hash_file(p)) for p in files]
             swap_in(new, checkpoint / SNAPSHOTS_DIR / name)
         except BaseException:
-            for pid in tree(proc.pid)[::-1]:
-                os.kill(pid, 9)
+            kill_tree(proc.pid)
             shutil.rmtree(new, ignore_errors=True)
             raise
     manifest = check_checkpoint(checkpoint, require_manifest=True)  # as it is now: caches may have been added

@@ -22,8 +22,8 @@ import blake3
 from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
-from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, engine_flags, inbox, put, rpc_folder,
-                                 set_name, tool, tree, unsupported, wait_for)
+from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, engine_flags, inbox, kill_tree, put, rpc_folder,
+                                 set_name, tool, unsupported, wait_for)
 from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
@@ -222,14 +222,6 @@ def until_it_exits(pid: int) -> int:
             return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         except InterruptedError:
             continue
-
-
-def kill_tree(pid: int) -> None:
-    for each in tree(pid)[::-1]:
-        try:
-            os.kill(each, 9)
-        except ProcessLookupError:
-            pass
 
 
 def become_subreaper() -> None:
