@@ -213,10 +213,19 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def uses_cuda(pid: int) -> bool:
-    state = subprocess.run([shutil.which("cuda-checkpoint"), "--get-state", "--pid", str(pid)],
-                           capture_output=True, text=True)
-    return state.returncode == 0 and state.stdout.strip() == "running"
+def holds_gpu(pid: int) -> bool:
+    """Whether the process has an NVIDIA device open (what CRIU cannot dump): cuda-checkpoint must release it."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd).startswith("/dev/nvidia"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: bool = False) -> tuple[str, dict]:
@@ -250,7 +259,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
                                 start_new_session=True, cwd="/")
         try:
             ready = wait_for(box / "ready.json", lambda: proc.poll() is None, 3600, "vLLM for the snapshot")
-            cuda = [pid for pid in tree(proc.pid) if uses_cuda(pid)]
+            cuda = [pid for pid in tree(proc.pid) if holds_gpu(pid)]
             t = time.perf_counter()
             for pid in cuda:
                 tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
