@@ -189,7 +189,9 @@ def engine_env(extra: dict[str, str], server: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not any(word in k.upper() for word in SECRETS)}
     package = str(Path(presharded.__path__[0]).resolve().parent)  # it runs from / (a folder every node has)
     path = os.pathsep.join([package, *filter(None, [env.get("PYTHONPATH")])])
-    engine = {} if server else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # a server's engine core is a child
+    # A server's engine core is a child: spawned, since a forked one keeps the server's own NVIDIA device
+    # files open, which cuda-checkpoint does not release (the child's are not its own) and CRIU cannot dump.
+    engine = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"} if server else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     return {**env, **extra, **engine, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
