@@ -215,6 +215,24 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def unlink_semaphores(pids: list[int]) -> None:
+    """Named POSIX semaphores that the processes map (joblib's loky leaves one in /dev/shm): unlinked, so
+    that CRIU keeps them in the image; a restore on another node would find no file of that name."""
+    inodes = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            continue
+        inodes |= {int(line.split()[4]) for line in maps if "/dev/shm/sem." in line}
+    for sem in Path("/dev/shm").glob("sem.*"):
+        try:
+            if sem.stat().st_ino in inodes:
+                sem.unlink()
+        except OSError:
+            continue
+
+
 def holds_gpu(pid: int) -> bool:
     """Whether the process has an NVIDIA device open (what CRIU cannot dump): cuda-checkpoint must release it."""
     try:
@@ -266,6 +284,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
             for pid in cuda:
                 tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
             seconds["cuda_checkpoint"] = time.perf_counter() - t
+            unlink_semaphores(tree(proc.pid))
             seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(proc.pid), "-D", str(new), "-W", str(box),
                                    *CRIU_FLAGS, "-o", "dump.log", log=box / "dump.log")
             proc.wait(timeout=60)
