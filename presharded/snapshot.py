@@ -156,6 +156,15 @@ def rpc_folder() -> Path:
     return folder
 
 
+def redirect(log: str | None) -> None:
+    """This process's standard input and output to /dev/null (nothing of this machine's terminal or
+    pipes goes into the image), or, restored, its output to `log`."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log else os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2) if log is None else (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+
+
 def put(path: Path, data: dict) -> None:
     """`data` as JSON at `path`, in one step: a reader polling for it never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -207,8 +216,10 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def kill_tree(pid: int) -> None:
-    for each in tree(pid)[::-1]:
+def kill_tree(pid: int, pids: list[int] | None = None) -> None:
+    """`pid` and its processes killed: those under it now, and `pids` (the tree as it was: a child
+    outlives a root that has exited)."""
+    for each in [*tree(pid)[::-1], *(pids or [])]:
         try:
             os.kill(each, 9)
         except ProcessLookupError:

@@ -21,7 +21,7 @@ from presharded.flags import fill_unset, parse_engine_flags
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import put, wait_for
+from presharded.snapshot import put, redirect, wait_for
 
 PROMPT = "The capital of France is"
 
@@ -54,15 +54,6 @@ def fall_asleep(llm) -> float:
     return llm.collective_rpc("presharded_asleep")[0]
 
 
-def redirect(log: str | None) -> None:
-    """Standard input and output to /dev/null (nothing of this machine's terminal or pipes goes into
-    the image), or, restored, the output to `log`."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log else os.open(os.devnull, os.O_RDWR)
-    for target in (0, 1, 2) if log is None else (1, 2):
-        os.dup2(fd, target)
-    os.close(fd)
-
-
 def answer(llm, request: dict) -> dict:
     """Restored: wake, refill the weights, generate."""
     from presharded.vllm_compat import REQUEST_ERRORS
@@ -72,7 +63,7 @@ def answer(llm, request: dict) -> dict:
     llm.wake_up()
     seconds["wake"] = time.perf_counter() - t
     t = time.perf_counter()
-    llm.collective_rpc("presharded_refill")
+    llm.collective_rpc("presharded_refill", args=(request["log"],))
     seconds["weights"] = time.perf_counter() - t
     t = time.perf_counter()
     try:

@@ -23,7 +23,7 @@ from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
 from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, engine_flags, inbox, kill_tree, put, rpc_folder,
-                                 set_name, tool, unsupported, wait_for)
+                                 set_name, tool, tree, unsupported, wait_for)
 from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
@@ -156,9 +156,10 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
         put(box / "request.json", {"argv": ["--model", str(workspace / "model"), *argv], "name": str(checkpoint),
                                    "log": str(log)})
         become_subreaper()
-        pid = None
+        pid, pids = None, []
         try:
             pid = bring_back(image, box, seconds)
+            pids = tree(pid)
             with following(log):
                 done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored server")
                 if "error" in done:
@@ -171,11 +172,11 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
                 return until_it_exits(pid)
         except UserError as e:
             if pid is not None:
-                kill_tree(pid)
+                kill_tree(pid, pids)
             return skip(status, str(e))
         except BaseException:
             if pid is not None:
-                kill_tree(pid)
+                kill_tree(pid, pids)
             raise
 
 

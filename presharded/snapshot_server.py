@@ -23,8 +23,8 @@ from presharded.engine_defaults import apply_engine_defaults
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import put
-from presharded.snapshot_engine import PROMPT, redirect
+from presharded.snapshot import put, redirect
+from presharded.snapshot_engine import PROMPT
 
 
 def serve_args(argv: list[str]):
@@ -84,7 +84,7 @@ async def main_async(inbox: Path, argv: list[str]) -> None:
             await engine.wake_up()
             seconds["wake"] = time.perf_counter() - t
             t = time.perf_counter()
-            await engine.collective_rpc("presharded_refill")
+            await engine.collective_rpc("presharded_refill", args=(request["log"],))
             seconds["weights"] = time.perf_counter() - t
             served = serve_args(request["argv"])
             served.served_model_name = served.served_model_name or [request["name"]]

@@ -147,15 +147,22 @@ class SnapshotWorker:
     collective_rpc: a function cannot cross the server's socket to its engine core."""
 
     def presharded_asleep(self) -> float:
-        """Asleep: every GPU block not in use given back (what is left goes into the image); the GiB left."""
+        """Asleep: every GPU block not in use given back (what is left goes into the image), the output
+        to /dev/null (a server's engine core writes to its starter's pipe otherwise); the GiB left."""
+        from presharded.snapshot import redirect
+
+        redirect(None)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         return (total - free) / 2**30
 
-    def presharded_refill(self) -> None:
-        """Woken from sleep level 2 (the weights freed): our loader reads the checkpoint's weights again."""
+    def presharded_refill(self, log: str) -> None:
+        """Woken from sleep level 2 (the weights freed): the output to `log`, and our loader reads the
+        checkpoint's weights again."""
         from presharded.fast_loader import FastShardedStateLoader
+        from presharded.snapshot import redirect
 
+        redirect(log)
         runner = self.model_runner
         FastShardedStateLoader(self.vllm_config.load_config).load_weights(runner.get_model(), runner.model_config)
         torch.cuda.synchronize()
