@@ -169,7 +169,7 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
                 print(f"restored {status['set']}: serving on {done['listen']}, {seconds['total']:.2f} s after the "
                       f"start ({', '.join(f'{k} {v:.2f} s' for k, v in status['seconds'].items())})",
                       file=sys.stderr, flush=True)
-                return until_it_exits(pid)
+                return until_it_exits(pid, pids)
         except UserError as e:
             if pid is not None:
                 kill_tree(pid, pids)
@@ -212,17 +212,22 @@ def following(log: Path) -> Iterator[None]:
         thread.join()
 
 
-def until_it_exits(pid: int) -> int:
-    """Wait for the restored server (SIGTERM and SIGINT passed on to it); its exit code."""
+def until_it_exits(pid: int, pids: list[int]) -> int:
+    """Wait for the restored server (SIGTERM and SIGINT passed on to it); its exit code, once what
+    outlived it of its tree is killed and reaped (this process is their reaper: a zombie keeps its PID,
+    which the next restore needs)."""
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: os.kill(pid, number))
-    while True:
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    kill_tree(pid, pids)
+    for each in pids[1:]:
         try:
-            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        except InterruptedError:
-            continue
+            os.waitpid(each, 0)
+        except ChildProcessError:
+            pass
+    return code
 
 
 def become_subreaper() -> None:
