@@ -5,40 +5,64 @@ our fast_sharded_state loader unless --load-format says otherwise:
 
     presharded-snapshot /models/llama-8b --server [--max-model-len 8192 ...]   # once
     presharded-serve /models/llama-8b [--port 8000 --max-model-len 8192 ...]  # any `vllm serve` flag
+    presharded-serve s3://bucket/llama-8b [--port 8000 ...]                  # from S3: docs/s3.md
 
 A restored server binds the host and port given now and takes the server's
 own flags as given now (--port, --api-key, --served-model-name, ...); every
-other flag must be as when the snapshot was made.
+other flag must be as when the snapshot was made. An s3:// checkpoint is
+checked as a load checks it (its small files fetched, its objects' sizes and
+ETags), then vLLM's server reads the weights from S3 with our loader.
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-from presharded.errors import exits_cleanly
+from presharded import s3
+from presharded.errors import UserError, exits_cleanly
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import check_checkpoint
 from presharded.snapshot_restore import serve
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG
 
 
+def value(flags: list[str], name: str) -> str | None:
+    """The value of the flag `name` (`--a-b x`, `--a_b=x`) in `flags`, the last given; None if not given."""
+    found = None
+    for at, flag in enumerate(flags):
+        key, eq, text = flag.partition("=")
+        if key.replace("_", "-") == name:
+            found = text if eq else (flags[at + 1] if at + 1 < len(flags) else "")
+    return found
+
+
 @exits_cleanly
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", help="a checkpoint folder, or s3://bucket/prefix")
     parser.add_argument(TRUST_SNAPSHOT_FLAG, dest="trust", action="store_true",
                         help=f"restore the checkpoint's server snapshot though this user did not make it here: "
                         f"it is a whole process that will run (or {TRUST_SNAPSHOT_ENV}=1)")
     args, flags = parser.parse_known_args()
-    manifest = check_checkpoint(args.checkpoint, require_manifest=True)
-    if (code := serve(args.checkpoint, manifest, flags, args.trust)) is not None:
-        sys.exit(code)
-    load_format = [] if any(f.split("=")[0] in ("--load-format", "--load_format") for f in flags) else [
-        "--load-format", FAST_FORMAT]
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.checkpoint),
-           *load_format, *flags]
+    load_format = value(flags, "--load-format")
+    ours = [] if load_format else ["--load-format", FAST_FORMAT]
+    if s3.is_s3(args.checkpoint):  # the weights stay in S3; vLLM's server gets the small files' local copy
+        if load_format not in (None, FAST_FORMAT):
+            raise UserError(f"presharded-serve reads s3:// with {FAST_FORMAT}; for vLLM's own {load_format} "
+                            f"run `vllm serve {args.checkpoint} --load-format {load_format}` (without our checks)")
+        url, model = args.checkpoint, s3.fetch(args.checkpoint)
+        check_checkpoint(model, require_manifest=True, s3_url=url)
+        ours += ["--model-loader-extra-config", json.dumps({"s3": url})]
+        ours += [] if value(flags, "--served-model-name") else ["--served-model-name", url]
+    else:
+        model = Path(args.checkpoint)
+        manifest = check_checkpoint(model, require_manifest=True)
+        if (code := serve(model, manifest, flags, args.trust)) is not None:
+            sys.exit(code)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *ours, *flags]
     sys.stderr.flush()
     os.execv(sys.executable, cmd)
 

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import PROMPT, refused, run_script
+from conftest import PROMPT, refused, run_script, script_env
+from presharded import server
 from presharded.manifest import MANIFEST_NAME
 
 BUCKET = "checkpoints"
@@ -89,6 +90,39 @@ def test_a_save_uploads_every_file_and_the_manifest_with_their_etags(uploaded):
 def test_a_load_from_s3_gives_the_sources_tokens(uploaded, s3_env, reference_tokens):
     out = load(uploaded, s3_env, "--verify-hashes")
     assert out["load_format"] == "fast_sharded_state" and out["token_ids"] == reference_tokens(1, 1)
+
+
+RUNAI = """
+import json, sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], load_format="runai_streamer_sharded", enforce_eager=True, max_model_len=256)
+out = llm.generate([sys.argv[2]], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)
+print(json.dumps(list(out[0].outputs[0].token_ids)))
+"""
+
+
+def test_vllms_runai_streamer_sharded_reads_our_s3_checkpoint(uploaded, s3_env, reference_tokens):
+    """vLLM's own reader of sharded checkpoints in object storage (Run:ai's model streamer), on our upload:
+    our files are named and laid out as vLLM's sharded_state, so it loads them as they are."""
+    proc = subprocess.run([sys.executable, "-c", RUNAI, uploaded, PROMPT], capture_output=True, text=True,
+                          timeout=300, env={**script_env(1), **s3_env, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == reference_tokens(1, 1)
+
+
+def test_presharded_serve_serves_an_s3_checkpoint(uploaded, s3_env, reference_tokens, tmp_path):
+    """presharded-serve s3://: vLLM's OpenAI server on the checked local copy of the small files,
+    the weights read from S3 by our loader; named by its URL."""
+    env = {**script_env(2), **s3_env, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err, server.running(uploaded, ["--enforce-eager"], env, timeout=240, stderr=err,
+                                               entry=server.SERVE) as (proc, port):
+        assert port is not None, log.read_text()[-3000:]
+        body = {"model": uploaded, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
+        assert server.completion(port, body, timeout=60)["choices"][0]["token_ids"] == reference_tokens(1, 1)
+    line = refused("presharded-serve of s3:// with another load format", "presharded.serve_cli", uploaded,
+                   "--load-format", "runai_streamer_sharded")
+    assert "vllm serve s3://" in line
 
 
 def test_what_s3_refuses_is_one_line(uploaded, tiny_model, s3_env):
