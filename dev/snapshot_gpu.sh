@@ -43,31 +43,31 @@ if [ "$mode" != server ]; then
   sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0   # a new node: cold files, no image copy
   load --snapshot > "$out/$model-restored-cold.json" 2> "$out/$model-restored-cold.err"
   load --snapshot > "$out/$model-restored-warm.json" 2> "$out/$model-restored-warm.err"
-  python3 - "$out" "$model" <<'PY'
-import json, pathlib, sys
-out, model = pathlib.Path(sys.argv[1]), sys.argv[2]
-normal = json.loads((out / f"{model}-normal.json").read_text())
-print(f"{model}: normal start {normal['seconds']}")
-for run in ("restored-cold", "restored-warm"):
-    r = json.loads((out / f"{model}-{run}.json").read_text())
-    print(f"{model} {run}: used {r['snapshot']['used']}, same tokens {r['token_ids'] == normal['token_ids']}, "
-          f"{r['snapshot'].get('seconds')}")
-PY
 fi
-[ "$mode" = engine ] && exit 0
-python3 -m presharded.snapshot_cli "$ckpt" --server "${flags[@]}" --json > "$out/$model-server-snapshot.json"
-probe() { python3 "$repo/dev/serve_probe.py" --model "$ckpt" "${flags[@]}" "$@"; }
-probe --entry vllm --out "$out/$model-server-vllm.json"
-sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0 /tmp/presharded-0   # a new node
-probe --entry serve --trust-snapshot --out "$out/$model-server-restored-cold.json"
-probe --entry serve --out "$out/$model-server-restored-warm.json"
+if [ "$mode" != engine ]; then
+  python3 -m presharded.snapshot_cli "$ckpt" --server "${flags[@]}" --json > "$out/$model-server-snapshot.json"
+  probe() { python3 "$repo/dev/serve_probe.py" --model "$ckpt" "${flags[@]}" "$@"; }
+  probe --entry vllm --out "$out/$model-server-vllm.json"
+  sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0 /tmp/presharded-0   # a new node
+  probe --entry serve --trust-snapshot --out "$out/$model-server-restored-cold.json"
+  probe --entry serve --out "$out/$model-server-restored-warm.json"
+fi
 python3 - "$out" "$model" <<'PY'
 import json, pathlib, sys
 out, model = pathlib.Path(sys.argv[1]), sys.argv[2]
-vllm = json.loads((out / f"{model}-server-vllm.json").read_text())
-print(f"{model} vLLM's server: first answer {vllm['first_answer_seconds']} s")
-for run in ("restored-cold", "restored-warm"):
-    r = json.loads((out / f"{model}-server-{run}.json").read_text())
-    print(f"{model} server {run}: first answer {r['first_answer_seconds']} s, same tokens "
-          f"{r['token_ids'] == vllm['token_ids']}, {r['restore']}")
+read = lambda name: json.loads((out / f"{model}-{name}.json").read_text())
+if (out / f"{model}-normal.json").exists():
+    normal = read("normal")
+    print(f"{model}: normal start {normal['seconds']}")
+    for run in ("restored-cold", "restored-warm"):
+        r = read(run)
+        print(f"{model} {run}: used {r['snapshot']['used']}, same tokens {r['token_ids'] == normal['token_ids']}, "
+              f"{r['snapshot'].get('seconds')}")
+if (out / f"{model}-server-vllm.json").exists():
+    vllm = read("server-vllm")
+    print(f"{model} vLLM's server: first answer {vllm['first_answer_seconds']} s")
+    for run in ("restored-cold", "restored-warm"):
+        r = read(f"server-{run}")
+        print(f"{model} server {run}: first answer {r['first_answer_seconds']} s, same tokens "
+              f"{r['token_ids'] == vllm['token_ids']}, {r['restore']}")
 PY

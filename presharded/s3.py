@@ -235,14 +235,11 @@ def check_empty(url: str) -> None:
                         "so that no reader ever mixes an old checkpoint's objects with a new one's)")
 
 
-def upload(folder: Path, url: str) -> Manifest:
-    """The checkpoint in `folder` uploaded to `url`: every file in parallel (multipart for large
-    ones), then the manifest with every object's ETag, last. A failure leaves no manifest there."""
+def upload_files(folder: Path, url: str, paths: list[str]) -> dict[str, str]:
+    """The files `paths` of `folder` uploaded to `url` in parallel (multipart for large ones): their ETags."""
     from boto3.s3.transfer import TransferConfig
 
     bucket, prefix = split(url)
-    manifest = read_manifest(folder)
-    paths = [e.path for e in manifest.entries()]
     config = TransferConfig(multipart_chunksize=64 * 2**20, max_concurrency=THREADS)
 
     def put(path: str) -> tuple[str, str]:
@@ -258,7 +255,18 @@ def upload(folder: Path, url: str) -> Manifest:
         return path, call(where, "head_object", Bucket=bucket, Key=prefix + path)["ETag"]
 
     with ThreadPoolExecutor(4) as pool:  # each upload runs THREADS parts at once
-        manifest.etags = dict(pool.map(put, paths))
+        return dict(pool.map(put, paths))
+
+
+def upload(folder: Path, url: str, elsewhere: dict[str, str] | None = None) -> Manifest:
+    """The checkpoint in `folder` uploaded to `url`, then the manifest with every object's ETag, last;
+    `elsewhere`: the ETags of files other nodes uploaded (checked there). A failure leaves no manifest."""
+    bucket, prefix = split(url)
+    elsewhere = elsewhere or {}
+    manifest = read_manifest(folder)
+    entries = manifest.entries()
+    manifest.etags = {**upload_files(folder, url, [e.path for e in entries if e.path not in elsewhere]), **elsewhere}
+    check_objects(objects(url, manifest, list(elsewhere)))  # there, of the size and ETag they were uploaded with
     write_manifest(folder, manifest)
     where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
     call(where, "put_object", Bucket=bucket, Key=prefix + MANIFEST_NAME, Body=(folder / MANIFEST_NAME).read_bytes())

@@ -63,6 +63,7 @@ class Save:
         self.manifest: Manifest | None = None
         self.records: list[RankRecord] = []
         self.caches: str | None = None
+        self.uploaded: dict[str, str] = {}  # with s3:// across nodes: the ETags of what the other nodes uploaded
         self.seconds: dict[str, float] = {}
 
     @contextmanager
@@ -114,7 +115,12 @@ class Save:
         self.manifest = make_manifest(self.records, self.target, self.args, self.early.model, self.folder, copied,
                                       self.node.count)
         write_manifest(self.folder, self.manifest)
-        if elsewhere:  # nodes with disks of their own publish their files with this manifest
+        if elsewhere and self.target.upload:  # nodes with disks of their own upload their files now
+            for etags in llm.collective_rpc("presharded_upload", args=(self.target.upload, sorted(elsewhere))):
+                self.uploaded.update(etags)
+            print(f"the other nodes ({', '.join(map(str, sorted(elsewhere)))}) uploaded {len(self.uploaded)} files "
+                  f"of theirs to {self.target.upload}", file=sys.stderr)
+        elif elsewhere:  # or publish them with this manifest
             llm.collective_rpc("presharded_manifest", args=(self.manifest.to_json(), sorted(elsewhere)))
         self.llm = llm
 
@@ -124,7 +130,8 @@ class Save:
 
         with engine_refusals():
             run_workers(engine_args, self.nodes.wait_for_driver)
-        self.manifest = finish_other_node(self.folder, self.target.source, self.node)
+        if not self.target.upload:  # to S3, its workers uploaded its files (or the driver took them)
+            self.manifest = finish_other_node(self.folder, self.target.source, self.node)
 
     def wants_start_caches(self) -> bool:
         from presharded.vllm_compat import is_cpu
@@ -152,7 +159,7 @@ class Save:
         if self.target.upload and self.manifest is not None:
             started = time.perf_counter()
             print(f"uploading {self.manifest.total_bytes / 1e9:.2f} GB to {self.target.upload}", file=sys.stderr)
-            s3.upload(self.target.output, self.target.upload)
+            s3.upload(self.target.output, self.target.upload, self.uploaded)
             shutil.rmtree(self.target.output)
             self.seconds["upload"] = round(time.perf_counter() - started, 2)
 
@@ -160,8 +167,9 @@ class Save:
         """The result: the checkpoint's path on stdout (or JSON), what was saved on stderr."""
         output, manifest = self.target.upload or self.target.output, self.manifest
         if manifest is None:
-            print(f"{self.node}: the driver moved this node's files into its own folder (they share one)",
-                  file=sys.stderr)
+            print(f"{self.node}: the driver " + (f"uploads the manifest to {output} (this node's workers uploaded "
+                  "its files, or the driver took them)" if self.target.upload else "moved this node's files into "
+                  "its own folder (they share one)"), file=sys.stderr)
             return
         here = manifest.shards if self.target.upload else [s for s in manifest.shards if (output / s.path).exists()]
         if not self.node.is_driver:

@@ -53,8 +53,6 @@ def check_upload(url: str, early: argparse.Namespace) -> Path:
     if early.replace:
         raise UserError("--replace is refused on s3:// (a reader could mix the old checkpoint's objects with the "
                         "new one's); save to a new prefix")
-    if (early.nnodes or 1) > 1:
-        raise UserError("--output s3:// is for one node yet; save across the nodes to a folder, then upload it")
     s3.check_empty(url)
     local = s3.upload_folder(url)
     shutil.rmtree(local, ignore_errors=True)

@@ -226,3 +226,30 @@ def files_only(tiny_model, tmp_path_factory):
         return folder
 
     return checkpoint
+
+
+def own_disks_possible() -> bool:
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+def on_two_nodes(script: str, *args: str, disks: tuple[Path, Path] | None = None, mount: Path | None = None,
+                 timeout: float = 400) -> list[subprocess.CompletedProcess]:
+    """Run `script` as node 0 and node 1 of one engine; with `disks`, each node
+    sees its own disk at `mount`."""
+    port = str(free_port())
+    procs = []
+    for node in (1, 0):  # the other node first: it waits for the driver
+        cmd = [sys.executable, str(ROOT / script), *args, "--nnodes", "2", "--node-rank", str(node),
+               "--master-addr", "127.0.0.1", "--master-port", port]
+        if disks:
+            cmd = ["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
+                   str(disks[node]), str(mount), *cmd]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=script_env(world_size=2), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in reversed(procs):  # node 0, node 1
+        stdout, stderr = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    for node, result in enumerate(results):
+        assert result.returncode == 0, f"node {node}:\n{result.stderr[-3000:]}"
+    return results

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from conftest import PROMPT, refused, run_script, script_env
-from presharded import server
+from conftest import PROMPT, on_two_nodes, own_disks_possible, refused, run_script, script_env
+from presharded import s3, server
 from presharded.manifest import MANIFEST_NAME
 
 BUCKET = "checkpoints"
@@ -71,9 +71,9 @@ def uploaded(tiny_model, s3_env) -> str:
     return url
 
 
-def load(url: str, env: dict, *flags: str) -> dict:
+def load(url: str, env: dict, *flags: str, world_size: int = 1) -> dict:
     proc = run_script("load_sharded_state.py", "--model", url, "--prompt", PROMPT, "--max-tokens", "24",
-                      "--enforce-eager", "--json", *flags, env=env)
+                      "--enforce-eager", "--json", *flags, env=env, world_size=world_size)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -123,6 +123,31 @@ def test_presharded_serve_serves_an_s3_checkpoint(uploaded, s3_env, reference_to
     line = refused("presharded-serve of s3:// with another load format", "presharded.serve_cli", uploaded,
                    "--load-format", "runai_streamer_sharded")
     assert "vllm serve s3://" in line
+
+
+def test_two_nodes_with_disks_of_their_own_each_upload_their_ranks(tiny_model, s3_env, reference_tokens, tmp_path):
+    """--nnodes 2, each node writing onto a disk of its own: node 1's workers upload its rank from there,
+    the driver its own and the manifest last, with both ranks' ETags; nothing stays on either disk."""
+    if not own_disks_possible():
+        pytest.skip("unshare -rm is not allowed here: no mount namespace to give each node a disk of its own")
+    url = f"s3://{BUCKET}/tiny-tp2-two-nodes"
+    disks, mount = (tmp_path / "disk0", tmp_path / "disk1"), s3.upload_folder(url).parent  # where a save writes first
+    for folder in (*disks, mount):
+        folder.mkdir(exist_ok=True)
+    saved = on_two_nodes("save_sharded_state.py", "--model", str(tiny_model), "--output", url, "-tp", "2",
+                         disks=disks, mount=mount)
+    assert saved[0].stdout.strip() == url and f"the other nodes (1) uploaded 1 files of theirs to {url}" in saved[0].stderr
+    manifest = json.loads(boto3_body(f"tiny-tp2-two-nodes/{MANIFEST_NAME}"))
+    ranks = sorted(s["tp_rank"] for s in manifest["shards"])
+    assert ranks == [0, 1] and set(manifest["etags"]) >= {s["path"] for s in manifest["shards"]}
+    assert not [p for disk in disks for p in disk.rglob("*.safetensors")]
+    assert load(url, s3_env, "-tp", "2", world_size=2)["token_ids"] == reference_tokens(2, 1)
+
+
+def boto3_body(key: str) -> bytes:
+    import boto3
+
+    return boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
 def test_what_s3_refuses_is_one_line(uploaded, tiny_model, s3_env):
