@@ -151,6 +151,8 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
         return None
     image, workspace = ready
     seconds["check"] = time.perf_counter() - start
+    if (key := os.environ.get("VLLM_API_KEY")) and "--api-key" not in engine_flags(argv):
+        argv = [*argv, "--api-key", key]  # the image's environment holds no secrets: the key goes with the request
     with inbox(manifest) as box:
         log = box / "server.log"
         put(box / "request.json", {"argv": ["--model", str(workspace / "model"), *argv], "name": str(checkpoint),
