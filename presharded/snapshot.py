@@ -52,6 +52,7 @@ TOOLS = ("criu", "cuda-checkpoint")
 # established TCP socket; there is no iptables to lock the network with.
 CRIU_FLAGS = ["--shell-job", "--tcp-established", "--network-lock", "skip", "--ext-unix-sk", "--file-locks"]
 META = "snapshot.json"
+SERVER = "server_"  # how a server snapshot's set name begins
 COMPILED = "workspace"  # in a set: the compile caches the process used, put back in the workspace before a restore
 SECRETS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")  # left out of the process, hence its image
 # Flags of the server alone, given anew at each restore: the engine's flags must match the snapshot's.
@@ -108,7 +109,7 @@ def set_name(flags: list[str], tensor_parallel_size: int, pipeline_parallel_size
     """What a restore must match, as a folder name (found without importing vLLM)."""
     name, driver = gpu()
     digest = blake3.blake3(json.dumps(flags).encode()).hexdigest()[:12]
-    text = (f"{'server_' if server else ''}vllm-{version('vllm')}_torch-{version('torch')}_{name}_driver-{driver}"
+    text = (f"{SERVER if server else ''}vllm-{version('vllm')}_torch-{version('torch')}_{name}_driver-{driver}"
             f"_tp{tensor_parallel_size}-pp{pipeline_parallel_size}_flags-{digest}")
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)[:200]
 

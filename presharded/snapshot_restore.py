@@ -22,8 +22,8 @@ import blake3
 from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
-from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, engine_flags, inbox, kill_tree, put, rpc_folder,
-                                 set_name, tool, tree, unsupported, wait_for)
+from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, SERVER, engine_flags, inbox, kill_tree, put,
+                                 rpc_folder, set_name, tool, tree, unsupported, wait_for)
 from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
@@ -47,7 +47,7 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
     folder and checked there, its compile caches in the workspace: (the image, the workspace);
     None, with one warning, when there is none that can run here."""
     kind = "server snapshot (presharded-snapshot --server)" if server else "engine snapshot (presharded-snapshot)"
-    sets = [s for s in manifest.snapshots if s.startswith("server_") == server]
+    sets = [s for s in manifest.snapshots if s.startswith(SERVER) == server]
     if not sets:
         return skip(status, f"{checkpoint} has no {kind}")
     name = status["set"] = set_name(flags, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, server)
