@@ -291,12 +291,13 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
                                 start_new_session=True, cwd="/")
         try:
             ready = wait_for(box / "ready.json", lambda: proc.poll() is None, 3600, "vLLM for the snapshot")
-            cuda = [pid for pid in tree(proc.pid) if holds_gpu(pid)]
+            pids = tree(proc.pid)
+            cuda = [pid for pid in pids if holds_gpu(pid)]
             t = time.perf_counter()
             for pid in cuda:
                 tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
             seconds["cuda_checkpoint"] = time.perf_counter() - t
-            unlink_semaphores(tree(proc.pid))
+            unlink_semaphores(pids)
             seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(proc.pid), "-D", str(new), "-W", str(box),
                                    *CRIU_FLAGS, "-o", "dump.log", log=box / "dump.log")
             proc.wait(timeout=60)

@@ -118,13 +118,11 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
         try:
             pid = bring_back(image, box, seconds)
             done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored engine")
-        except UserError as e:
+        except BaseException as e:
             if pid is not None:
-                os.kill(pid, 9)
-            return skip(status, str(e))
-        except BaseException:
-            if pid is not None:
-                os.kill(pid, 9)
+                kill_tree(pid)  # which may have ended (and been reaped) already
+            if isinstance(e, UserError):
+                return skip(status, str(e))
             raise
         reap(pid)
         relay(box / "engine.log")
@@ -172,13 +170,11 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
                       f"start ({', '.join(f'{k} {v:.2f} s' for k, v in status['seconds'].items())})",
                       file=sys.stderr, flush=True)
                 return until_it_exits(pid, pids)
-        except UserError as e:
+        except BaseException as e:
             if pid is not None:
                 kill_tree(pid, pids)
-            return skip(status, str(e))
-        except BaseException:
-            if pid is not None:
-                kill_tree(pid, pids)
+            if isinstance(e, UserError):
+                return skip(status, str(e))
             raise
 
 

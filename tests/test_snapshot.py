@@ -61,12 +61,17 @@ def restore(folder: Path, capsys, flags: list[str] = FLAGS, trust: bool = False)
     return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
 
 
-def fake_tools(folder: Path) -> str:
-    """A `criu` that fails as CRIU fails, and a `cuda-checkpoint`: a PATH with them first."""
+FAILS = "echo 'Error (criu/cr-restore.c:2417): no process to restore here' >&2\nexit 1\n"
+# A process "restored" (its PID in --pidfile) that ends at once, before it answers: as a crashed engine.
+ENDS = 'while [ "$1" != --pidfile ]; do shift; done\nsleep 0.3 &\necho $! > "$2"\n'
+
+
+def fake_tools(folder: Path, criu: str = FAILS) -> str:
+    """A `criu` (that fails as CRIU fails, unless told otherwise), and a `cuda-checkpoint` that does the
+    same: a PATH with them first."""
     folder.mkdir()
-    for tool in snapshot.TOOLS:
-        (folder / tool).write_text("#!/bin/sh\necho 'Error (criu/cr-restore.c:2417): no process to restore here' >&2\n"
-                                   "exit 1\n")
+    for tool, body in zip(snapshot.TOOLS, (criu, criu if criu == FAILS else "exit 0\n")):
+        (folder / tool).write_text("#!/bin/sh\n" + body)
         (folder / tool).chmod(0o755)
     return f"{folder}:{os.environ['PATH']}"
 
@@ -131,6 +136,15 @@ def test_a_damaged_image_is_not_restored(snapshotted, capsys):
         f.write(b"\0" * 4096)
     status, warnings = restore(snapshotted, capsys, trust=True)
     assert len(warnings) == 1 and "missing or damaged" in warnings[0] and name in warnings[0]
+    assert status["used"] is False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a restore needs root: without it, it stops before CRIU")
+def test_a_restored_engine_that_ends_before_answering_starts_vllm(snapshotted, tmp_path, capsys, monkeypatch):
+    """The restore "succeeds" but the process ends at once (reaped by the time it is killed): one warning."""
+    monkeypatch.setenv("PATH", fake_tools(tmp_path / "bin", criu=ENDS))
+    status, warnings = restore(snapshotted, capsys, trust=True)
+    assert len(warnings) == 1 and "the restored engine ended before it was ready" in warnings[0], warnings
     assert status["used"] is False
 
 
