@@ -22,20 +22,15 @@ from pathlib import Path
 
 from presharded import s3
 from presharded.errors import UserError, exits_cleanly
+from presharded.flags import parse_for_checks
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import check_checkpoint
 from presharded.snapshot_restore import serve
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG
 
 
-def value(flags: list[str], name: str) -> str | None:
-    """The value of the flag `name` (`--a-b x`, `--a_b=x`) in `flags`, the last given; None if not given."""
-    found = None
-    for at, flag in enumerate(flags):
-        key, eq, text = flag.partition("=")
-        if key.replace("_", "-") == name:
-            found = text if eq else (flags[at + 1] if at + 1 < len(flags) else "")
-    return found
+def served_name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--served-model-name", nargs="+", default=None)
 
 
 @exits_cleanly
@@ -47,7 +42,8 @@ def main() -> None:
                         help=f"restore the checkpoint's server snapshot though this user did not make it here: "
                         f"it is a whole process that will run (or {TRUST_SNAPSHOT_ENV}=1)")
     args, flags = parser.parse_known_args()
-    load_format = value(flags, "--load-format")
+    early = parse_for_checks(["--model", args.checkpoint, *flags], served_name, __doc__)  # a --config file too
+    load_format = early.load_format
     ours = [] if load_format else ["--load-format", FAST_FORMAT]
     if s3.is_s3(args.checkpoint):  # the weights stay in S3; vLLM's server gets the small files' local copy
         if load_format not in (None, FAST_FORMAT):
@@ -56,7 +52,7 @@ def main() -> None:
         url, model = args.checkpoint, s3.fetch(args.checkpoint)
         check_checkpoint(model, require_manifest=True, s3_url=url)
         ours += ["--model-loader-extra-config", json.dumps({"s3": url})]
-        ours += [] if value(flags, "--served-model-name") else ["--served-model-name", url]
+        ours += [] if early.served_model_name else ["--served-model-name", url]
     else:
         model = Path(args.checkpoint)
         manifest = check_checkpoint(model, require_manifest=True)
