@@ -2,10 +2,11 @@
 
 Each file's data is read in large chunks by a few threads with pread (or, in
 S3, ranged GETs: presharded/s3.py), each into one of its own two staging
-buffers (pinned, for a GPU), and copied from there asynchronously straight into the parameters, so reading, copying and the
-next read overlap. Host memory stays bounded (threads x 2 buffers), never a
-second copy of the model. Every tensor must match its destination exactly:
-no silent narrowing."""
+buffers (pinned, for a GPU), and copied from there asynchronously straight
+into the parameters, so reading, copying and the next read overlap. Host
+memory stays bounded (threads x 2 buffers), never a second copy of the
+model. Every tensor must match its destination exactly: no silent
+narrowing."""
 
 import mmap
 import os
