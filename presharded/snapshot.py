@@ -217,10 +217,9 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def kill_tree(pid: int, pids: list[int] | None = None) -> None:
-    """`pid` and its processes killed: those under it now, and `pids` (the tree as it was: a child
-    outlives a root that has exited)."""
-    for each in [*tree(pid)[::-1], *(pids or [])]:
+def kill_tree(pid: int) -> None:
+    """`pid` and every process under it killed."""
+    for each in tree(pid)[::-1]:
         try:
             os.kill(each, 9)
         except ProcessLookupError:

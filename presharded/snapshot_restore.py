@@ -22,7 +22,7 @@ import blake3
 from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
-from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, SERVER, engine_flags, inbox, kill_tree, put,
+from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, SERVER, engine_flags, inbox, put,
                                  rpc_folder, set_name, tool, tree, unsupported, wait_for)
 from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
@@ -114,13 +114,11 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
     with inbox(manifest) as box:
         put(box / "request.json", {**request, "log": str(box / "engine.log")})
         become_subreaper()  # the restored process becomes this one's child: waited for, and killed with it
-        pid = None
         try:
             pid = bring_back(image, box, seconds)
             done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored engine")
         except BaseException as e:
-            if pid is not None:
-                kill_tree(pid)  # which may have ended (and been reaped) already
+            end_restored()
             if isinstance(e, UserError):
                 return skip(status, str(e))
             raise
@@ -156,10 +154,8 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
         put(box / "request.json", {"argv": ["--model", str(workspace / "model"), *argv], "name": str(checkpoint),
                                    "log": str(log)})
         become_subreaper()
-        pid, pids = None, []
         try:
             pid = bring_back(image, box, seconds)
-            pids = tree(pid)
             with following(log):
                 done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored server")
                 if "error" in done:
@@ -169,10 +165,9 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
                 print(f"restored {status['set']}: serving on {done['listen']}, {seconds['total']:.2f} s after the "
                       f"start ({', '.join(f'{k} {v:.2f} s' for k, v in status['seconds'].items())})",
                       file=sys.stderr, flush=True)
-                return until_it_exits(pid, pids)
+                return until_it_exits(pid)
         except BaseException as e:
-            if pid is not None:
-                kill_tree(pid, pids)
+            end_restored()
             if isinstance(e, UserError):
                 return skip(status, str(e))
             raise
@@ -210,22 +205,34 @@ def following(log: Path) -> Iterator[None]:
         thread.join()
 
 
-def until_it_exits(pid: int, pids: list[int]) -> int:
+def until_it_exits(pid: int) -> int:
     """Wait for the restored server (SIGTERM and SIGINT passed on to it); its exit code, once what
-    outlived it of its tree is killed and reaped (this process is their reaper: a zombie keeps its PID,
-    which the next restore needs)."""
+    outlived it is ended too."""
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: os.kill(pid, number))
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    kill_tree(pid, pids)
-    for each in pids[1:]:
+    end_restored()
+    return code
+
+
+def end_restored() -> None:
+    """Every process of a restored tree killed and reaped: this process is their reaper (and starts no
+    others), so they are its descendants, the root and whatever outlived it, read from /proc now: no PID
+    remembered from before, which another process could have taken since (a zombie keeps its PID until
+    reaped, and the next restore needs it)."""
+    children = tree(os.getpid())[1:]
+    for each in children[::-1]:
+        try:
+            os.kill(each, 9)
+        except ProcessLookupError:
+            pass
+    for each in children:
         try:
             os.waitpid(each, 0)
         except ChildProcessError:
             pass
-    return code
 
 
 def become_subreaper() -> None:
