@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 
 from presharded import server
@@ -97,6 +98,15 @@ def small_filesystem(where: Path, size: str, *options: str):
 def nothing_left(output: Path) -> None:
     assert not output.exists()
     assert staging_folders(output.resolve()) == []
+
+
+def cmdline(proc: psutil.Process) -> str:
+    """The command line of a process still running; "" for one that has ended (or is a zombie),
+    which can happen between any two calls."""
+    try:
+        return " ".join(proc.cmdline()) if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE else ""
+    except psutil.Error:
+        return ""
 
 
 def snapshot(folder: Path) -> dict[str, str]:

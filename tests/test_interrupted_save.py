@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from conftest import ROOT, refused, same_weights, save, script_env, snapshot
+from conftest import ROOT, cmdline, refused, same_weights, save, script_env, snapshot
 from presharded.load_checks import check_checkpoint
 from presharded.staging import UNFINISHED_MARKER, staging_folders
 
@@ -35,7 +35,7 @@ def wait_until_writing(proc: subprocess.Popen, output: Path, timeout: float = 12
 def engine_processes(proc: subprocess.Popen, timeout: float = 120) -> list[psutil.Process]:
     """The processes vLLM started under the script, once its engine process is up."""
     deadline = time.monotonic() + timeout
-    while not any("spawn_main" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True)):
+    while not any("spawn_main" in cmdline(p) for p in psutil.Process(proc.pid).children(recursive=True)):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the engine never started"
         time.sleep(0.05)

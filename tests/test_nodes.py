@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from conftest import (PROMPT, REFUSALS, ROOT, free_port, on_two_nodes, own_disks_possible, refused, run_script,
+from conftest import (PROMPT, REFUSALS, ROOT, cmdline, free_port, on_two_nodes, own_disks_possible, refused, run_script,
                       script_env)
 from presharded.manifest import read_manifest
 
@@ -107,7 +107,7 @@ def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple
                                     stderr=subprocess.PIPE, text=True)
     started: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + 300
-    while not all(any("Worker" in " ".join(p.cmdline()) for p in tree(procs[n]) if p.is_running()) for n in procs):
+    while not all(any("Worker" in cmdline(p) for p in tree(procs[n])) for n in procs):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), "no workers came"
         started.update((p.pid, p) for n in procs for p in tree(procs[n]))
         time.sleep(0.2)
@@ -119,7 +119,7 @@ def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple
     elapsed = time.monotonic() - signalled
     mine = procs[node].communicate(timeout=120)
     time.sleep(3)  # a guard ends what a killed script started
-    assert not [" ".join(p.cmdline()) for p in started.values() if p.is_running() and p.status() != "zombie"]
+    assert not [cmdline(p) for p in started.values() if cmdline(p)]
     outs = {node: mine, 1 - node: other}
     return [subprocess.CompletedProcess(procs[n].args, procs[n].returncode, *outs[n]) for n in (0, 1)], elapsed
 
