@@ -45,7 +45,10 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
                 server: bool) -> tuple[Path, Path] | None:
     """The checkpoint's set for this machine and `flags`, trusted, copied into this user's memory
     folder and checked there, its compile caches in the workspace: (the image, the workspace);
-    None, with one warning, when there is none that can run here."""
+    None, with one warning, when there is none that can run here. `status` starts here: the set's
+    name, whether it was used, and the seconds of each phase ("check" the first)."""
+    status.update(used=False, seconds={})
+    start = time.perf_counter()
     kind = "server snapshot (presharded-snapshot --server)" if server else "engine snapshot (presharded-snapshot)"
     sets = [s for s in manifest.snapshots if s.startswith(SERVER) == server]
     if not sets:
@@ -80,6 +83,7 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
     if problem := unsupported(manifest, 1, flags):
         return skip(status, problem)
     link_model(workspace, checkpoint)
+    status["seconds"]["check"] = time.perf_counter() - start
     return image, workspace
 
 
@@ -104,13 +108,11 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
     engine flags, restored, asked `request`; None, with one warning, when it cannot be (the caller then
     starts vLLM). `status` receives what happened and every phase's seconds."""
     status = {} if status is None else status
-    status.update(used=False, seconds={})
-    seconds = status["seconds"]
     start = time.perf_counter()
     if (ready := ready_image(checkpoint, manifest, engine_flags(argv), trust, status, False)) is None:
         return None
+    seconds = status["seconds"]
     image, _ = ready
-    seconds["check"] = time.perf_counter() - start
     with inbox(manifest) as box:
         put(box / "request.json", {**request, "log": str(box / "engine.log")})
         become_subreaper()  # the restored process becomes this one's child: waited for, and killed with it
@@ -140,13 +142,11 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
     restored to serve as `argv` asks (its port, its key); the server's exit code once it stops. None,
     with one warning, when it cannot be restored (the caller then starts vLLM's server)."""
     status = {} if status is None else status
-    status.update(used=False, seconds={})
-    seconds = status["seconds"]
     start = time.perf_counter()
     if (ready := ready_image(checkpoint, manifest, engine_flags(argv, True), trust, status, True)) is None:
         return None
+    seconds = status["seconds"]
     image, workspace = ready
-    seconds["check"] = time.perf_counter() - start
     if (key := os.environ.get("VLLM_API_KEY")) and "--api-key" not in engine_flags(argv):
         argv = [*argv, "--api-key", key]  # the image's environment holds no secrets: the key goes with the request
     with inbox(manifest) as box:
