@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,13 +124,16 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @contextmanager
-def serving(model: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[Callable[[str, str], dict]]:
-    """vLLM's OpenAI server on `model`, up; yields complete(served name, prompt) -> the greedy choice."""
+def serving(model: Path, *flags: str, env: dict[str, str] | None = None, entry: tuple[str, ...] = server.VLLM,
+            log: Path | None = None) -> Iterator[Callable[[str, str], dict]]:
+    """vLLM's OpenAI server on `model` (or `entry`'s: server.SERVE for presharded-serve), up; yields
+    complete(served name, prompt) -> the greedy choice. Its stderr goes to `log` (a file, not a pipe
+    that a talkative server could fill)."""
     env = dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
-    with server.running(model, list(flags), env, timeout=240, stderr=subprocess.PIPE) as (proc, port):
-        if port is None:
-            proc.kill()
-            raise AssertionError(f"the server did not come up in 240 s:\n{proc.communicate()[1][-3000:]}")
+    log = log or Path(tempfile.mkdtemp()) / "server.log"
+    with open(log, "w") as err, server.running(model, list(flags), env, timeout=240, stderr=err,
+                                               entry=entry) as (proc, port):
+        assert port is not None, f"the server did not come up in 240 s:\n{log.read_text()[-3000:]}"
 
         def complete(name: str, prompt: str) -> dict:
             body = {"model": name, "prompt": prompt, "max_tokens": 24, "temperature": 0, "return_token_ids": True}

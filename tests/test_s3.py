@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import PROMPT, on_two_nodes, own_disks_possible, refused, run_script, script_env
+from conftest import PROMPT, on_two_nodes, own_disks_possible, refused, run_script, script_env, serving
 from presharded import s3, server
 from presharded.manifest import MANIFEST_NAME
 
@@ -113,13 +113,8 @@ def test_vllms_runai_streamer_sharded_reads_our_s3_checkpoint(uploaded, s3_env, 
 def test_presharded_serve_serves_an_s3_checkpoint(uploaded, s3_env, reference_tokens, tmp_path):
     """presharded-serve s3://: vLLM's OpenAI server on the checked local copy of the small files,
     the weights read from S3 by our loader; named by its URL."""
-    env = {**script_env(2), **s3_env, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = tmp_path / "serve.log"
-    with open(log, "w") as err, server.running(uploaded, ["--enforce-eager"], env, timeout=240, stderr=err,
-                                               entry=server.SERVE) as (proc, port):
-        assert port is not None, log.read_text()[-3000:]
-        body = {"model": uploaded, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
-        assert server.completion(port, body, timeout=60)["choices"][0]["token_ids"] == reference_tokens(1, 1)
+    with serving(uploaded, "--enforce-eager", env=s3_env, entry=server.SERVE) as complete:
+        assert complete(uploaded, PROMPT)["token_ids"] == reference_tokens(1, 1)
     line = refused("presharded-serve of s3:// with another load format", "presharded.serve_cli", uploaded,
                    "--load-format", "runai_streamer_sharded")
     assert "vllm serve s3://" in line

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROMPT, generate, refused, run_script, script_env
+from conftest import PROMPT, generate, refused, run_script, serving
 from presharded import server, snapshot, snapshot_restore
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
@@ -171,13 +171,10 @@ def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, t
     status: dict = {}
     assert snapshot_restore.serve(snapshotted, read_manifest(snapshotted), FLAGS, True, status) is None
     assert "has no server snapshot" in status["reason"]  # an engine's set is not a server's
-    env = dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1", PATH=fake_tools(tmp_path / "bin"))
     log = tmp_path / "serve.log"
-    with open(log, "w") as err, server.running(served, [*FLAGS, "--trust-snapshot"], env, timeout=240, stderr=err,
-                                               entry=server.SERVE) as (proc, port):
-        assert port is not None, log.read_text()[-3000:]
-        body = {"model": str(served), "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
-        choice = server.completion(port, body, timeout=60)["choices"][0]
+    with serving(served, *FLAGS, "--trust-snapshot", env={"PATH": fake_tools(tmp_path / "bin")}, entry=server.SERVE,
+                 log=log) as complete:
+        choice = complete(str(served), PROMPT)
     warnings = [line for line in log.read_text().splitlines() if line.startswith("warning:")]
     expected = "criu restore failed (Error (criu/cr-restore.c" if os.geteuid() == 0 else "CRIU needs root"
     assert len(warnings) == 1 and expected in warnings[0], log.read_text()[-3000:]
