@@ -17,28 +17,13 @@ import io
 import json
 import os
 import resource
-import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from s3_bench import start_server  # moto's server on 127.0.0.1, its address in AWS_ENDPOINT_URL
+
 BUCKET, KEY = "bench", "object.bin"
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("moto_server did not start")
 
 
 def cpu() -> float:
@@ -120,7 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     size, chunk = args.mib << 20, args.chunk_mib << 20
     data = os.urandom(size)
-    proc, endpoint = start_server()
+    proc = start_server()
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
     try:
         boto3_client(endpoint, 1).create_bucket(Bucket=BUCKET)
         report = {"mib": args.mib, "threads": args.threads, "chunk_mib": args.chunk_mib, "runs": []}
