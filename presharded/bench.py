@@ -243,8 +243,8 @@ def start_restored(checkpoint: Path, tp: int, extra: list[str]) -> dict:
         warnings = [line for line in proc.stderr.splitlines() if line.startswith(("warning:", "error:"))]
         raise RuntimeError("the engine snapshot was not restored: " + "\n".join(warnings) + f"\n{proc.stderr[-1500:]}")
     s = result["snapshot"]["seconds"]
-    return {"import": 0.0, "engine_start": s["check"] + s["restore"] + s["cuda_restore"] + s["wake"],
-            "model_init": 0.0, "weights": s["weights"], "profile_kv_warmup": 0.0, "first_token": s["generate"],
+    return {"import": 0.0, "engine_start": sum(s.get(k, 0.0) for k in ("check", "restore", "cuda_restore", "wake")),
+            "model_init": 0.0, "weights": s.get("weights", 0.0), "profile_kv_warmup": 0.0, "first_token": s["generate"],
             "total": result["seconds"]["total"], "engine": 0.0, "token_ids": [result["token_ids"]],
             "caches": "snapshot", "snapshot": result["snapshot"], "loads": []}
 

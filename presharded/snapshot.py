@@ -31,11 +31,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 import blake3
 
@@ -47,10 +49,16 @@ from presharded.private import private_folder
 from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, link_model, swap_in, use_set
 from presharded.trust import record
 
-TOOLS = ("criu", "cuda-checkpoint")
+TOOLS = ("criu", "unshare")  # and NVIDIA's cuda-checkpoint where there is a GPU
+HINTS = {"criu": "CRIU 4.2 or later", "unshare": "util-linux", "cuda-checkpoint": "NVIDIA's, driver 570 or later"}
 # Proven on the GPU machine (dev/results/snapshot-probe-2026-12-01-h200): torch.distributed's store is an
 # established TCP socket; there is no iptables to lock the network with.
 CRIU_FLAGS = ["--shell-job", "--tcp-established", "--network-lock", "skip", "--ext-unix-sk", "--file-locks"]
+# The process runs as init of a PID namespace of its own (with its own /proc, which CUDA needs, hence a mount
+# namespace too), so a restore never needs the dumped PIDs free. Its mounts are this machine's: external,
+# bound again from the same paths at a restore (which then needs --root).
+NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
+NAMESPACE_FLAGS = ["--ext-mount-map", "auto", "--enable-external-sharing", "--enable-external-masters"]
 META = "snapshot.json"
 SERVER = "server_"  # how a server snapshot's set name begins
 COMPILED = "workspace"  # in a set: the compile caches the process used, put back in the workspace before a restore
@@ -104,6 +112,12 @@ def version(package: str) -> str:
     return "none"
 
 
+def sleeps() -> bool:
+    """Whether the snapshotted engine sleeps before the dump (vLLM's sleep mode, on NVIDIA GPUs only: the
+    weights and the KV cache left out of the image). On a CPU they stay in it."""
+    return gpu()[0] != "cpu"
+
+
 def set_name(flags: list[str], tensor_parallel_size: int, pipeline_parallel_size: int,
              server: bool = False) -> str:
     """What a restore must match, as a folder name (found without importing vLLM)."""
@@ -123,8 +137,9 @@ def unsupported(manifest: Manifest, nodes: int, flags: list[str]) -> str | None:
     if manifest.quantization:
         return (f"its weights are quantized ({manifest.quantization}), repacked after loading, "
                 "which a restored engine does not redo yet")
-    if missing := [tool for tool in TOOLS if shutil.which(tool) is None]:
-        return f"{' and '.join(missing)} not found on PATH (CRIU 4.2.1 or later; NVIDIA's cuda-checkpoint)"
+    tools = TOOLS + (("cuda-checkpoint",) if sleeps() else ())
+    if missing := [tool for tool in tools if shutil.which(tool) is None]:
+        return f"{' and '.join(missing)} not found on PATH ({'; '.join(HINTS[tool] for tool in missing)})"
     if os.geteuid() != 0:
         return "CRIU needs root"
     return None
@@ -132,8 +147,8 @@ def unsupported(manifest: Manifest, nodes: int, flags: list[str]) -> str | None:
 
 @contextmanager
 def inbox(manifest: Manifest) -> Iterator[Path]:
-    """WORKSPACE/ID/snapshot, emptied, for this process alone: one snapshot is made
-    or restored at a time (a restored process has the PIDs it was dumped with)."""
+    """WORKSPACE/ID/snapshot, emptied, for this process alone: one snapshot of the checkpoint is
+    made or restored at a time (the restored process finds its request at this one path)."""
     import fcntl
 
     root = private_folder(WORKSPACE)
@@ -155,6 +170,13 @@ def rpc_folder() -> Path:
     for old in folder.iterdir():
         old.unlink()
     return folder
+
+
+def own_session() -> None:
+    """The snapshotted process, as init of its namespace, leads a session of its own: CRIU dumps
+    no session whose leader is outside the namespace."""
+    if os.getpid() == 1:
+        os.setsid()
 
 
 def redirect(log: str | None) -> None:
@@ -244,6 +266,24 @@ def unlink_semaphores(pids: list[int]) -> None:
             continue
 
 
+def echo(stream: IO[bytes], quiet: threading.Event) -> None:
+    """The snapshotted process's output on this one's stderr until `quiet` (then drained: unshare says
+    that its child was killed by the dump)."""
+    for line in stream:
+        if not quiet.is_set():
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
+
+
+def ns_pid(pid: int) -> int | None:
+    """The PID that process `pid` has in its own (innermost) PID namespace; None if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return int(next(line for line in status.splitlines() if line.startswith("NSpid:")).split()[-1])
+
+
 def holds_gpu(pid: int) -> bool:
     """Whether the process has an NVIDIA device open (what CRIU cannot dump): cuda-checkpoint must release it."""
     try:
@@ -266,9 +306,6 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
     flags = engine_flags(argv, server)
     if problem := unsupported(manifest, 1, flags):
         raise UserError(f"cannot snapshot {checkpoint}: {problem}")
-    if gpu()[0] == "cpu":
-        raise UserError("an engine snapshot needs an NVIDIA GPU: vLLM's sleep mode, which frees the weights and "
-                        "the KV cache before the dump, exists only there")
     uring = Path("/proc/sys/kernel/io_uring_disabled")
     if uring.exists() and uring.read_text().strip() != "2":
         raise UserError("CRIU cannot dump the io_uring that the engine opens: run "
@@ -283,27 +320,35 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
     seconds: dict[str, float] = {}
     with inbox(manifest) as box:
         new.mkdir(parents=True)
-        cmd = [sys.executable, "-m", module, str(box), "--model", str(workspace / "model"), *flags]
+        cmd = [*NAMESPACE, sys.executable, "-m", module, str(box), "--model", str(workspace / "model"), *flags]
         print(f"starting vLLM on {checkpoint} for the snapshot {name}", file=sys.stderr, flush=True)
         env = engine_env({**caches, "VLLM_RPC_BASE_PATH": str(rpc_folder())}, server)
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr,
-                                start_new_session=True, cwd="/")
+        # Pipes, not this process's own files: a file opened outside the namespace is on a mount that
+        # CRIU cannot find inside it (and every process vLLM starts inherits them).
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
+        proc.stdin.close()
+        quiet = threading.Event()
+        threading.Thread(target=echo, args=(proc.stdout, quiet), daemon=True).start()
         try:
             ready = wait_for(box / "ready.json", lambda: proc.poll() is None, 3600, "vLLM for the snapshot")
-            pids = tree(proc.pid)
+            quiet.set()
+            root = tree(proc.pid)[1]  # under unshare: init of the new namespace
+            pids = tree(root)
             cuda = [pid for pid in pids if holds_gpu(pid)]
+            cuda_inside = [ns_pid(pid) for pid in cuda]  # the PIDs a restore gives them again
             t = time.perf_counter()
             for pid in cuda:
                 tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
             seconds["cuda_checkpoint"] = time.perf_counter() - t
             unlink_semaphores(pids)
-            seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(proc.pid), "-D", str(new), "-W", str(box),
-                                   *CRIU_FLAGS, "-o", "dump.log", log=box / "dump.log")
+            seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(root), "-D", str(new), "-W", str(box),
+                                   *CRIU_FLAGS, *NAMESPACE_FLAGS, "-o", "dump.log", log=box / "dump.log")
             proc.wait(timeout=60)
             meta = {"name": name, "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "engine_flags": flags, "python": os.path.realpath(sys.executable),
                     "vllm": importlib.util.find_spec("vllm").origin, "tokens": ready["tokens"],
-                    "cuda_pids": cuda, "gpu_in_use_asleep_gib": ready["gpu_in_use_asleep_gib"]}
+                    "cuda_pids": cuda_inside, "gpu_in_use_asleep_gib": ready["gpu_in_use_asleep_gib"]}
             (new / META).write_text(json.dumps(meta, indent=1) + "\n")
             for kind in KINDS:  # the process maps what it compiled (Inductor's .so files): it must be there
                 if (workspace / kind).is_dir():

@@ -10,8 +10,9 @@ instead of starting vLLM (presharded/snapshot.py says how, and what must match):
     python load_sharded_state.py --model /models/llama-8b --snapshot [--max-model-len 8192 ...]
 
 With --server, the snapshot is of vLLM's OpenAI-compatible server (any
-`vllm serve` flag), which presharded-serve restores. Needs root, one NVIDIA
-GPU (TP=1 for now), `criu` (4.2.1 or later) and `cuda-checkpoint` on PATH.
+`vllm serve` flag), which presharded-serve restores. Needs root, `criu` (4.2
+or later) and `unshare` on PATH, and one NVIDIA GPU (TP=1 for now) with
+`cuda-checkpoint`, or the CPU (no sleep mode: the image keeps the weights).
 """
 
 import argparse

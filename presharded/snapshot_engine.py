@@ -21,13 +21,13 @@ from presharded.flags import fill_unset, parse_engine_flags
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import put, redirect, wait_for
+from presharded.snapshot import own_session, put, redirect, sleeps, wait_for
 
 PROMPT = "The capital of France is"
 
 
-def start(argv: list[str]):
-    """vLLM's engine as a load starts it (the checkpoint's layout where unset), with sleep mode."""
+def start(argv: list[str], sleep: bool):
+    """vLLM's engine as a load starts it (the checkpoint's layout where unset), with sleep mode if `sleep`."""
     from vllm import LLM, EngineArgs
 
     from presharded.vllm_compat import SNAPSHOT_WORKER
@@ -36,7 +36,7 @@ def start(argv: list[str]):
     model = Path(args.model)
     fill_unset(args, parser, saved_layout(model, read_manifest(model)))
     apply_engine_defaults(args, parser, saving=False)
-    args.load_format, args.enable_sleep_mode, args.worker_extension_cls = FAST_FORMAT, True, SNAPSHOT_WORKER
+    args.load_format, args.enable_sleep_mode, args.worker_extension_cls = FAST_FORMAT, sleep, SNAPSHOT_WORKER
     return LLM.from_engine_args(EngineArgs.from_cli_args(args))
 
 
@@ -47,24 +47,27 @@ def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, top_p:
     return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
 
 
-def fall_asleep(llm) -> float:
-    """The weights and the KV cache freed, and every GPU block not in use given back: what is
-    left on the GPU goes into the image. The GiB still in use."""
-    llm.sleep(level=2)
+def fall_asleep(llm, sleep: bool) -> float:
+    """The weights and the KV cache freed (if `sleep`), and every GPU block not in use given back:
+    what is left on the GPU goes into the image. The GiB still in use."""
+    if sleep:
+        llm.sleep(level=2)
     return llm.collective_rpc("presharded_asleep")[0]
 
 
-def answer(llm, request: dict) -> dict:
-    """Restored: wake, refill the weights, generate."""
+def answer(llm, request: dict, sleep: bool) -> dict:
+    """Restored: wake, refill the weights (if it slept), generate."""
     from presharded.vllm_compat import REQUEST_ERRORS
 
     seconds = {}
     t = time.perf_counter()
-    llm.wake_up()
-    seconds["wake"] = time.perf_counter() - t
+    if sleep:
+        llm.wake_up()
+        seconds["wake"] = time.perf_counter() - t
     t = time.perf_counter()
-    llm.collective_rpc("presharded_refill", args=(request["log"],))
-    seconds["weights"] = time.perf_counter() - t
+    llm.collective_rpc("presharded_refill", args=(request["log"], sleep))
+    if sleep:
+        seconds["weights"] = time.perf_counter() - t
     t = time.perf_counter()
     try:
         output = generate(llm, request["prompt"], request["max_tokens"], request["temperature"], request["top_p"])
@@ -75,18 +78,19 @@ def answer(llm, request: dict) -> dict:
 
 
 def main() -> None:
-    inbox, argv = Path(sys.argv[1]), sys.argv[2:]
+    own_session()
+    inbox, argv, sleep = Path(sys.argv[1]), sys.argv[2:], sleeps()
     t = time.perf_counter()
-    llm = start(argv)
+    llm = start(argv, sleep)
     tokens = list(generate(llm, PROMPT, 16).token_ids)
     started = time.perf_counter() - t
-    asleep = fall_asleep(llm)
+    asleep = fall_asleep(llm, sleep)
     redirect(None)
     put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3), "gpu_in_use_asleep_gib": asleep})
     request = wait_for(inbox / "request.json", lambda: True, float("inf"), "the request")  # restored: from here on
     redirect(request["log"])
     try:
-        done = answer(llm, request)
+        done = answer(llm, request, sleep)
     except Exception as e:  # the script that restored this process reads why, and starts vLLM instead
         traceback.print_exc()
         done = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}

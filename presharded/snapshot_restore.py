@@ -22,8 +22,8 @@ import blake3
 from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
-from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, SERVER, engine_flags, inbox, put,
-                                 rpc_folder, set_name, tool, tree, unsupported, wait_for)
+from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, NAMESPACE_FLAGS, SERVER, engine_flags, inbox,
+                                 ns_pid, put, rpc_folder, set_name, tool, tree, unsupported, wait_for)
 from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
@@ -91,14 +91,18 @@ def bring_back(image: Path, box: Path, seconds: dict) -> int:
     """CRIU restores the image's processes, cuda-checkpoint their GPU state: the root's PID."""
     rpc_folder()
     t = time.perf_counter()
-    tool(shutil.which("criu"), "restore", "-D", str(image), "-W", str(box), *CRIU_FLAGS, "-d",
-         "--pidfile", str(box / "restored.pid"), "-o", "restore.log", log=box / "restore.log")
+    tool(shutil.which("criu"), "restore", "-D", str(image), "-W", str(box), *CRIU_FLAGS, *NAMESPACE_FLAGS,
+         "--root", "/", "-d", "--pidfile", str(box / "restored.pid"), "-o", "restore.log", log=box / "restore.log")
     pid = int((box / "restored.pid").read_text())
     seconds["restore"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for cuda in meta_of(image).get("cuda_pids", [pid]):
-        tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(cuda))
-    seconds["cuda_restore"] = time.perf_counter() - t
+    if cuda_pids := meta_of(image).get("cuda_pids", []):
+        t = time.perf_counter()
+        inside = {ns_pid(each): each for each in tree(pid)}  # the namespace's PIDs, as the image has them
+        for cuda in cuda_pids:
+            if cuda not in inside:
+                raise UserError(f"the restored process {cuda}, which held the GPU, is not there")
+            tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(inside[cuda]))
+        seconds["cuda_restore"] = time.perf_counter() - t
     return pid
 
 

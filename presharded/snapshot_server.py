@@ -23,13 +23,13 @@ from presharded.engine_defaults import apply_engine_defaults
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import put, redirect
+from presharded.snapshot import own_session, put, redirect, sleeps
 from presharded.snapshot_engine import PROMPT
 
 
-def serve_args(argv: list[str]):
+def serve_args(argv: list[str], sleep: bool):
     """`vllm serve`'s flags as our load fills them (the checkpoint's layout where unset), with sleep
-    mode and the worker methods a restore calls."""
+    mode if `sleep` and the worker methods a restore calls."""
     from presharded.flags import fill_unset
     from presharded.vllm_compat import SNAPSHOT_WORKER, serve_parser
 
@@ -38,7 +38,7 @@ def serve_args(argv: list[str]):
     model = Path(args.model)
     fill_unset(args, parser, saved_layout(model, read_manifest(model)))
     apply_engine_defaults(args, parser, saving=False)
-    args.load_format, args.enable_sleep_mode, args.worker_extension_cls = FAST_FORMAT, True, SNAPSHOT_WORKER
+    args.load_format, args.enable_sleep_mode, args.worker_extension_cls = FAST_FORMAT, sleep, SNAPSHOT_WORKER
     return args
 
 
@@ -66,12 +66,14 @@ async def request_for(inbox: Path) -> dict:
 async def main_async(inbox: Path, argv: list[str]) -> None:
     from presharded.vllm_compat import bind, engine_client, serve
 
-    args = serve_args(argv)
+    sleep = sleeps()
+    args = serve_args(argv, sleep)
     t = time.perf_counter()
     async with engine_client(args) as engine:
         tokens = await first_tokens(engine)
         started = time.perf_counter() - t
-        await engine.sleep(level=2)
+        if sleep:
+            await engine.sleep(level=2)
         asleep = (await engine.collective_rpc("presharded_asleep"))[0]
         redirect(None)
         put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3),
@@ -81,12 +83,14 @@ async def main_async(inbox: Path, argv: list[str]) -> None:
         seconds = {}
         try:
             t = time.perf_counter()
-            await engine.wake_up()
-            seconds["wake"] = time.perf_counter() - t
+            if sleep:
+                await engine.wake_up()
+                seconds["wake"] = time.perf_counter() - t
             t = time.perf_counter()
-            await engine.collective_rpc("presharded_refill", args=(request["log"],))
-            seconds["weights"] = time.perf_counter() - t
-            served = serve_args(request["argv"])
+            await engine.collective_rpc("presharded_refill", args=(request["log"], sleep))
+            if sleep:
+                seconds["weights"] = time.perf_counter() - t
+            served = serve_args(request["argv"], sleep)
             served.served_model_name = served.served_model_name or [request["name"]]
             listen, sock = bind(served)
         except (Exception, SystemExit) as e:  # the command that restored this tree reads why, starts vLLM instead
@@ -101,6 +105,7 @@ async def main_async(inbox: Path, argv: list[str]) -> None:
 def main() -> None:
     import uvloop
 
+    own_session()
     uvloop.run(main_async(Path(sys.argv[1]), sys.argv[2:]))
 
 

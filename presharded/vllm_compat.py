@@ -148,21 +148,25 @@ class SnapshotWorker:
 
     def presharded_asleep(self) -> float:
         """Asleep: every GPU block not in use given back (what is left goes into the image), the output
-        to /dev/null (a server's engine core writes to its starter's pipe otherwise); the GiB left."""
+        to /dev/null (a server's engine core writes to its starter's pipe otherwise); the GPU's GiB left."""
         from presharded.snapshot import redirect
 
         redirect(None)
+        if not torch.cuda.is_available():
+            return 0.0
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         return (total - free) / 2**30
 
-    def presharded_refill(self, log: str) -> None:
-        """Woken from sleep level 2 (the weights freed): the output to `log`, and our loader reads the
+    def presharded_refill(self, log: str, weights: bool) -> None:
+        """Restored: the output to `log`; woken from sleep level 2 (the weights freed), our loader reads the
         checkpoint's weights again."""
         from presharded.fast_loader import FastShardedStateLoader
         from presharded.snapshot import redirect
 
         redirect(log)
+        if not weights:
+            return
         runner = self.model_runner
         FastShardedStateLoader(self.vllm_config.load_config).load_weights(runner.get_model(), runner.model_config)
         torch.cuda.synchronize()

@@ -9,6 +9,7 @@ and these flags: its image is bytes, not a process."""
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def fake_tools(folder: Path, criu: str = FAILS) -> str:
     """A `criu` (that fails as CRIU fails, unless told otherwise), and a `cuda-checkpoint` that does the
     same: a PATH with them first."""
     folder.mkdir()
-    for tool, body in zip(snapshot.TOOLS, (criu, criu if criu == FAILS else "exit 0\n")):
+    for tool, body in (("criu", criu), ("cuda-checkpoint", criu if criu == FAILS else "exit 0\n")):
         (folder / tool).write_text("#!/bin/sh\n" + body)
         (folder / tool).chmod(0o755)
     return f"{folder}:{os.environ['PATH']}"
@@ -181,10 +182,43 @@ def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, t
     assert choice["token_ids"] == generate(served)["token_ids"]
 
 
-def test_presharded_snapshot_refuses_what_it_cannot_do(checkpoints, tmp_path):
+def test_presharded_snapshot_refuses_what_it_cannot_do(checkpoints, tmp_path, monkeypatch):
     tp2 = checkpoints(2, 1)
     line = refused("an engine snapshot at TP=2", "presharded.snapshot_cli", str(tp2), unchanged=tp2)
     assert "only one GPU" in line
     tp1 = checkpoints(1, 1)
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no criu, wherever this runs
     line = refused("an engine snapshot without CRIU", "presharded.snapshot_cli", str(tp1), unchanged=tp1)
-    assert "not found on PATH" in line or "needs an NVIDIA GPU" in line
+    assert "criu and unshare not found on PATH (CRIU 4.2 or later; util-linux)" in line
+
+
+def criu_here() -> str | None:
+    """Why no real snapshot can be made on this machine; None where one can (CRIU 4.2 or later runs)."""
+    criu = shutil.which("criu")
+    if criu is None or os.geteuid() != 0:
+        return "no criu on PATH, or not root (CI's Debian 12 has none that runs on a 6.18 kernel)"
+    if subprocess.run([criu, "check"], capture_output=True).returncode != 0:
+        return "`criu check` fails here"
+    if Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() != "2":
+        return "kernel.io_uring_disabled is not 2"
+    return None
+
+
+@pytest.mark.skipif(criu_here() is not None, reason=str(criu_here()))
+def test_a_cpu_snapshot_restores_in_a_pid_namespace_of_its_own(checkpoints, tmp_path):
+    """Where CRIU runs: the engine and the server snapshotted on the CPU (no sleep mode there: the weights
+    stay in the image), each restored as init of a PID namespace of its own (so the dumped PIDs need not
+    be free), giving a normal load's tokens."""
+    folder = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
+    expected = generate(folder)["token_ids"]
+    for args in ([], ["--server"]):
+        made = run_script("presharded.snapshot_cli", str(folder), *FLAGS, *args, "--json", world_size=1 + len(args),
+                          env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+        assert made.returncode == 0, made.stderr[-3000:]
+    out = generate(folder, "--snapshot")
+    assert out["snapshot"]["used"] is True and out["token_ids"] == expected
+    log = tmp_path / "serve.log"
+    with serving(folder, *FLAGS, entry=server.SERVE, log=log) as complete:
+        assert complete(str(folder), PROMPT)["token_ids"] == expected
+    assert "Started server process [1]" in log.read_text()  # init of its namespace
+    assert f"restored {snapshot.SERVER}" in log.read_text()
