@@ -8,7 +8,10 @@ instead of starting vLLM: no import, no profiling, no CUDA graphs; it wakes,
 reads its weights from the checkpoint with our loader and answers one
 request. A server snapshot (`make(..., server=True)`,
 presharded/snapshot_server.py) is vLLM's OpenAI-compatible server and its
-engine core, a tree of processes, dumped before it binds a port.
+engine core, a tree of processes, dumped before it binds a port. The process
+runs as init of a PID namespace of its own, restored into a new one, so its
+PIDs never collide. Without a GPU there is no sleep mode: the weights stay in
+the image.
 
 A set is named by what a restore must match: GPU kind and driver, vLLM and
 torch versions, layout and the engine flags as given. The process also maps

@@ -1,9 +1,10 @@
 """Engine snapshots (presharded/snapshot.py) around the restore: CI has no GPU
-and no CRIU that runs on its glibc, so the restore itself is proven on the GPU
-machine (dev/results/snapshot-*). Here: a set's place in the manifest and
-verify, the trust rules, a damaged image, another Python, missing tools and a
-CRIU that fails, each one warning and a normal start with the same tokens;
-presharded-snapshot's refusals. A set here is made by hand, for this machine
+and no CRIU that runs on its kernel, so the restore itself is proven on the GPU
+machine (dev/results/snapshot-*) and, where a CRIU 4.2+ runs, by the last test
+here on the CPU. The others: a set's place in the manifest and verify, the
+trust rules, a damaged image, another Python, missing tools and a CRIU that
+fails, each one warning and a normal start with the same tokens;
+presharded-snapshot's refusals. A set there is made by hand, for this machine
 and these flags: its image is bytes, not a process."""
 
 import json
