@@ -99,7 +99,8 @@ class Load:
                                           request, early.trust_snapshot, self.snapshot)
         if output is not None:
             early.load_format = FAST_FORMAT
-            early.tensor_parallel_size = early.pipeline_parallel_size = 1
+            early.tensor_parallel_size = self.manifest.tensor_parallel_size
+            early.pipeline_parallel_size = self.manifest.pipeline_parallel_size
             self.args = early
             self.seconds.update(self.snapshot["seconds"])
             self.seconds["total"] = round(time.perf_counter() - self.started, 3)

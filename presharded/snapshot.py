@@ -60,6 +60,9 @@ CRIU_FLAGS = ["--shell-job", "--tcp-established", "--network-lock", "skip", "--e
 # The process runs as init of a PID namespace of its own (with its own /proc, which CUDA needs, hence a mount
 # namespace too), so a restore never needs the dumped PIDs free. Its mounts are this machine's: external,
 # bound again from the same paths at a restore (which then needs --root).
+# The unlinked shared files (unlink_shared_files) go into the image: vLLM's queues between ranks are a few
+# hundred MB each, sparse, so only their data is kept.
+SHARED_FILES = ["--ghost-limit", "4G", "--ghost-fiemap"]
 NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
 NAMESPACE_FLAGS = ["--ext-mount-map", "auto", "--enable-external-sharing", "--enable-external-masters"]
 META = "snapshot.json"
@@ -135,8 +138,8 @@ def unsupported(manifest: Manifest, nodes: int, flags: list[str]) -> str | None:
     """Why no snapshot can be made or restored here, if none can."""
     if "--worker-extension-cls" in flags:
         return "the snapshot's engine has a worker extension of its own (the methods a restore calls)"
-    if manifest.tensor_parallel_size * manifest.pipeline_parallel_size * nodes > 1:
-        return "only one GPU (TP=1, PP=1, one node) is supported yet: every worker would be a process of its own"
+    if manifest.pipeline_parallel_size * nodes > 1:
+        return "pipeline stages and several nodes are not supported yet (tensor parallelism on one node is)"
     if manifest.quantization:
         return (f"its weights are quantized ({manifest.quantization}), repacked after loading, "
                 "which a restored engine does not redo yet")
@@ -251,20 +254,21 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def unlink_semaphores(pids: list[int]) -> None:
-    """Named POSIX semaphores that the processes map (joblib's loky leaves one in /dev/shm): unlinked, so
-    that CRIU keeps them in the image; a restore on another node would find no file of that name."""
+def unlink_shared_files(pids: list[int]) -> None:
+    """The files in /dev/shm that the processes map (joblib's loky leaves a named semaphore there; vLLM's
+    message queues between ranks are shared memory there): unlinked, so that CRIU keeps them in the
+    image; a restore on another node would find no file of that name."""
     inodes = set()
     for pid in pids:
         try:
             maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
         except OSError:
             continue
-        inodes |= {int(line.split()[4]) for line in maps if "/dev/shm/sem." in line}
-    for sem in Path("/dev/shm").glob("sem.*"):
+        inodes |= {int(line.split()[4]) for line in maps if " /dev/shm/" in line}
+    for shared in Path("/dev/shm").iterdir():
         try:
-            if sem.stat().st_ino in inodes:
-                sem.unlink()
+            if shared.is_file() and shared.stat().st_ino in inodes:
+                shared.unlink()
         except OSError:
             continue
 
@@ -344,9 +348,10 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
             for pid in cuda:
                 tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
             seconds["cuda_checkpoint"] = time.perf_counter() - t
-            unlink_semaphores(pids)
+            unlink_shared_files(pids)
             seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(root), "-D", str(new), "-W", str(box),
-                                   *CRIU_FLAGS, *NAMESPACE_FLAGS, "-o", "dump.log", log=box / "dump.log")
+                                   *CRIU_FLAGS, *NAMESPACE_FLAGS, *SHARED_FILES, "-o", "dump.log",
+                                   log=box / "dump.log")
             proc.wait(timeout=60)
             meta = {"name": name, "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "engine_flags": flags, "python": os.path.realpath(sys.executable),

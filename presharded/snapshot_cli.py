@@ -11,8 +11,9 @@ instead of starting vLLM (presharded/snapshot.py says how, and what must match):
 
 With --server, the snapshot is of vLLM's OpenAI-compatible server (any
 `vllm serve` flag), which presharded-serve restores. Needs root, `criu` (4.2
-or later) and `unshare` on PATH, and one NVIDIA GPU (TP=1 for now) with
-`cuda-checkpoint`, or the CPU (no sleep mode: the image keeps the weights).
+or later) and `unshare` on PATH, one node and no pipeline stages, and NVIDIA
+GPUs with `cuda-checkpoint` (TP=1 proven there), or the CPU (no sleep mode:
+the image keeps the weights).
 """
 
 import argparse

@@ -7,6 +7,7 @@ fails, each one warning and a normal start with the same tokens;
 presharded-snapshot's refusals. A set there is made by hand, for this machine
 and these flags: its image is bytes, not a process."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -184,9 +185,9 @@ def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, t
 
 
 def test_presharded_snapshot_refuses_what_it_cannot_do(checkpoints, tmp_path, monkeypatch):
-    tp2 = checkpoints(2, 1)
-    line = refused("an engine snapshot at TP=2", "presharded.snapshot_cli", str(tp2), unchanged=tp2)
-    assert "only one GPU" in line
+    staged = dataclasses.replace(read_manifest(checkpoints(1, 1)), pipeline_parallel_size=2)
+    assert "pipeline stages" in snapshot.unsupported(staged, 1, [])
+    assert "several nodes" in snapshot.unsupported(read_manifest(checkpoints(2, 1)), 2, [])
     tp1 = checkpoints(1, 1)
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no criu, wherever this runs
     line = refused("an engine snapshot without CRIU", "presharded.snapshot_cli", str(tp1), unchanged=tp1)
@@ -207,9 +208,9 @@ def criu_here() -> str | None:
 
 @pytest.mark.skipif(criu_here() is not None, reason=str(criu_here()))
 def test_a_cpu_snapshot_restores_in_a_pid_namespace_of_its_own(checkpoints, tmp_path):
-    """Where CRIU runs: the engine and the server snapshotted on the CPU (no sleep mode there: the weights
-    stay in the image), each restored as init of a PID namespace of its own (so the dumped PIDs need not
-    be free), giving a normal load's tokens."""
+    """Where CRIU runs: the engine (TP=1 and TP=2) and the server snapshotted on the CPU (no sleep mode
+    there: the weights stay in the image), each restored as init of a PID namespace of its own (so the
+    dumped PIDs need not be free), giving a normal load's tokens."""
     folder = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
     expected = generate(folder)["token_ids"]
     for args in ([], ["--server"]):
@@ -218,6 +219,13 @@ def test_a_cpu_snapshot_restores_in_a_pid_namespace_of_its_own(checkpoints, tmp_
         assert made.returncode == 0, made.stderr[-3000:]
     out = generate(folder, "--snapshot")
     assert out["snapshot"]["used"] is True and out["token_ids"] == expected
+    tp2 = shutil.copytree(checkpoints(2, 1), tmp_path / "tp2")  # two workers: a tree, and shared memory between
+    made = run_script("presharded.snapshot_cli", str(tp2), *FLAGS, "--json", world_size=2,
+                      env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert made.returncode == 0, made.stderr[-3000:]
+    out = generate(tp2, "--snapshot", world_size=2)
+    assert out["snapshot"]["used"] is True and out["tensor_parallel_size"] == 2
+    assert out["token_ids"] == generate(tp2, world_size=2)["token_ids"]
     log = tmp_path / "serve.log"
     with serving(folder, *FLAGS, entry=server.SERVE, log=log) as complete:
         assert complete(str(folder), PROMPT)["token_ids"] == expected

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from presharded.snapshot import holds_gpu, kill_tree, tree, unlink_semaphores
+from presharded.snapshot import holds_gpu, kill_tree, tree, unlink_shared_files
 
 HOLDER = """
 import multiprocessing, subprocess, sys, time
@@ -36,7 +36,7 @@ def test_a_trees_named_semaphores_are_unlinked_and_still_work():
         assert not holds_gpu(proc.pid)
         named = semaphores() - before
         assert named, "the spawn context's lock has a name in /dev/shm"
-        unlink_semaphores(tree(proc.pid))
+        unlink_shared_files(tree(proc.pid))
         assert not named & semaphores()
         proc.stdin.write("\n")
         proc.stdin.flush()
