@@ -154,7 +154,7 @@ def unsupported(manifest: Manifest, nodes: int, flags: list[str]) -> str | None:
 @contextmanager
 def inbox(manifest: Manifest) -> Iterator[Path]:
     """WORKSPACE/ID/snapshot, emptied, for this process alone: one snapshot of the checkpoint is
-    made or restored at a time (the restored process finds its request at this one path)."""
+    made or started at a time (the restored process finds its request at this one path)."""
     import fcntl
 
     root = private_folder(WORKSPACE)

@@ -153,28 +153,30 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
     image, workspace = ready
     if (key := os.environ.get("VLLM_API_KEY")) and "--api-key" not in engine_flags(argv):
         argv = [*argv, "--api-key", key]  # the image's environment holds no secrets: the key goes with the request
-    with inbox(manifest) as box:
-        log = box / "server.log"
-        put(box / "request.json", {"argv": ["--model", str(workspace / "model"), *argv], "name": str(checkpoint),
-                                   "log": str(log)})
-        become_subreaper()
-        try:
-            pid = bring_back(image, box, seconds)
-            with following(log):
+    log = workspace / f"server-{os.getpid()}.log"  # outside the inbox, which is free once the server is up
+    become_subreaper()
+    try:
+        with following(log):
+            with inbox(manifest) as box:  # another restore of this checkpoint waits here only while this one starts
+                put(box / "request.json", {"argv": ["--model", str(workspace / "model"), *argv],
+                                           "name": str(checkpoint), "log": str(log)})
+                pid = bring_back(image, box, seconds)
                 done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored server")
-                if "error" in done:
-                    raise UserError(f"the restored server failed: {done['error']} (its log is above)")
-                seconds.update(done["seconds"], total=time.perf_counter() - start)
-                status.update(used=True, seconds={k: round(v, 3) for k, v in seconds.items()})
-                print(f"restored {status['set']}: serving on {done['listen']}, {seconds['total']:.2f} s after the "
-                      f"start ({', '.join(f'{k} {v:.2f} s' for k, v in status['seconds'].items())})",
-                      file=sys.stderr, flush=True)
-                return until_it_exits(pid)
-        except BaseException as e:
-            end_restored()
-            if isinstance(e, UserError):
-                return skip(status, str(e))
-            raise
+            if "error" in done:
+                raise UserError(f"the restored server failed: {done['error']} (its log is above)")
+            seconds.update(done["seconds"], total=time.perf_counter() - start)
+            status.update(used=True, seconds={k: round(v, 3) for k, v in seconds.items()})
+            print(f"restored {status['set']}: serving on {done['listen']}, {seconds['total']:.2f} s after the "
+                  f"start ({', '.join(f'{k} {v:.2f} s' for k, v in status['seconds'].items())})",
+                  file=sys.stderr, flush=True)
+            return until_it_exits(pid)
+    except BaseException as e:
+        end_restored()
+        if isinstance(e, UserError):
+            return skip(status, str(e))
+        raise
+    finally:
+        log.unlink(missing_ok=True)
 
 
 def meta_of(image: Path) -> dict:

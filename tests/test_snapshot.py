@@ -210,7 +210,7 @@ def criu_here() -> str | None:
 def test_a_cpu_snapshot_restores_in_a_pid_namespace_of_its_own(checkpoints, tmp_path):
     """Where CRIU runs: the engine (TP=1 and TP=2) and the server snapshotted on the CPU (no sleep mode
     there: the weights stay in the image), each restored as init of a PID namespace of its own (so the
-    dumped PIDs need not be free), giving a normal load's tokens."""
+    dumped PIDs need not be free: the server twice at once), giving a normal load's tokens."""
     folder = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
     expected = generate(folder)["token_ids"]
     for args in ([], ["--server"]):
@@ -226,8 +226,10 @@ def test_a_cpu_snapshot_restores_in_a_pid_namespace_of_its_own(checkpoints, tmp_
     out = generate(tp2, "--snapshot", world_size=2)
     assert out["snapshot"]["used"] is True and out["tensor_parallel_size"] == 2
     assert out["token_ids"] == generate(tp2, world_size=2)["token_ids"]
-    log = tmp_path / "serve.log"
-    with serving(folder, *FLAGS, entry=server.SERVE, log=log) as complete:
-        assert complete(str(folder), PROMPT)["token_ids"] == expected
-    assert "Started server process [1]" in log.read_text()  # init of its namespace
-    assert f"restored {snapshot.SERVER}" in log.read_text()
+    logs = tmp_path / "serve-a.log", tmp_path / "serve-b.log"
+    with serving(folder, *FLAGS, entry=server.SERVE, log=logs[0]) as complete:  # two restores of one image at once
+        with serving(folder, *FLAGS, entry=server.SERVE, log=logs[1]) as other:
+            assert complete(str(folder), PROMPT)["token_ids"] == other(str(folder), PROMPT)["token_ids"] == expected
+    for log in logs:
+        assert "Started server process [1]" in log.read_text()  # each init of its own namespace
+        assert f"restored {snapshot.SERVER}" in log.read_text()
