@@ -10,8 +10,9 @@
 #   bash dev/snapshot_gpu.sh tiny $OUT          # the tiny Llama, TP=1
 #   bash dev/snapshot_gpu.sh llama-3-8b $OUT    # the 8B shape, random bf16, TP=1
 #   bash dev/snapshot_gpu.sh tiny $OUT server   # the server (`both`: engine and server)
+#   bash dev/snapshot_gpu.sh tiny $OUT both 2   # at TP=2 (two GPUs)
 set -euo pipefail
-model=$1 out=$2 mode=${3:-engine} repo=$PWD
+model=$1 out=$2 mode=${3:-engine} tp=${4:-1} repo=$PWD
 mkdir -p "$out" /root/criu/bin
 cp -rn .whl/criu/. /root/criu/ 2>/dev/null || true
 printf '#!/bin/sh\nexec env LD_LIBRARY_PATH=/root/criu/lib /root/criu/criu "$@"\n' > /root/criu/bin/criu
@@ -31,9 +32,9 @@ if [ "$model" = tiny ]; then
 else
   [ -d "/root/$model" ] || python3 -c "from pathlib import Path; from presharded.bench import synthesize; synthesize('$model', Path('/root/$model'))"
 fi
-ckpt=/root/$model-tp1
+ckpt=/root/$model-tp$tp
 rm -rf "$ckpt"
-python3 -m save_sharded_state --model "/root/$model" --output "$ckpt" --no-start-caches "${flags[@]}" --json \
+python3 -m save_sharded_state --model "/root/$model" --output "$ckpt" -tp "$tp" --no-start-caches "${flags[@]}" --json \
   > "$out/$model-save.json"
 if [ "$mode" != server ]; then
   python3 -m presharded.snapshot_cli "$ckpt" "${flags[@]}" --json > "$out/$model-snapshot.json"
