@@ -4,8 +4,10 @@ machine (dev/results/snapshot-*) and, where a CRIU 4.2+ runs, by the last test
 here on the CPU. The others: a set's place in the manifest and verify, the
 trust rules, a damaged image, another Python, missing tools and a CRIU that
 fails, each one warning and a normal start with the same tokens;
-presharded-snapshot's refusals. A set there is made by hand, for this machine
-and these flags: its image is bytes, not a process."""
+presharded-snapshot's refusals, and a snapshot made with a real engine and a
+`criu` that only writes an image and kills the tree. A set there is otherwise
+made by hand, for this machine and these flags: its image is bytes, not a
+process."""
 
 import dataclasses
 import json
@@ -15,9 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import PROMPT, generate, refused, run_script, serving
+from conftest import PROMPT, cmdline, generate, refused, run_script, serving
 from presharded import server, snapshot, snapshot_restore
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
@@ -182,6 +185,51 @@ def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, t
     expected = "criu restore failed (Error (criu/cr-restore.c" if os.geteuid() == 0 else "CRIU needs root"
     assert len(warnings) == 1 and expected in warnings[0], log.read_text()[-3000:]
     assert choice["token_ids"] == generate(served)["token_ids"]
+
+
+# A dump as CRIU's ends: an image written, the process tree killed.
+DUMPS = ('while [ "$1" != -t ]; do shift; done; pid=$2\nwhile [ "$1" != -D ]; do shift; done\n'
+         'echo image > "$2/pages-1.img"\nkill -9 "$pid"\n')
+
+
+@pytest.fixture
+def io_uring_off():
+    """kernel.io_uring_disabled=2 (what presharded-snapshot asks for) while the test runs; as it was after."""
+    knob = Path("/proc/sys/kernel/io_uring_disabled")
+    before = knob.read_text().strip() if knob.exists() else None
+    try:
+        if before is not None:
+            knob.write_text("2")
+    except OSError:
+        pytest.skip("kernel.io_uring_disabled cannot be set here (not root)")
+    yield
+    if before is not None:
+        knob.write_text(before)
+
+
+def test_a_snapshot_is_made_in_a_namespace_and_kept_in_the_checkpoint(checkpoints, tmp_path, monkeypatch,
+                                                                       io_uring_off):
+    """presharded-snapshot with a real engine and a `criu` that dumps as CRIU does (CI has none that runs):
+    the engine runs as init of a PID namespace of its own, the set goes into the manifest with its
+    files' hashes, verify passes, and nothing of the engine is left."""
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode:
+        pytest.skip("unshare --pid --mount-proc is not allowed here")
+    monkeypatch.setenv("PATH", fake_tools(tmp_path / "bin", criu=DUMPS))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    folder = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
+    made = run_script("presharded.snapshot_cli", str(folder), *FLAGS, "--json", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert made.returncode == 0, made.stderr[-3000:]
+    name = json.loads(made.stdout)["snapshot"]
+    assert name == set_name(FLAGS, 1, 1) and "_cpu_" in name
+    entries = {e.path for e in read_manifest(folder).snapshots[name]}
+    assert {f"snapshots/{name}/pages-1.img", f"snapshots/{name}/snapshot.json"} <= entries
+    meta = json.loads((folder / "snapshots" / name / "snapshot.json").read_text())
+    assert meta["cuda_pids"] == [] and meta["engine_flags"] == FLAGS and len(meta["tokens"]) == 16
+    assert "(MainProcess pid=1)" in made.stderr  # vLLM's log, through the pipe: PID 1 of its namespace
+    verified = run_script("presharded.verify_cli", str(folder), "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["snapshot_files"] == len(entries), verified.stderr
+    assert "sigprocmask" not in made.stderr  # unshare's word on its killed child, after the dump: not shown
+    assert not [p for p in psutil.process_iter() if "presharded.snapshot_engine" in cmdline(p)]
 
 
 def test_presharded_snapshot_refuses_what_it_cannot_do(checkpoints, tmp_path, monkeypatch):
