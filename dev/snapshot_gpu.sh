@@ -3,8 +3,9 @@
 # presharded-snapshot makes it, load_sharded_state.py --snapshot restores it, and the
 # greedy tokens are compared with a normal start of the same checkpoint and flags.
 # `server` (or `both`): presharded-snapshot --server, then dev/serve_probe.py times vLLM's
-# own server and presharded-serve (restored on a new node: page cache, image copy and
-# workspace gone; then again warm) to their first answer and compares the tokens.
+# own server (also with --enable-sleep-mode, as the restored one runs) and presharded-serve
+# (restored on a new node: page cache, image copy and workspace gone; then again warm) to
+# their first answer and compares the tokens.
 # After ../shared/gpu/README.md's install, with .whl/criu (stage-criu.sh, plus NVIDIA's
 # cuda-checkpoint) carried:
 #   bash dev/snapshot_gpu.sh tiny $OUT          # the tiny Llama, TP=1
@@ -49,6 +50,8 @@ if [ "$mode" != engine ]; then
   python3 -m presharded.snapshot_cli "$ckpt" --server "${flags[@]}" --json > "$out/$model-server-snapshot.json"
   probe() { python3 "$repo/dev/serve_probe.py" --model "$ckpt" "${flags[@]}" "$@"; }
   probe --entry vllm --out "$out/$model-server-vllm.json"
+  # The restored server runs with sleep mode (vLLM's CuMem allocator): the same server with it, for the tokens.
+  probe --entry vllm --enable-sleep-mode --out "$out/$model-server-vllm-sleep.json"
   sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0 /tmp/presharded-0   # a new node
   probe --entry serve --trust-snapshot --out "$out/$model-server-restored-cold.json"
   probe --entry serve --out "$out/$model-server-restored-warm.json"
@@ -67,8 +70,12 @@ if (out / f"{model}-normal.json").exists():
 if (out / f"{model}-server-vllm.json").exists():
     vllm = read("server-vllm")
     print(f"{model} vLLM's server: first answer {vllm['first_answer_seconds']} s")
+    sleep = read("server-vllm-sleep")
+    print(f"{model} vLLM's server with sleep mode: first answer {sleep['first_answer_seconds']} s, same tokens "
+          f"{sleep['token_ids'] == vllm['token_ids']}")
     for run in ("restored-cold", "restored-warm"):
         r = read(f"server-{run}")
         print(f"{model} server {run}: first answer {r['first_answer_seconds']} s, same tokens "
-              f"{r['token_ids'] == vllm['token_ids']}, {r['restore']}")
+              f"{r['token_ids'] == vllm['token_ids']} (with sleep mode: {r['token_ids'] == sleep['token_ids']}), "
+              f"{r['restore']}")
 PY
