@@ -60,11 +60,11 @@ CRIU_FLAGS = ["--shell-job", "--tcp-established", "--network-lock", "skip", "--e
 # The process runs as init of a PID namespace of its own (with its own /proc, which CUDA needs, hence a mount
 # namespace too), so a restore never needs the dumped PIDs free. Its mounts are this machine's: external,
 # bound again from the same paths at a restore (which then needs --root).
+NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
+NAMESPACE_FLAGS = ["--ext-mount-map", "auto", "--enable-external-sharing", "--enable-external-masters"]
 # The unlinked shared files (unlink_shared_files) go into the image: vLLM's queues between ranks are a few
 # hundred MB each, sparse, so only their data is kept.
 SHARED_FILES = ["--ghost-limit", "4G", "--ghost-fiemap"]
-NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
-NAMESPACE_FLAGS = ["--ext-mount-map", "auto", "--enable-external-sharing", "--enable-external-masters"]
 META = "snapshot.json"
 SERVER = "server_"  # how a server snapshot's set name begins
 COMPILED = "workspace"  # in a set: the compile caches the process used, put back in the workspace before a restore
