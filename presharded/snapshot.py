@@ -27,6 +27,7 @@ WORKSPACE/ID/snapshot/ (the same path in every process of this user): the
 request (prompt, sampling, where to log) is written before the restore, the
 answer (tokens, seconds) by the process."""
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -98,6 +99,7 @@ def engine_flags(argv: list[str], server: bool = False) -> list[str]:
     return flags
 
 
+@functools.cache  # nvidia-smi takes a while, and a restore's checks ask twice (the set's name, the tools)
 def gpu() -> tuple[str, str]:
     """This machine's first GPU and its driver, ("cpu", "none") without an NVIDIA GPU."""
     try:
