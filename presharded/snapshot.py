@@ -249,7 +249,12 @@ def tree(pid: int) -> list[int]:
 
 def kill_tree(pid: int) -> None:
     """`pid` and every process under it killed."""
-    for each in tree(pid)[::-1]:
+    kill(tree(pid))
+
+
+def kill(pids: list[int]) -> None:
+    """The processes of a tree (as `tree` lists them) killed, the deepest first; those gone already skipped."""
+    for each in pids[::-1]:
         try:
             os.kill(each, 9)
         except ProcessLookupError:

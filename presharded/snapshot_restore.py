@@ -23,7 +23,7 @@ from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
 from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, NAMESPACE_FLAGS, SERVER, engine_flags, inbox,
-                                 ns_pid, put, rpc_folder, set_name, tool, tree, unsupported, wait_for)
+                                 kill, ns_pid, put, rpc_folder, set_name, tool, tree, unsupported, wait_for)
 from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
@@ -229,11 +229,7 @@ def end_restored() -> None:
     remembered from before, which another process could have taken since (a zombie keeps its PID until
     reaped, and the next restore needs it)."""
     children = tree(os.getpid())[1:]
-    for each in children[::-1]:
-        try:
-            os.kill(each, 9)
-        except ProcessLookupError:
-            pass
+    kill(children)
     for each in children:
         try:
             os.waitpid(each, 0)
