@@ -13,7 +13,7 @@ A checkpoint of one rank is made without vLLM (one safetensors file of
 - the same file from the local disk with our reader, warm and cold.
 Prints one JSON object with GB/s and the ratios the issue sets targets for.
 
-    python dev/s3_bench.py --mib 1024 --repeats 2 > s3-bench.json
+    python dev/s3_bench.py --mib 1024 --repeats 2 [--device cuda:0] > s3-bench.json
 """
 
 import argparse
@@ -38,8 +38,8 @@ def start_server() -> subprocess.Popen:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     for _ in range(200):
@@ -51,7 +51,7 @@ def start_server() -> subprocess.Popen:
     raise SystemExit("moto_server did not start")
 
 
-def make_checkpoint(folder: Path, mib: int) -> dict[str, torch.Tensor]:
+def make_checkpoint(folder: Path, mib: int, device: torch.device) -> dict[str, torch.Tensor]:
     """One rank's file of `mib` MiB and its manifest; the tensors' shapes, to load into."""
     from presharded.manifest import FORMAT_VERSION, Manifest, Shard, hash_file, hash_header, write_manifest
 
@@ -65,7 +65,7 @@ def make_checkpoint(folder: Path, mib: int) -> dict[str, torch.Tensor]:
         file_pattern="model-rank-{rank}-part-{part}.safetensors", dtype="bfloat16", quantization=None,
         architecture="synthetic", source="dev/s3_bench.py", format_version=FORMAT_VERSION,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), shards=[shard], files=[]))
-    return {name: torch.empty_like(t) for name, t in tensors.items()}
+    return {name: torch.empty_like(t, device=device) for name, t in tensors.items()}
 
 
 def plain_gets(bucket: str, key: str, size: int, threads: int, chunk: int) -> None:
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--chunk-mib", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the weights go (cuda:0 on a GPU machine, as vLLM loads)")
     args = parser.parse_args()
     server = start_server()
     from presharded import s3
@@ -105,7 +106,8 @@ def main() -> None:
 
     try:
         work = Path(tempfile.mkdtemp(prefix="s3-bench-"))
-        params = make_checkpoint(work / "ckpt", args.mib)
+        device = torch.device(args.device)
+        params = make_checkpoint(work / "ckpt", args.mib, device)
         path = work / "ckpt" / "model-rank-0-part-0.safetensors"
         size = path.stat().st_size
         s3.client().create_bucket(Bucket=BUCKET)
@@ -113,7 +115,7 @@ def main() -> None:
         runs = []
 
         def load(files) -> None:
-            load_files(files, dict(params), Staging(args.threads, chunk, torch.device("cpu")))
+            load_files(files, dict(params), Staging(args.threads, chunk, device))
 
         for repeat in range(args.repeats):
             url = f"s3://{BUCKET}/ours-{repeat}"
@@ -133,7 +135,8 @@ def main() -> None:
             runs.append(row)
             print(row, file=sys.stderr, flush=True)
         best = {k: max(r[k] for r in runs) for k in runs[0] if k != "repeat"}
-        print(json.dumps({"bytes": size, "threads": args.threads, "chunk_mib": args.chunk_mib, "gbps": runs,
+        print(json.dumps({"bytes": size, "device": args.device, "threads": args.threads, "chunk_mib": args.chunk_mib,
+                          "gbps": runs,
                           "best_gbps": best,
                           "read_ours_over_plain_gets": round(best["read_ours"] / best["read_plain_gets"], 3),
                           "upload_ours_over_boto3": round(best["upload_ours"] / best["upload_boto3"], 3)}))
