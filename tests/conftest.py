@@ -130,16 +130,17 @@ def serving(model: Path, *flags: str, env: dict[str, str] | None = None, entry: 
     complete(served name, prompt) -> the greedy choice. Its stderr goes to `log` (a file, not a pipe
     that a talkative server could fill)."""
     env = dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
-    log = log or Path(tempfile.mkdtemp()) / "server.log"
-    with open(log, "w") as err, server.running(model, list(flags), env, timeout=240, stderr=err,
-                                               entry=entry) as (proc, port):
-        assert port is not None, f"the server did not come up in 240 s:\n{log.read_text()[-3000:]}"
+    with tempfile.TemporaryDirectory() as scratch:
+        log = log or Path(scratch) / "server.log"
+        with open(log, "w") as err, server.running(model, list(flags), env, timeout=240, stderr=err,
+                                                   entry=entry) as (proc, port):
+            assert port is not None, f"the server did not come up in 240 s:\n{log.read_text()[-3000:]}"
 
-        def complete(name: str, prompt: str) -> dict:
-            body = {"model": name, "prompt": prompt, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
-            return server.completion(port, body, timeout=60)["choices"][0]
+            def complete(name: str, prompt: str) -> dict:
+                body = {"model": name, "prompt": prompt, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
+                return server.completion(port, body, timeout=60)["choices"][0]
 
-        yield complete
+            yield complete
 
 
 def save(model: Path, output: Path, *flags: str, tp: int = 1, pp: int = 1) -> Path:
