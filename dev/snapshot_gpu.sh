@@ -12,6 +12,8 @@
 #   bash dev/snapshot_gpu.sh llama-3-8b $OUT    # the 8B shape, random bf16, TP=1
 #   bash dev/snapshot_gpu.sh tiny $OUT server   # the server (`both`: engine and server)
 #   bash dev/snapshot_gpu.sh tiny $OUT both 2   # at TP=2 (two GPUs)
+# A call brings back at most 8 files of $OUT: write elsewhere and tar it there, as in
+#   bash dev/snapshot_gpu.sh tiny /root/r/tiny both; tar czf $OUT/tiny.tgz -C /root/r tiny
 set -euo pipefail
 model=$1 out=$2 mode=${3:-engine} tp=${4:-1} repo=$PWD
 mkdir -p "$out" /root/criu/bin
