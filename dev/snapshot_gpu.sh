@@ -12,10 +12,12 @@
 #   bash dev/snapshot_gpu.sh llama-3-8b $OUT    # the 8B shape, random bf16, TP=1
 #   bash dev/snapshot_gpu.sh tiny $OUT server   # the server (`both`: engine and server)
 #   bash dev/snapshot_gpu.sh tiny $OUT both 2   # at TP=2 (two GPUs)
+#   bash dev/snapshot_gpu.sh tiny $OUT engine 1 --quantization fp8   # further flags: save, snapshot and loads
 # A call brings back at most 8 files of $OUT: write elsewhere and tar it there, as in
 #   bash dev/snapshot_gpu.sh tiny /root/r/tiny both; tar czf $OUT/tiny.tgz -C /root/r tiny
 set -euo pipefail
 model=$1 out=$2 mode=${3:-engine} tp=${4:-1} repo=$PWD
+shift $(( $# < 4 ? $# : 4 ))
 mkdir -p "$out" /root/criu/bin
 cp -rn .whl/criu/. /root/criu/ 2>/dev/null || true
 printf '#!/bin/sh\nexec env LD_LIBRARY_PATH=/root/criu/lib /root/criu/criu "$@"\n' > /root/criu/bin/criu
@@ -28,10 +30,10 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade 
   python3 -c "import importlib.metadata as m; print('vllm', m.version('vllm'), 'torch', m.version('torch'))"; } \
   > "$out/system.txt"
 cd /root  # as a user would: the package installed, the checkpoint anywhere
-flags=()
+flags=("$@")
 if [ "$model" = tiny ]; then
   [ -d /root/tiny ] || python3 -m presharded.tiny_models /root/tiny > /dev/null
-  flags=(--gpu-memory-utilization 0.3)
+  flags+=(--gpu-memory-utilization 0.3)
 else
   [ -d "/root/$model" ] || python3 -c "from pathlib import Path; from presharded.bench import synthesize; synthesize('$model', Path('/root/$model'))"
 fi
@@ -63,6 +65,7 @@ import json, pathlib, sys
 out, model = pathlib.Path(sys.argv[1]), sys.argv[2]
 read = lambda name: json.loads((out / f"{model}-{name}.json").read_text())
 if (out / f"{model}-normal.json").exists():
+    print(f"{model}: snapshot made {read('snapshot')}")
     normal = read("normal")
     print(f"{model}: normal start {normal['seconds']}")
     for run in ("restored-cold", "restored-warm"):

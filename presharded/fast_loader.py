@@ -17,9 +17,9 @@ from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV
 from presharded.load_checks import check_checkpoint
 from presharded import s3
 from presharded.manifest import default_pattern, read_manifest, render
-from presharded.reader import Staging, load_files
+from presharded.reader import File, Staging, load_files
+from presharded.snapshot_weights import Refill, read_into
 from presharded.vllm_compat import BaseModelLoader, parallel_ranks, parallel_sizes, unique_tensors
-
 
 
 @dataclass
@@ -65,8 +65,8 @@ class FastShardedStateLoader(BaseModelLoader):
     def download_model(self, model_config) -> None:
         pass  # a pre-sharded checkpoint is a local folder
 
-    @refuses
-    def load_weights(self, model: nn.Module, model_config) -> None:
+    def rank_files(self, model_config) -> tuple[list[File], dict[str, str]]:
+        """This rank's files of the checkpoint, and its aliases (tied weights saved once)."""
         folder = Path(model_config.model_weights or model_config.model)
         pp_size, tp_size = parallel_sizes()
         pp_rank, tp_rank = parallel_ranks()
@@ -77,23 +77,39 @@ class FastShardedStateLoader(BaseModelLoader):
                                         rank=(pp_rank, tp_rank))
         aliases = manifest.aliases if manifest is not None else {}
         if self.s3:
-            paths = s3.objects(self.s3, manifest, [s.path for s in manifest.shards_of([(pp_rank, tp_rank)])])
-        elif manifest is not None:
-            paths = [folder / s.path for s in manifest.shards_of([(pp_rank, tp_rank)])]
-        else:  # as vLLM's sharded_state finds them
-            pattern = self.pattern or default_pattern(pp_size)
-            paths = sorted(folder.glob(render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part="*")))
+            return s3.objects(self.s3, manifest, [s.path for s in manifest.shards_of([(pp_rank, tp_rank)])]), aliases
+        if manifest is not None:
+            return [folder / s.path for s in manifest.shards_of([(pp_rank, tp_rank)])], aliases
+        pattern = self.pattern or default_pattern(pp_size)  # as vLLM's sharded_state finds them
+        return sorted(folder.glob(render(pattern, pp_rank=pp_rank, tp_rank=tp_rank, part="*"))), aliases
+
+    @refuses
+    def load_weights(self, model: nn.Module, model_config) -> None:
+        paths, aliases = self.rank_files(model_config)
         device = next(p.device for p in model.parameters() if not p.is_meta)
         materialize(model, device)
         params = unique_tensors(model.state_dict())
         # Saved once under another name, but separate in this model (vLLM untied them): filled from that name.
         tied = {name: params[name] for name, saved in aliases.items() if name in params and saved in params}
-        read_into = {name: p for name, p in params.items() if name not in tied}
-        staging, self.staging = self.staging or Staging(self.threads, self.chunk_size, device), None
-        start, started = time.perf_counter(), time.time()
-        nbytes = load_files(paths, read_into, staging)
+        self.read(paths, {name: p for name, p in params.items() if name not in tied}, device)
         for name, param in tied.items():
             param.copy_(params[aliases[name]])
+
+    def refill(self, model: nn.Module, model_config, refill: Refill) -> None:
+        """A snapshot's engine woken from sleep: its weights back as they were when it slept
+        (presharded/snapshot_weights.py), from the checkpoint's files and the snapshot's kept file."""
+        paths, _ = self.rank_files(model_config)
+        if refill.path:
+            paths.append(Path(model_config.model) / refill.path)
+        params = unique_tensors(model.state_dict())
+        self.read(paths, read_into(refill, params), next(iter(params.values())).device, refill.skip)
+
+    def read(self, paths: list[File], params: dict[str, torch.Tensor], device: torch.device,
+             skip: frozenset[str] = frozenset()) -> None:
+        pp_rank, tp_rank = parallel_ranks()
+        staging, self.staging = self.staging or Staging(self.threads, self.chunk_size, device), None
+        start, started = time.perf_counter(), time.time()
+        nbytes = load_files(paths, params, staging, skip)
         report = LoadReport(pp_rank, tp_rank, nbytes, time.perf_counter() - start, self.threads,
                             self.chunk_size >> 20, staging.waited, staging.released, started)
         print(report.line(), file=sys.stderr, flush=True)

@@ -38,10 +38,12 @@ class Opened:
             done += n
 
 
-def plan_file(path: File, params: dict[str, torch.Tensor]) -> list[Segment]:
+def plan_file(path: File, params: dict[str, torch.Tensor], skip: frozenset[str] = frozenset()) -> list[Segment]:
     header, data_start = read_header(path) if isinstance(path, Path) else parse_header(path.url, path.size, path.read)
     segments = []
     for name, info in header.items():
+        if name in skip:
+            continue
         if name not in params:
             raise UserError(f"{path.name} holds {name}, which this model does not have: saved from another model?")
         param = params.pop(name)
@@ -148,22 +150,24 @@ class Reader:
 Chunk = tuple[File, int, int, list[Segment]]  # a file, bytes [lo, hi) of it, and the pieces of tensors there
 
 
-def load_files(paths: list[File], params: dict[str, torch.Tensor], staging: Staging) -> int:
-    """Read every file into `params` (all on one device); returns the bytes read.
-    Releases the staging buffers, whatever happens."""
+def load_files(paths: list[File], params: dict[str, torch.Tensor], staging: Staging,
+               skip: frozenset[str] = frozenset()) -> int:
+    """Read every file into `params` (all on one device), but for the tensors named in `skip`;
+    returns the bytes read. Releases the staging buffers, whatever happens."""
     device = next(iter(params.values())).device
     try:
-        work = plan(paths, params, staging.chunk_size)
+        work = plan(paths, params, staging.chunk_size, skip)
         return read(work, staging.take(), staging.threads, device)
     finally:
         staging.release()
 
 
-def plan(paths: list[File], params: dict[str, torch.Tensor], chunk_size: int) -> list[Chunk]:
+def plan(paths: list[File], params: dict[str, torch.Tensor], chunk_size: int,
+         skip: frozenset[str] = frozenset()) -> list[Chunk]:
     """Every file's chunks; each of `params` must be filled exactly once (they are taken out of it)."""
     work = []
     for path in paths:
-        work += [(path, lo, hi, parts) for lo, hi, parts in chunks(plan_file(path, params), chunk_size)]
+        work += [(path, lo, hi, parts) for lo, hi, parts in chunks(plan_file(path, params, skip), chunk_size)]
     if params:
         raise UserError(f"the checkpoint lacks {len(params)} tensors, e.g. {next(iter(params))}; save it again")
     return work

@@ -67,6 +67,8 @@ NAMESPACE_FLAGS = ["--ext-mount-map", "auto", "--enable-external-sharing", "--en
 # hundred MB each, sparse, so only their data is kept.
 SHARED_FILES = ["--ghost-limit", "4G", "--ghost-fiemap"]
 META = "snapshot.json"
+KEEP = "keep.json"  # in the inbox while a snapshot is made: where the engine writes what it keeps (KEPT)
+KEPT = "weights"  # in a set: per rank, what the checkpoint's files cannot give back (presharded/snapshot_weights.py)
 SERVER = "server_"  # how a server snapshot's set name begins
 COMPILED = "workspace"  # in a set: the compile caches the process used, put back in the workspace before a restore
 SECRETS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")  # left out of the process, hence its image
@@ -142,9 +144,6 @@ def unsupported(manifest: Manifest, nodes: int, flags: list[str]) -> str | None:
         return "the snapshot's engine has a worker extension of its own (the methods a restore calls)"
     if manifest.pipeline_parallel_size * nodes > 1:
         return "pipeline stages and several nodes are not supported yet (tensor parallelism on one node is)"
-    if manifest.quantization:
-        return (f"its weights are quantized ({manifest.quantization}), repacked after loading, "
-                "which a restored engine does not redo yet")
     tools = TOOLS + (("cuda-checkpoint",) if sleeps() else ())
     if missing := [tool for tool in tools if shutil.which(tool) is None]:
         return f"{' and '.join(missing)} not found on PATH ({'; '.join(HINTS[tool] for tool in missing)})"
@@ -169,6 +168,12 @@ def inbox(manifest: Manifest) -> Iterator[Path]:
         yield box
     finally:
         os.close(fd)
+
+
+def is_kept(path: str, name: str) -> bool:
+    """Whether a file of set `name` is of the weights kept beside the image (read by the restored
+    engine from the checkpoint, not copied with the image)."""
+    return path.startswith(f"{SNAPSHOTS_DIR}/{name}/{KEPT}/")
 
 
 def rpc_folder() -> Path:
@@ -333,7 +338,8 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
     module = "presharded.snapshot_server" if server else "presharded.snapshot_engine"
     seconds: dict[str, float] = {}
     with inbox(manifest) as box:
-        new.mkdir(parents=True)
+        (new / KEPT).mkdir(parents=True)
+        put(box / KEEP, {"folder": str(new / KEPT), "kept_as": f"{SNAPSHOTS_DIR}/{name}/{KEPT}"})
         cmd = [*NAMESPACE, sys.executable, "-m", module, str(box), "--model", str(workspace / "model"), *flags]
         print(f"starting vLLM on {checkpoint} for the snapshot {name}", file=sys.stderr, flush=True)
         env = engine_env({**caches, "VLLM_RPC_BASE_PATH": str(rpc_folder())}, server)
@@ -360,10 +366,13 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
                                    *CRIU_FLAGS, *NAMESPACE_FLAGS, *SHARED_FILES, "-o", "dump.log",
                                    log=box / "dump.log")
             proc.wait(timeout=60)
+            if not any((new / KEPT).iterdir()):  # the checkpoint's files give back every weight
+                (new / KEPT).rmdir()
             meta = {"name": name, "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "engine_flags": flags, "python": os.path.realpath(sys.executable),
                     "vllm": importlib.util.find_spec("vllm").origin, "tokens": ready["tokens"],
-                    "cuda_pids": cuda_inside, "gpu_in_use_asleep_gib": ready["gpu_in_use_asleep_gib"]}
+                    "cuda_pids": cuda_inside, "gpu_in_use_asleep_gib": ready["gpu_in_use_asleep_gib"],
+                    "kept_bytes": ready["kept_bytes"]}
             (new / META).write_text(json.dumps(meta, indent=1) + "\n")
             for kind in KINDS:  # the process maps what it compiled (Inductor's .so files): it must be there
                 if (workspace / kind).is_dir():
@@ -380,5 +389,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
     manifest.snapshots[name] = entries
     write_manifest(checkpoint, manifest)
     record(name, entries, checkpoint, SNAPSHOTS_DIR)
-    made = {"image_bytes": sum(e.size for e in entries), "start_seconds": ready["start_seconds"]}
+    kept = sum(e.size for e in entries if is_kept(e.path, name))
+    made = {"image_bytes": sum(e.size for e in entries) - kept, "kept_bytes": kept,
+            "start_seconds": ready["start_seconds"]}
     return name, {**made, **{k: round(v, 3) for k, v in seconds.items()}}

@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
+import json
 import sys
 import time
 import traceback
@@ -21,7 +22,7 @@ from presharded.flags import fill_unset, parse_engine_flags
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import own_session, put, redirect, sleeps, wait_for
+from presharded.snapshot import KEEP, own_session, put, redirect, sleeps, wait_for
 
 PROMPT = "The capital of France is"
 
@@ -47,12 +48,15 @@ def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, top_p:
     return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
 
 
-def fall_asleep(llm, sleep: bool) -> float:
-    """The weights and the KV cache freed (if `sleep`), and every GPU block not in use given back:
-    what is left on the GPU goes into the image. The GiB still in use."""
+def fall_asleep(llm, sleep: bool, keep: dict) -> tuple[float, int]:
+    """The weights and the KV cache freed (if `sleep`: what the checkpoint cannot give back is kept
+    first, as `keep` says), and every GPU block not in use given back: what is left on the GPU goes
+    into the image. The GiB still in use, and the bytes kept."""
+    kept = 0
     if sleep:
+        kept = sum(llm.collective_rpc("presharded_keep", args=(keep["folder"], keep["kept_as"])))
         llm.sleep(level=2)
-    return llm.collective_rpc("presharded_asleep")[0]
+    return llm.collective_rpc("presharded_asleep")[0], kept
 
 
 def answer(llm, request: dict, sleep: bool) -> dict:
@@ -60,13 +64,13 @@ def answer(llm, request: dict, sleep: bool) -> dict:
     from presharded.vllm_compat import REQUEST_ERRORS
 
     seconds = {}
-    t = time.perf_counter()
+    llm.collective_rpc("presharded_restored", args=(request["log"], sleep))
     if sleep:
+        t = time.perf_counter()
         llm.wake_up()
         seconds["wake"] = time.perf_counter() - t
-    t = time.perf_counter()
-    llm.collective_rpc("presharded_refill", args=(request["log"], sleep))
-    if sleep:
+        t = time.perf_counter()
+        llm.collective_rpc("presharded_refill")
         seconds["weights"] = time.perf_counter() - t
     t = time.perf_counter()
     try:
@@ -84,9 +88,10 @@ def main() -> None:
     llm = start(argv, sleep)
     tokens = list(generate(llm, PROMPT, 16).token_ids)
     started = time.perf_counter() - t
-    asleep = fall_asleep(llm, sleep)
+    asleep, kept = fall_asleep(llm, sleep, json.loads((inbox / KEEP).read_text()))
     redirect(None)
-    put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3), "gpu_in_use_asleep_gib": asleep})
+    put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3), "gpu_in_use_asleep_gib": asleep,
+                               "kept_bytes": kept})
     request = wait_for(inbox / "request.json", lambda: True, float("inf"), "the request")  # restored: from here on
     redirect(request["log"])
     try:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 import blake3
 
@@ -23,7 +24,7 @@ from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
 from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, NAMESPACE_FLAGS, SERVER, engine_flags, inbox,
-                                 kill, ns_pid, put, rpc_folder, set_name, tool, tree, unsupported, wait_for)
+                                 is_kept, kill, ns_pid, put, rpc_folder, set_name, tool, tree, unsupported, wait_for)
 from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
@@ -71,7 +72,10 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
             shutil.rmtree(other, ignore_errors=True)
     workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
     compiled = [e for e in entries if e.path.startswith(f"{SNAPSHOTS_DIR}/{name}/{COMPILED}/")]
-    if not (put_in_place(image, checkpoint, name, [e for e in entries if e not in compiled], SNAPSHOTS_DIR,
+    kept = [e for e in entries if is_kept(e.path, name)]  # weights: read from the checkpoint, checked as its own
+    if damaged := [e.path for e in kept if not is_file_of_size(checkpoint / e.path, e.size)]:
+        return skip(status, f"its weights {damaged[0]} are missing or not of the size in the manifest")
+    if not (put_in_place(image, checkpoint, name, [e for e in entries if e not in compiled + kept], SNAPSHOTS_DIR,
                          "the snapshot")
             and put_in_place(workspace, checkpoint, COMPILED, compiled, f"{SNAPSHOTS_DIR}/{name}",
                              f"the snapshot {name}'s")):
@@ -177,6 +181,14 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
         raise
     finally:
         log.unlink(missing_ok=True)
+
+
+def is_file_of_size(path: Path, size: int) -> bool:
+    try:
+        stat = path.lstat()
+    except OSError:
+        return False
+    return S_ISREG(stat.st_mode) and stat.st_size == size
 
 
 def meta_of(image: Path) -> dict:

@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 import asyncio
+import json
 import sys
 import time
 import traceback
@@ -23,7 +24,7 @@ from presharded.engine_defaults import apply_engine_defaults
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import own_session, put, redirect, sleeps
+from presharded.snapshot import KEEP, own_session, put, redirect, sleeps
 from presharded.snapshot_engine import PROMPT
 
 
@@ -53,8 +54,6 @@ async def first_tokens(engine) -> list[int]:
 
 async def request_for(inbox: Path) -> dict:
     """The request a restore writes (the snapshot waits here); read once and removed: it may hold an API key."""
-    import json
-
     path = inbox / "request.json"
     while not path.exists():
         await asyncio.sleep(0.005)
@@ -72,23 +71,26 @@ async def main_async(inbox: Path, argv: list[str]) -> None:
     async with engine_client(args) as engine:
         tokens = await first_tokens(engine)
         started = time.perf_counter() - t
-        if sleep:
+        kept = 0
+        if sleep:  # what the checkpoint cannot give back kept first (presharded/snapshot_weights.py)
+            keep = json.loads((inbox / KEEP).read_text())
+            kept = sum(await engine.collective_rpc("presharded_keep", args=(keep["folder"], keep["kept_as"])))
             await engine.sleep(level=2)
         asleep = (await engine.collective_rpc("presharded_asleep"))[0]
         redirect(None)
         put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3),
-                                   "gpu_in_use_asleep_gib": asleep})
+                                   "gpu_in_use_asleep_gib": asleep, "kept_bytes": kept})
         request = await request_for(inbox)  # restored: from here on
         redirect(request["log"])
         seconds = {}
         try:
-            t = time.perf_counter()
+            await engine.collective_rpc("presharded_restored", args=(request["log"], sleep))
             if sleep:
+                t = time.perf_counter()
                 await engine.wake_up()
                 seconds["wake"] = time.perf_counter() - t
-            t = time.perf_counter()
-            await engine.collective_rpc("presharded_refill", args=(request["log"], sleep))
-            if sleep:
+                t = time.perf_counter()
+                await engine.collective_rpc("presharded_refill")
                 seconds["weights"] = time.perf_counter() - t
             served = serve_args(request["argv"], sleep)
             served.served_model_name = served.served_model_name or [request["name"]]

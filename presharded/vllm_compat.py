@@ -4,6 +4,7 @@ Checked against vLLM 0.26 (CUDA) and 0.32 (CPU)."""
 import importlib
 import platform
 from collections import Counter
+from pathlib import Path
 
 import torch
 import vllm
@@ -158,18 +159,57 @@ class SnapshotWorker:
         free, total = torch.cuda.mem_get_info()
         return (total - free) / 2**30
 
-    def presharded_refill(self, log: str, weights: bool) -> None:
-        """Restored: the output to `log`; woken from sleep level 2 (the weights freed), our loader reads the
-        checkpoint's weights again."""
+    def presharded_keep(self, folder: str, kept_as: str) -> int:
+        """Awake, before sleep mode frees the weights: what the checkpoint's files cannot give back
+        (presharded/snapshot_weights.py) written to `folder`, found again at `kept_as` in the model
+        folder; the plan stays in this process, hence in the image. The bytes kept."""
+        from presharded.fast_loader import FastShardedStateLoader
+        from presharded.snapshot_weights import PREFIX, kept_bytes, plan
+        from presharded.writer import CHUNK_SIZE, write_file
+
+        runner = self.model_runner
+        model = runner.get_model()
+        loader = FastShardedStateLoader(self.vllm_config.load_config)
+        if loader.staging:  # not read with: nothing of it goes into the image
+            loader.staging.release()
+        files, _ = loader.rank_files(runner.model_config)
+        name = "rank-pp{}-tp{}.safetensors".format(*parallel_ranks())
+        self.presharded_plan = plan(unique_tensors(model.state_dict()), freed_storages(model), files,
+                                    f"{kept_as}/{name}")
+        if self.presharded_plan.path:
+            # Not pinned: torch would keep pinned memory cached, and the image with it.
+            buffers = [torch.empty(CHUNK_SIZE, dtype=torch.uint8) for _ in range(2)]
+            write_file(Path(folder) / name, {f"{PREFIX}{k}": t for k, t in self.presharded_plan.kept.items()},
+                       buffers)
+        return kept_bytes(self.presharded_plan)
+
+    def presharded_restored(self, log: str, weights: bool) -> None:
+        """Restored, before the wake: the output to `log`; if the weights were freed (sleep level 2),
+        our loader made now, so that its staging buffers are pinned while the engine wakes."""
         from presharded.fast_loader import FastShardedStateLoader
         from presharded.snapshot import redirect
 
         redirect(log)
-        if not weights:
-            return
+        if weights:
+            self.presharded_loader = FastShardedStateLoader(self.vllm_config.load_config)
+
+    def presharded_refill(self) -> None:
+        """Woken: the weights back from the checkpoint's files and the snapshot's own, as presharded_keep
+        planned."""
         runner = self.model_runner
-        FastShardedStateLoader(self.vllm_config.load_config).load_weights(runner.get_model(), runner.model_config)
+        self.presharded_loader.refill(runner.get_model(), runner.model_config, self.presharded_plan)
         torch.cuda.synchronize()
+
+
+def freed_storages(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's storages that sleep mode frees: those in its weights' memory pool."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    from presharded.snapshot_weights import held
+
+    pool = [(ptr, ptr + data.handle[1]) for ptr, data in CuMemAllocator.get_instance().pointer_to_data.items()
+            if data.tag == "weights"]
+    return held(model, lambda address: any(lo <= address < hi for lo, hi in pool))
 
 
 SNAPSHOT_WORKER = f"{__name__}.SnapshotWorker"

@@ -145,6 +145,29 @@ def test_a_damaged_image_is_not_restored(snapshotted, capsys):
     assert status["used"] is False
 
 
+def test_kept_weights_are_read_from_the_checkpoint_and_checked(snapshotted, capsys):
+    """A set's kept weights (what the checkpoint's files cannot give back, presharded/snapshot_weights.py)
+    stay in the checkpoint, where the restored engine reads them: not copied into memory with the image.
+    One of another size than the manifest's is one warning and a normal start."""
+    manifest = read_manifest(snapshotted)
+    (name, entries), = manifest.snapshots.items()
+    kept = snapshotted / "snapshots" / name / snapshot.KEPT / "rank-pp0-tp0.safetensors"
+    kept.parent.mkdir()
+    kept.write_bytes(os.urandom(1 << 16))
+    entries.append(CopiedFile(kept.relative_to(snapshotted).as_posix(), kept.stat().st_size, hash_file(kept)))
+    write_manifest(snapshotted, manifest)
+    record(name, entries, snapshotted, "snapshots")
+    _, warnings = restore(snapshotted, capsys)
+    assert len(warnings) == 1 and "not found on PATH" in warnings[0], warnings  # past the image's checks
+    images = snapshot.IMAGES / f"presharded-{os.getuid()}"
+    copied = {p.name for p in images.rglob("*") if p.is_file()}
+    assert "pages-1.img" in copied and kept.name not in copied
+    kept.write_bytes(kept.read_bytes()[:-1])
+    status, warnings = restore(snapshotted, capsys)
+    assert len(warnings) == 1 and f"{snapshot.KEPT}/{kept.name} are missing or not of the size" in warnings[0]
+    assert status["used"] is False
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="a restore needs root: without it, it stops before CRIU")
 def test_a_restored_engine_that_ends_before_answering_starts_vllm(snapshotted, tmp_path, capsys, monkeypatch):
     """The restore "succeeds" but the process ends at once (reaped by the time it is killed): one warning."""
