@@ -13,6 +13,7 @@
 #   bash dev/snapshot_gpu.sh tiny $OUT server   # the server (`both`: engine and server)
 #   bash dev/snapshot_gpu.sh tiny $OUT both 2   # at TP=2 (two GPUs)
 #   bash dev/snapshot_gpu.sh tiny $OUT engine 1 --quantization fp8   # further flags: save, snapshot and loads
+# Run again with the same OUT, it keeps what an earlier call made there (a save, a snapshot, a normal start).
 # A call brings back at most 8 files of $OUT: write elsewhere and tar it there, as in
 #   bash dev/snapshot_gpu.sh tiny /root/r/tiny both; tar czf $OUT/tiny.tgz -C /root/r tiny
 set -euo pipefail
@@ -38,24 +39,28 @@ else
   [ -d "/root/$model" ] || python3 -c "from pathlib import Path; from presharded.bench import synthesize; synthesize('$model', Path('/root/$model'))"
 fi
 ckpt=/root/$model-tp$tp
-rm -rf "$ckpt"
-python3 -m save_sharded_state --model "/root/$model" --output "$ckpt" -tp "$tp" --no-start-caches "${flags[@]}" --json \
-  > "$out/$model-save.json"
+made() { [ -s "$out/$model-$1.json" ]; }  # done by an earlier call with this OUT (one that ran out of time): kept
+if ! made save; then
+  rm -rf "$ckpt"
+  python3 -m save_sharded_state --model "/root/$model" --output "$ckpt" -tp "$tp" --no-start-caches "${flags[@]}" \
+    --json > "$out/$model-save.json"
+fi
 if [ "$mode" != server ]; then
-  python3 -m presharded.snapshot_cli "$ckpt" "${flags[@]}" --json > "$out/$model-snapshot.json"
+  made snapshot || python3 -m presharded.snapshot_cli "$ckpt" "${flags[@]}" --json > "$out/$model-snapshot.json"
   load() { python3 -m load_sharded_state --model "$ckpt" --prompt "The capital of France is" --max-tokens 32 --json \
-    "${flags[@]}" "$@"; }
-  load --load-format fast_sharded_state > "$out/$model-normal.json" 2> "$out/$model-normal.err"
+    --load-format fast_sharded_state "${flags[@]}" "$@"; }
+  made normal || load > "$out/$model-normal.json" 2> "$out/$model-normal.err"
   sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0   # a new node: cold files, no image copy
   load --snapshot > "$out/$model-restored-cold.json" 2> "$out/$model-restored-cold.err"
   load --snapshot > "$out/$model-restored-warm.json" 2> "$out/$model-restored-warm.err"
 fi
 if [ "$mode" != engine ]; then
-  python3 -m presharded.snapshot_cli "$ckpt" --server "${flags[@]}" --json > "$out/$model-server-snapshot.json"
+  made server-snapshot ||
+    python3 -m presharded.snapshot_cli "$ckpt" --server "${flags[@]}" --json > "$out/$model-server-snapshot.json"
   probe() { python3 "$repo/dev/serve_probe.py" --model "$ckpt" "${flags[@]}" "$@"; }
-  probe --entry vllm --out "$out/$model-server-vllm.json"
+  made server-vllm || probe --entry vllm --out "$out/$model-server-vllm.json"
   # The restored server runs with sleep mode (vLLM's CuMem allocator): the same server with it, for the tokens.
-  probe --entry vllm --enable-sleep-mode --out "$out/$model-server-vllm-sleep.json"
+  made server-vllm-sleep || probe --entry vllm --enable-sleep-mode --out "$out/$model-server-vllm-sleep.json"
   sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0 /tmp/presharded-0   # a new node
   probe --entry serve --trust-snapshot --out "$out/$model-server-restored-cold.json"
   probe --entry serve --out "$out/$model-server-restored-warm.json"

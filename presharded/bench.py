@@ -229,7 +229,7 @@ FRESH = {  # name: (load format, load script flags); a new node has no record of
     "ours-caches-prefetch": (FAST_FORMAT, [TRUST_FLAG, "--prefetch"]),
     "snapshot": (FAST_FORMAT, ["--snapshot", TRUST_SNAPSHOT_FLAG]),  # restored, not started; GPUs only
 }
-WARM_AGAIN = ["sharded_state", "ours-caches", "snapshot"]  # the same node again: caches filled, files in page cache
+WARM_AGAIN = ["snapshot", "ours-caches", "sharded_state"]  # the same node again (the quickest first): warm files
 
 
 def start_restored(checkpoint: Path, tp: int, extra: list[str]) -> dict:
