@@ -19,7 +19,8 @@ and a cold page cache (the weights and the Python packages), for vLLM's
 `sharded_state`, ours without and with the checkpoint's start-up caches (and
 with the weights read ahead), the checkpoint's engine snapshot restored
 (`snapshot`: made first with presharded-snapshot; beside it the time `cat`
-takes to read the image and the weights cold), then the same node warm.
+takes to read the image and the weights cold), each followed by the same
+node warm.
 """
 
 import argparse
@@ -229,7 +230,7 @@ FRESH = {  # name: (load format, load script flags); a new node has no record of
     "ours-caches-prefetch": (FAST_FORMAT, [TRUST_FLAG, "--prefetch"]),
     "snapshot": (FAST_FORMAT, ["--snapshot", TRUST_SNAPSHOT_FLAG]),  # restored, not started; GPUs only
 }
-WARM_AGAIN = ["snapshot", "ours-caches", "sharded_state"]  # the same node again (the quickest first): warm files
+WARM_AGAIN = ["sharded_state", "ours-caches", "snapshot"]  # the same node again: caches filled, files in page cache
 
 
 def start_restored(checkpoint: Path, tp: int, extra: list[str]) -> dict:
@@ -301,8 +302,10 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
             image = [checkpoint / e.path for entries in manifest.snapshots.values() for e in entries]
             report["floor_seconds"] = read_seconds(image + rank_files)  # what a restore reads, cold
         user_caches = {name: work / "user-caches" / name for name in FRESH}
-        for cache, name in [("fresh", name) for name in args.fresh_variants] + \
-                [("warm", name) for name in WARM_AGAIN if name in args.fresh_variants]:
+        # Each warm start right after its own new-node start: what that start left (the checked image copy,
+        # the workspace) is there, as on that node; the next new-node start removes it.
+        for cache, name in [(cache, name) for name in args.fresh_variants for cache in ("fresh", "warm")
+                            if cache == "fresh" or name in WARM_AGAIN]:
             load_format, flags = FRESH[name]
             env = {var: str(user_caches[name] / kind) for kind, var in KINDS.items()}
             if cache == "fresh":
