@@ -198,14 +198,18 @@ class SnapshotWorker:
         planned."""
         runner = self.model_runner
         self.presharded_loader.refill(runner.get_model(), runner.model_config, self.presharded_plan)
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def freed_storages(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's storages that sleep mode frees: those in its weights' memory pool."""
-    from vllm.device_allocator.cumem import CuMemAllocator
-
+    """The model's storages that sleep mode frees: those in its weights' memory pool (on a CPU, with
+    neither pool nor sleep mode, every storage the model holds)."""
     from presharded.snapshot_weights import held
+
+    if is_cpu():
+        return held(model, lambda address: True)
+    from vllm.device_allocator.cumem import CuMemAllocator
 
     pool = [(ptr, ptr + data.handle[1]) for ptr, data in CuMemAllocator.get_instance().pointer_to_data.items()
             if data.tag == "weights"]

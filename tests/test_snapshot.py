@@ -145,6 +145,52 @@ def test_a_damaged_image_is_not_restored(snapshotted, capsys):
     assert status["used"] is False
 
 
+REFILL = """
+import json, sys
+from pathlib import Path
+from vllm import LLM, SamplingParams
+from presharded.snapshot_weights import held
+from presharded.vllm_compat import SNAPSHOT_WORKER
+
+model, out, prompt = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+llm = LLM(model=str(model), load_format="fast_sharded_state", worker_extension_cls=SNAPSHOT_WORKER,
+          enforce_eager=True)
+greedy = SamplingParams(max_tokens=24, temperature=0.0)
+tokens = lambda: list(llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids)
+
+def scramble(worker):  # what sleep mode does to the weights' memory: anything may be there after the wake
+    for t in held(worker.model_runner.get_model(), lambda address: True).values():
+        t.fill_(0x5A)
+
+result = {"before": tokens()}
+result["kept"] = llm.collective_rpc("presharded_keep", args=(str(model / "kept"), "kept"))[0]
+llm.collective_rpc(scramble)
+result["scrambled"] = tokens()
+llm.collective_rpc("presharded_restored", args=(str(out.with_suffix(".log")), True))
+llm.collective_rpc("presharded_refill")
+result["after"] = tokens()
+out.write_text(json.dumps(result))
+"""
+
+
+def test_an_engines_weights_come_back_as_planned(checkpoints, tmp_path):
+    """A snapshot's refill in a real engine (on the CPU: no sleep mode, no CRIU, so every storage the model
+    holds counts as freed, its KV cache too): the worker plans what the checkpoint's file gives back and
+    keeps the rest (the rotary cache, the attention scales, the KV cache), every one of those storages is
+    overwritten as sleep leaves it (the tokens go wrong), and the refill brings back the tokens."""
+    folder = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
+    (folder / "kept").mkdir()
+    out = tmp_path / "refill.json"
+    proc = subprocess.run([sys.executable, "-c", REFILL, str(folder), str(out), PROMPT], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                                       "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["scrambled"] != result["before"]
+    assert result["after"] == result["before"]
+    assert result["kept"] > 0 and [p.name for p in (folder / "kept").iterdir()] == ["rank-pp0-tp0.safetensors"]
+
+
 def test_kept_weights_are_read_from_the_checkpoint_and_checked(snapshotted, capsys):
     """A set's kept weights (what the checkpoint's files cannot give back, presharded/snapshot_weights.py)
     stay in the checkpoint, where the restored engine reads them: not copied into memory with the image.
