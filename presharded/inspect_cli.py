@@ -9,6 +9,7 @@ from pathlib import Path
 from presharded import s3
 from presharded.errors import UserError, exits_cleanly
 from presharded.manifest import MANIFEST_NAME, Manifest, read_manifest
+from presharded.snapshot import is_kept
 
 
 def summary(manifest: Manifest, folder: str | Path) -> str:
@@ -27,6 +28,12 @@ def summary(manifest: Manifest, folder: str | Path) -> str:
         f"  also copied   {', '.join(f.path for f in manifest.files) or 'nothing'}",
         f"  saved         {manifest.created} with vLLM {manifest.vllm_version}",
     ]
+    for name, entries in manifest.caches.items():
+        lines.append(f"  start caches  {name} ({sum(e.size for e in entries) / 1e6:.1f} MB)")
+    for name, entries in manifest.snapshots.items():
+        kept = sum(e.size for e in entries if is_kept(e.path, name))
+        lines.append(f"  snapshot      {name} (image {(sum(e.size for e in entries) - kept) / 1e9:.2f} GB, "
+                     f"weights kept beside it {kept / 1e6:.1f} MB)")
     return "\n".join(lines)
 
 

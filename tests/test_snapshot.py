@@ -203,6 +203,8 @@ def test_kept_weights_are_read_from_the_checkpoint_and_checked(snapshotted, caps
     entries.append(CopiedFile(kept.relative_to(snapshotted).as_posix(), kept.stat().st_size, hash_file(kept)))
     write_manifest(snapshotted, manifest)
     record(name, entries, snapshotted, "snapshots")
+    summary = run_script("presharded.inspect_cli", str(snapshotted)).stdout
+    assert f"  snapshot      {name} (image 0.00 GB, weights kept beside it 0.1 MB)" in summary, summary
     _, warnings = restore(snapshotted, capsys)
     assert len(warnings) == 1 and "not found on PATH" in warnings[0], warnings  # past the image's checks
     images = snapshot.IMAGES / f"presharded-{os.getuid()}"
