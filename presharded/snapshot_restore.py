@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
 
 import blake3
 
@@ -25,7 +24,7 @@ from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
 from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, NAMESPACE_FLAGS, SERVER, engine_flags, inbox,
                                  is_kept, kill, ns_pid, put, rpc_folder, set_name, tool, tree, unsupported, wait_for)
-from presharded.start_caches import WORKSPACE, checkpoint_id, link_model, put_in_place
+from presharded.start_caches import WORKSPACE, checkpoint_id, is_file_of_size, link_model, put_in_place
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
 
@@ -181,14 +180,6 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
         raise
     finally:
         log.unlink(missing_ok=True)
-
-
-def is_file_of_size(path: Path, size: int) -> bool:
-    try:
-        stat = path.lstat()
-    except OSError:
-        return False
-    return S_ISREG(stat.st_mode) and stat.st_size == size
 
 
 def meta_of(image: Path) -> dict:

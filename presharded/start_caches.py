@@ -20,10 +20,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 import blake3
 
@@ -38,6 +40,7 @@ from presharded.trust import TRUST_ENV, TRUST_FLAG, made_here, record, trusted_b
 
 KINDS = dict(zip(CACHE_KINDS, ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")))
 WORKSPACE = Path(tempfile.gettempdir()) / f"presharded-{os.getuid()}"
+SEALS = ".checked"  # in a workspace: which of its copies were hashed (put_in_place)
 
 
 def set_name(tensor_parallel_size: int, pipeline_parallel_size: int) -> str:
@@ -104,6 +107,7 @@ def empty_workspace(workspace: Path, folder: Path) -> None:
     """The caches emptied, so that a start fills them with exactly what it compiles."""
     for kind in KINDS:
         shutil.rmtree(workspace / kind, ignore_errors=True)
+        shutil.rmtree(workspace / SEALS / kind, ignore_errors=True)
     link_model(workspace, folder)
 
 
@@ -276,19 +280,63 @@ def trusted(folder: Path, name: str, entries: list[CopiedFile], trust: bool, oth
     return False
 
 
-def matches(path: Path, entry: CopiedFile) -> bool:
-    """Whether `path` is the file that `entry` of the manifest describes (size first: cheap)."""
-    return path.is_file() and path.stat().st_size == entry.size and hash_file(path) == entry.blake3
+def matches(path: Path, entry: CopiedFile, sealed: Path) -> bool:
+    """Whether `path` is the file that `entry` of the manifest describes: its size first (cheap), then
+    its hash, unless its seal at `sealed` says it was checked and it has not changed since (`seal`)."""
+    try:
+        stat = path.lstat()
+    except OSError:
+        return False
+    if not S_ISREG(stat.st_mode) or stat.st_size != entry.size:
+        return False
+    try:
+        if sealed.read_text() == stamp(stat, entry) and stat.st_ctime_ns < sealed.stat().st_mtime_ns:
+            return True
+    except OSError:
+        pass
+    if hash_file(path) != entry.blake3:
+        return False
+    seal(path, entry, sealed)
+    return True
+
+
+def seal(path: Path, entry: CopiedFile, sealed: Path) -> bool:
+    """Records at `sealed` (in this user's own folder, as `path` is) that `path` was hashed and found
+    to be `entry`: a later start skips hashing it again while it is the same file, unchanged (its
+    inode, size, times). Any write to a file moves its change time, which no one can set back; a
+    change within the clock's tick of the seal would not, so a seal counts only for a file last
+    changed before it was written (git's rule for its index). Whether it counts."""
+    try:
+        sealed.parent.mkdir(parents=True, exist_ok=True)
+        sealed.write_text(stamp(path.lstat(), entry))
+        return path.lstat().st_ctime_ns < sealed.stat().st_mtime_ns
+    except OSError:
+        return False  # unsealed: hashed again next time
+
+
+def stamp(stat: os.stat_result, entry: CopiedFile) -> str:
+    return f"{entry.blake3} {stat.st_dev} {stat.st_ino} {stat.st_size} {stat.st_mtime_ns} {stat.st_ctime_ns}\n"
+
+
+def is_file_of_size(path: Path, size: int) -> bool:
+    try:
+        stat = path.lstat()
+    except OSError:
+        return False
+    return S_ISREG(stat.st_mode) and stat.st_size == size
 
 
 def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedFile], kind: str = CACHES_DIR,
                  what: str = "the start-up caches") -> bool:
     """The set's files in the workspace, each copied there and checked there, where no one
-    else can change it; False (with a warning) if one is missing or damaged. What another
-    start already put there stays: it may be running from it."""
+    else can change it (and sealed there: a later start finds it checked); False (with a
+    warning) if one is missing or damaged. What another start already put there stays: it
+    may be running from it."""
+    copied = []
     for entry in counted(entries, f"putting {what} {name} in place"):
-        source, target = folder / entry.path, workspace / entry.path.removeprefix(f"{kind}/{name}/")
-        if matches(target, entry):
+        relative = entry.path.removeprefix(f"{kind}/{name}/")
+        source, target, sealed = folder / entry.path, workspace / relative, workspace / SEALS / relative
+        if matches(target, entry, sealed):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{os.getpid()}")
@@ -297,10 +345,16 @@ def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedF
                 shutil.copyfile(source, temporary)
         except OSError:
             pass
-        if not matches(temporary, entry):
+        if not (is_file_of_size(temporary, entry.size) and hash_file(temporary) == entry.blake3):
             temporary.unlink(missing_ok=True)
             print(f"warning: {source} is missing or damaged (not as in {MANIFEST_NAME}): starting without "
                   f"{what} {name}", file=sys.stderr)
             return False
         os.replace(temporary, target)
+        copied.append((target, entry, sealed))
+    # Sealed once all are in place; those changed within the clock's tick of their seal, again once it has moved.
+    if racy := [each for each in copied if not seal(*each)]:
+        time.sleep(0.02)
+        for each in racy:
+            seal(*each)
     return True
