@@ -38,8 +38,8 @@ def mapping(vma: dict, files: dict[int, str]) -> str:
     return f"[{kind} {vma['start']:#x}, {(vma['end'] - vma['start']) / 2**20:.0f} MiB]"
 
 
-def process_pages(image: Path, pid: int, files: dict[int, str]) -> Counter:
-    """Bytes of this process's pages in the image, per mapping."""
+def process_pages(image: Path, pid: int, files: dict[int, str]) -> tuple[Counter, int]:
+    """Bytes of this process's pages in the image, per mapping; and how many mappings it has."""
     vmas = sorted(load(image / f"mm-{pid}.img")[0]["vmas"], key=lambda v: v["start"])
     sizes: Counter = Counter()
     for entry in load(image / f"pagemap-{pid}.img")[1:]:
@@ -47,7 +47,7 @@ def process_pages(image: Path, pid: int, files: dict[int, str]) -> Counter:
             continue
         vma = next((v for v in vmas if v["start"] <= entry["vaddr"] < v["end"]), None)
         sizes[mapping(vma, files) if vma else "[outside any mapping]"] += entry["nr_pages"] * PAGE
-    return sizes
+    return sizes, len(vmas)
 
 
 def main() -> None:
@@ -62,16 +62,17 @@ def main() -> None:
     for node in load(args.image / "pstree.img"):
         pid = node["pid"]
         comm = load(args.image / f"core-{pid}.img")[0]["tc"]["comm"]
-        sizes = process_pages(args.image, pid, files)
-        report["processes"].append({"pid": pid, "comm": comm, "bytes": sum(sizes.values()),
-                                    "largest": sizes.most_common(args.top)})
+        sizes, vmas = process_pages(args.image, pid, files)
+        report["processes"].append({"pid": pid, "comm": comm, "bytes": sum(sizes.values()), "mappings": vmas,
+                                    "threads": len(node.get("threads", [])), "largest": sizes.most_common(args.top)})
     if args.json:
         print(json.dumps(report, indent=1))
         return
     for name, size in report["files"].items():
         print(f"{size / 2**20:10.1f} MiB  {name}")
     for proc in report["processes"]:
-        print(f"\npid {proc['pid']} ({proc['comm']}): {proc['bytes'] / 2**20:.1f} MiB of pages")
+        print(f"\npid {proc['pid']} ({proc['comm']}): {proc['bytes'] / 2**20:.1f} MiB of pages, "
+              f"{proc['mappings']} mappings, {proc['threads']} threads")
         for where, size in proc["largest"]:
             print(f"{size / 2**20:10.1f} MiB  {where}")
 

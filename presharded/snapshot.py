@@ -371,7 +371,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
             meta = {"name": name, "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "engine_flags": flags, "python": os.path.realpath(sys.executable),
                     "vllm": importlib.util.find_spec("vllm").origin, "tokens": ready["tokens"],
-                    "cuda_pids": cuda_inside, "gpu_in_use_asleep_gib": ready["gpu_in_use_asleep_gib"],
+                    "cuda_pids": cuda_inside, "asleep_gib": ready["asleep_gib"],
                     "kept_bytes": ready["kept_bytes"]}
             (new / META).write_text(json.dumps(meta, indent=1) + "\n")
             for kind in KINDS:  # the process maps what it compiled (Inductor's .so files): it must be there
@@ -391,5 +391,5 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
     record(name, entries, checkpoint, SNAPSHOTS_DIR)
     kept = sum(e.size for e in entries if is_kept(e.path, name))
     made = {"image_bytes": sum(e.size for e in entries) - kept, "kept_bytes": kept,
-            "start_seconds": ready["start_seconds"]}
+            "start_seconds": ready["start_seconds"], "asleep_gib": ready["asleep_gib"]}
     return name, {**made, **{k: round(v, 3) for k, v in seconds.items()}}

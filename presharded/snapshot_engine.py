@@ -48,15 +48,15 @@ def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, top_p:
     return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
 
 
-def fall_asleep(llm, sleep: bool, keep: dict) -> tuple[float, int]:
+def fall_asleep(llm, sleep: bool, keep: dict) -> tuple[list[dict], int]:
     """The weights and the KV cache freed (if `sleep`: what the checkpoint cannot give back is kept
     first, as `keep` says), and every GPU block not in use given back: what is left on the GPU goes
-    into the image. The GiB still in use, and the bytes kept."""
+    into the image. Each worker's memory then (presharded_asleep), and the bytes kept."""
     kept = 0
     if sleep:
         kept = sum(llm.collective_rpc("presharded_keep", args=(keep["folder"], keep["kept_as"])))
         llm.sleep(level=2)
-    return llm.collective_rpc("presharded_asleep")[0], kept
+    return llm.collective_rpc("presharded_asleep"), kept
 
 
 def answer(llm, request: dict, sleep: bool) -> dict:
@@ -90,7 +90,7 @@ def main() -> None:
     started = time.perf_counter() - t
     asleep, kept = fall_asleep(llm, sleep, json.loads((inbox / KEEP).read_text()))
     redirect(None)
-    put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3), "gpu_in_use_asleep_gib": asleep,
+    put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3), "asleep_gib": asleep,
                                "kept_bytes": kept})
     request = wait_for(inbox / "request.json", lambda: True, float("inf"), "the request")  # restored: from here on
     redirect(request["log"])

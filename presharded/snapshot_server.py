@@ -76,10 +76,10 @@ async def main_async(inbox: Path, argv: list[str]) -> None:
             keep = json.loads((inbox / KEEP).read_text())
             kept = sum(await engine.collective_rpc("presharded_keep", args=(keep["folder"], keep["kept_as"])))
             await engine.sleep(level=2)
-        asleep = (await engine.collective_rpc("presharded_asleep"))[0]
+        asleep = await engine.collective_rpc("presharded_asleep")
         redirect(None)
         put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3),
-                                   "gpu_in_use_asleep_gib": asleep, "kept_bytes": kept})
+                                   "asleep_gib": asleep, "kept_bytes": kept})
         request = await request_for(inbox)  # restored: from here on
         redirect(request["log"])
         seconds = {}

@@ -147,17 +147,28 @@ class SnapshotWorker:
     """What an engine snapshot's worker gains (`--worker-extension-cls`), called by name through
     collective_rpc: a function cannot cross the server's socket to its engine core."""
 
-    def presharded_asleep(self) -> float:
+    def presharded_asleep(self) -> dict[str, float]:
         """Asleep: every GPU block not in use given back (what is left goes into the image), the output
-        to /dev/null (a server's engine core writes to its starter's pipe otherwise); the GPU's GiB left."""
+        to /dev/null (a server's engine core writes to its starter's pipe otherwise). The GiB the image
+        will hold of this process: its resident memory, the GPU's still in use and torch's part of that
+        (its own pool, CUDA graphs' pools)."""
         from presharded.snapshot import redirect
 
         redirect(None)
-        if not torch.cuda.is_available():
-            return 0.0
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info()
-        return (total - free) / 2**30
+        status = Path("/proc/self/status").read_text()
+        rss = next((int(line.split()[1]) * 2**10 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        gib = {"rss": rss / 2**30}
+        if torch.cuda.is_available():
+            from vllm.device_allocator.cumem import CuMemAllocator
+
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info()
+            asleep = CuMemAllocator.get_instance().pointer_to_data  # sleep mode's, unmapped now
+            segments = [s for s in torch.cuda.memory_snapshot() if s["address"] not in asleep]
+            gib.update(gpu_in_use=(total - free) / 2**30,
+                       torch=sum(s["total_size"] for s in segments if tuple(s["segment_pool_id"]) == (0, 0)) / 2**30,
+                       graphs=sum(s["total_size"] for s in segments if tuple(s["segment_pool_id"]) != (0, 0)) / 2**30)
+        return {k: round(v, 3) for k, v in gib.items()}
 
     def presharded_keep(self, folder: str, kept_as: str) -> int:
         """Awake, before sleep mode frees the weights: what the checkpoint's files cannot give back
