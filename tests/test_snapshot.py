@@ -126,6 +126,7 @@ def test_a_snapshot_runs_only_if_trusted(snapshotted, capsys):
     status, warnings = restore(snapshotted, capsys)
     assert len(warnings) == 1 and "not found on PATH" in warnings[0], warnings
     assert status["used"] is False and status["set"] == name
+    assert status["huge_pages"] in {"always", "madvise", "never", "unknown"}  # the host's, in --json: it matters
 
 
 def test_what_does_not_match_is_named(snapshotted, checkpoints, tmp_path, capsys):
@@ -296,6 +297,7 @@ def test_a_snapshot_is_made_in_a_namespace_and_kept_in_the_checkpoint(checkpoint
     assert {f"snapshots/{name}/pages-1.img", f"snapshots/{name}/snapshot.json"} <= entries
     meta = json.loads((folder / "snapshots" / name / "snapshot.json").read_text())
     assert meta["cuda_pids"] == [] and meta["engine_flags"] == FLAGS and len(meta["tokens"]) == 16
+    assert [set(worker) for worker in meta["asleep_gib"]] == [{"rss"}] and meta["asleep_gib"][0]["rss"] > 0.1
     assert "(MainProcess pid=1)" in made.stderr  # vLLM's log, through the pipe: PID 1 of its namespace
     verified = run_script("presharded.verify_cli", str(folder), "--json")
     assert verified.returncode == 0 and json.loads(verified.stdout)["snapshot_files"] == len(entries), verified.stderr
