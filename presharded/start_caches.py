@@ -280,24 +280,26 @@ def trusted(folder: Path, name: str, entries: list[CopiedFile], trust: bool, oth
     return False
 
 
-def matches(path: Path, entry: CopiedFile, sealed: Path) -> bool:
+def matches(path: Path, entry: CopiedFile, sealed: Path | None = None) -> bool:
     """Whether `path` is the file that `entry` of the manifest describes: its size first (cheap), then
     its hash, unless its seal at `sealed` says it was checked and it has not changed since (`seal`)."""
-    try:
-        stat = path.lstat()
-    except OSError:
+    if not is_file_of_size(path, entry.size):
         return False
-    if not S_ISREG(stat.st_mode) or stat.st_size != entry.size:
-        return False
-    try:
-        if sealed.read_text() == stamp(stat, entry) and stat.st_ctime_ns < sealed.stat().st_mtime_ns:
-            return True
-    except OSError:
-        pass
+    if sealed is not None and is_sealed(path, entry, sealed):
+        return True
     if hash_file(path) != entry.blake3:
         return False
-    seal(path, entry, sealed)
+    if sealed is not None:
+        seal(path, entry, sealed)
     return True
+
+
+def is_sealed(path: Path, entry: CopiedFile, sealed: Path) -> bool:
+    try:
+        stat = path.lstat()
+        return sealed.read_text() == stamp(stat, entry) and stat.st_ctime_ns < sealed.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def seal(path: Path, entry: CopiedFile, sealed: Path) -> bool:
@@ -345,7 +347,7 @@ def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedF
                 shutil.copyfile(source, temporary)
         except OSError:
             pass
-        if not (is_file_of_size(temporary, entry.size) and hash_file(temporary) == entry.blake3):
+        if not matches(temporary, entry):
             temporary.unlink(missing_ok=True)
             print(f"warning: {source} is missing or damaged (not as in {MANIFEST_NAME}): starting without "
                   f"{what} {name}", file=sys.stderr)

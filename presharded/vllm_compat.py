@@ -152,22 +152,23 @@ class SnapshotWorker:
         to /dev/null (a server's engine core writes to its starter's pipe otherwise). The GiB the image
         will hold of this process: its resident memory, the GPU's still in use and torch's part of that
         (its own pool, CUDA graphs' pools)."""
+        import psutil
+
         from presharded.snapshot import redirect
 
         redirect(None)
-        status = Path("/proc/self/status").read_text()
-        rss = next((int(line.split()[1]) * 2**10 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        gib = {"rss": rss / 2**30}
+        gib = {"rss": psutil.Process().memory_info().rss / 2**30}
         if torch.cuda.is_available():
             from vllm.device_allocator.cumem import CuMemAllocator
 
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
+            gib.update(gpu_in_use=(total - free) / 2**30, torch=0.0, graphs=0.0)
             asleep = CuMemAllocator.get_instance().pointer_to_data  # sleep mode's, unmapped now
-            segments = [s for s in torch.cuda.memory_snapshot() if s["address"] not in asleep]
-            gib.update(gpu_in_use=(total - free) / 2**30,
-                       torch=sum(s["total_size"] for s in segments if tuple(s["segment_pool_id"]) == (0, 0)) / 2**30,
-                       graphs=sum(s["total_size"] for s in segments if tuple(s["segment_pool_id"]) != (0, 0)) / 2**30)
+            for segment in torch.cuda.memory_snapshot():
+                if segment["address"] not in asleep:
+                    pool = "torch" if tuple(segment["segment_pool_id"]) == (0, 0) else "graphs"
+                    gib[pool] += segment["total_size"] / 2**30
         return {k: round(v, 3) for k, v in gib.items()}
 
     def presharded_keep(self, folder: str, kept_as: str) -> int:

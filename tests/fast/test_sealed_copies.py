@@ -89,3 +89,10 @@ def test_a_seal_of_another_file_is_not_trusted(source, hashed, tmp_path):
     assert put(source, workspace)
     assert workspace / "a.img" in hashed
     assert (workspace / "a.img").read_bytes() == (source[0] / source[1][0].path).read_bytes()
+    folder, entries = source  # the checkpoint's file and its manifest entry changed: the sealed copy is not it
+    new = os.urandom(300_000)
+    (folder / entries[0].path).write_bytes(new)
+    entries[0] = CopiedFile(entries[0].path, len(new), hash_file(folder / entries[0].path))
+    hashed.clear()
+    assert put(source, workspace)
+    assert workspace / "a.img" in hashed and (workspace / "a.img").read_bytes() == new
