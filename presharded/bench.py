@@ -47,6 +47,8 @@ from presharded.tiny_models import build_tiny_llama, build_tokenizer
 from presharded.trust import TRUST_FLAG, TRUST_SNAPSHOT_FLAG
 
 ARCHITECTURES = {  # LlamaConfig arguments of real models' shapes
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -61,13 +63,15 @@ LOG = {
 }
 
 
-def synthesize(name: str, out: Path) -> Path:
-    """Random bf16 weights in `name`'s shapes (they load exactly like trained ones)."""
+def synthesize(name: str, out: Path, layers: int | None = None) -> Path:
+    """Random bf16 weights in `name`'s shapes (they load exactly like trained ones),
+    with `layers` of its layers where a whole model would not fit the disk."""
     if name == "tiny":
         return build_tiny_llama(out)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**ARCHITECTURES[name], torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    shapes = dict(ARCHITECTURES[name], **({"num_hidden_layers": layers} if layers else {}))
+    config = LlamaConfig(**shapes, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
     if config.tie_word_embeddings:
@@ -107,9 +111,14 @@ def set_cache(files: list[Path], warm: bool) -> None:
 
 def dd(*args: str) -> float:
     """GB/s as dd reports it."""
-    out = subprocess.run(["dd", *args], capture_output=True, text=True).stderr
-    nbytes, seconds = re.search(r"(\d+) bytes.*?copied, ([\d.]+) s", out).groups()
-    return int(nbytes) / float(seconds) / 1e9
+    return dd_at_once([args])[0]
+
+
+def dd_at_once(commands: list[tuple[str, ...]]) -> list[float]:
+    """GB/s of each dd, all started together."""
+    procs = [subprocess.Popen(["dd", *args], stderr=subprocess.PIPE, text=True) for args in commands]
+    found = [re.search(r"(\d+) bytes.*?copied, ([\d.]+) s", proc.communicate()[1]).groups() for proc in procs]
+    return [int(nbytes) / float(seconds) / 1e9 for nbytes, seconds in found]
 
 
 def dd_gbps(path: Path) -> float:
@@ -118,15 +127,16 @@ def dd_gbps(path: Path) -> float:
     return dd(f"if={path}", "of=/dev/null", "bs=64M")
 
 
-def dd_write_gbps(folder: Path, nbytes: int) -> float:
-    """How fast the disk takes as much as a save wrote, at most 4 GiB, flushed
-    (what a save is compared with)."""
-    path = folder / "dd-write.tmp"
-    count = max(1, min(64, nbytes // 2**26))
+def dd_write_gbps(folder: Path, nbytes: int, writers: int = 1) -> list[float]:
+    """How fast the disk takes as much as a rank wrote, at most 4 GiB, flushed,
+    with as many writers at once as a save has ranks (what a save is compared with)."""
+    paths = [folder / f"dd-write-{i}.tmp" for i in range(writers)]
+    count = max(1, min(64, nbytes // writers // 2**26))
     try:
-        return dd("if=/dev/zero", f"of={path}", "bs=64M", f"count={count}", "conv=fsync")
+        return dd_at_once([("if=/dev/zero", f"of={p}", "bs=64M", f"count={count}", "conv=fsync") for p in paths])
     finally:
-        path.unlink(missing_ok=True)
+        for path in paths:
+            path.unlink(missing_ok=True)
 
 
 def parse_format(spec: str) -> tuple[str, dict]:
@@ -139,11 +149,11 @@ def parse_format(spec: str) -> tuple[str, dict]:
     return name, config
 
 
-def start_once(model: Path, spec: str, tp: int, extra: list[str], env: dict | None = None) -> dict:
+def start_once(model: Path, spec: str, tp: int, extra: list[str], env: dict | None = None, tokens: int = 1) -> dict:
     load_format, config = parse_format(spec)
     options = ["--model-loader-extra-config", json.dumps(config)] if config else []
     cmd = [sys.executable, "-m", "presharded.generate", json.dumps([[str(model), load_format]]), "--prompts",
-           json.dumps(["The quick brown fox"]), "-tp", str(tp), "--max-tokens", "1", *options, *extra]
+           json.dumps(["The quick brown fox"]), "-tp", str(tp), "--max-tokens", str(tokens), *options, *extra]
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as report:  # our loader's timings, one line per rank
         env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", **{LOAD_REPORT_ENV: report.name}, **(env or {}))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -174,9 +184,9 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """The work folder, the output folder and the source model, made if missing."""
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    source = Path(args.model or work / f"source-{args.synthetic}")
+    source = Path(args.model or work / (f"source-{args.synthetic}" + (f"-{args.layers}-layers" if args.layers else "")))
     if not (source / "config.json").exists():
-        synthesize(args.synthetic, source)
+        synthesize(args.synthetic, source, args.layers)
     return work, out, source
 
 
@@ -198,10 +208,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
             if save.returncode != 0:
                 raise RuntimeError(f"save at TP={tp} failed:\n{save.stderr[-3000:]}")
             saved = json.loads(save.stdout)
+            by_dd = [round(x, 3) for x in dd_write_gbps(work, saved["bytes"], writers=len(saved["ranks"]))]
             report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2), **saved,
-                                    "dd_write_gbps": round(dd_write_gbps(work, saved["bytes"]), 3)})
-            print(f"TP={tp} save: {saved['write_gbps']} GB/s, dd writes {report['saves'][-1]['dd_write_gbps']} GB/s",
-                  file=sys.stderr, flush=True)
+                                    "dd_write_gbps": by_dd})
+            print(f"TP={tp} save: {saved['write_gbps']} GB/s, per rank {[r['write_gbps'] for r in saved['ranks']]} "
+                  f"GB/s, dd with as many writers at once {by_dd} GB/s", file=sys.stderr, flush=True)
         manifest = read_manifest(checkpoint)
         rank_files = [checkpoint / s.path for s in manifest.shards if s.tp_rank == 0]
         rank_bytes = sum(f.stat().st_size for f in rank_files)
@@ -212,10 +223,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
             load_format, _ = parse_format(spec)
             model, files = (source, source_files) if load_format in ("auto", "dummy") else (checkpoint, every_rank)
             set_cache(files, warm=cache == "warm")
-            row = start_once(model, spec, tp, extra)
+            row = start_once(model, spec, tp, extra, tokens=args.max_tokens)
             row.update(tp=tp, format=spec, cache=cache, repeat=repeat, rank_bytes=rank_bytes,
                        gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
-            row["token_ids"] = row["token_ids"][:1]
             report["runs"].append(row)
             (out / "bench.json").write_text(json.dumps(report, indent=1))  # kept if a later run fails
             print(f"TP={tp} {spec:<19} {cache}: weights {row['weights']:.2f} s "
@@ -233,11 +243,11 @@ FRESH = {  # name: (load format, load script flags); a new node has no record of
 WARM_AGAIN = ["sharded_state", "ours-caches", "snapshot"]  # the same node again: caches filled, files in page cache
 
 
-def start_restored(checkpoint: Path, tp: int, extra: list[str]) -> dict:
+def start_restored(checkpoint: Path, tp: int, extra: list[str], tokens: int = 1) -> dict:
     """load_sharded_state.py --snapshot: the checkpoint's engine snapshot restored and asked for a token;
     its phases in start_once's terms (no import, no profiling: a restore, a wake and the weights)."""
     cmd = [sys.executable, "-m", "load_sharded_state", "--model", str(checkpoint), "--prompt", "The quick brown fox",
-           "--max-tokens", "1", "--json", *FRESH["snapshot"][1], "-tp", str(tp), *extra]
+           "--max-tokens", str(tokens), "--json", *FRESH["snapshot"][1], "-tp", str(tp), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     result = json.loads(proc.stdout) if proc.returncode == 0 else {}
     if not result.get("snapshot", {}).get("used"):
@@ -246,7 +256,7 @@ def start_restored(checkpoint: Path, tp: int, extra: list[str]) -> dict:
     s = result["snapshot"]["seconds"]
     return {"import": 0.0, "engine_start": sum(s.get(k, 0.0) for k in ("check", "restore", "cuda_restore", "wake")),
             "model_init": 0.0, "weights": s.get("weights", 0.0), "profile_kv_warmup": 0.0, "first_token": s["generate"],
-            "total": result["seconds"]["total"], "engine": 0.0, "token_ids": [result["token_ids"]],
+            "total": result["seconds"]["total"], "engine": 0.0, "token_ids": result["token_ids"],
             "caches": "snapshot", "snapshot": result["snapshot"], "loads": []}
 
 
@@ -316,12 +326,11 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
             else:
                 set_cache(rank_files, warm=True)
             if name == "snapshot":
-                row = start_restored(checkpoint, tp, extra)
+                row = start_restored(checkpoint, tp, extra, tokens=args.max_tokens)
             else:
-                row = start_once(checkpoint, load_format, tp, [*flags, *extra], env)
+                row = start_once(checkpoint, load_format, tp, [*flags, *extra], env, tokens=args.max_tokens)
             row.update(tp=tp, format=name, cache=cache, repeat=0, rank_bytes=rank_bytes,
                        gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
-            row["token_ids"] = row["token_ids"][:1]
             report["runs"].append(row)
             (out / "bench.json").write_text(json.dumps(report, indent=1))
             print(f"TP={tp} {name:<24} {cache}: caches {row['caches']}, weights {row['weights']:.2f} s, "
@@ -354,6 +363,17 @@ def against_targets(rows: list[dict], floor: float | None = None) -> list[str]:
                     lines.append(f"TP={tp}: fresh {other} / fresh snapshot = {total[other, 'fresh'] / restored:.2f}")
         if ("snapshot", "warm") in total:
             lines.append(f"TP={tp}: warm snapshot {total['snapshot', 'warm']:.2f} s (target <= 4)")
+    return lines
+
+
+def same_tokens(runs: list[dict]) -> list[str]:
+    """Whether every start that read the weights gave the same greedy tokens, per TP size."""
+    lines = []
+    for tp in sorted({r["tp"] for r in runs}):
+        seen = {tuple(r["token_ids"]) for r in runs if r["tp"] == tp and parse_format(r["format"])[0] != "dummy"}
+        count = len(next(iter(seen))) if seen else 0
+        lines.append(f"TP={tp}: {count} greedy tokens " + ("identical in every start that read the weights"
+                     if len(seen) == 1 else f"differ: {len(seen)} different sequences"))
     return lines
 
 
@@ -422,6 +442,7 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model folder with safetensors weights")
     source.add_argument("--synthetic", choices=["tiny", *ARCHITECTURES], help="make a model of these shapes")
+    parser.add_argument("--layers", type=int, help="with --synthetic: this many of its layers (a smaller disk)")
     parser.add_argument("--tp", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     parser.add_argument("--formats", type=lambda s: s.split(","),
                         default=["dummy", "auto", SHARDED_STATE, FAST_FORMAT],
@@ -432,6 +453,9 @@ def main() -> None:
     parser.add_argument("--no-throwaway", dest="throwaway", action="store_false",
                         help="skip the uncounted first start that takes the machine's one-time warm-up")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=1,
+                        help="greedy tokens per start (the last phase's time covers them all); every format's are "
+                        "compared")
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache runs")
     parser.add_argument("--no-warm", dest="warm", action="store_false",
                         help="skip the warm-cache runs (and dummy, which is warm only)")
@@ -445,7 +469,8 @@ def main() -> None:
     report = run_fresh(args, extra) if args.fresh else run(args, extra)
     rows = summarize(report)
     report["summary"] = rows
-    report["targets"] = against_targets(rows, report.get("floor_seconds")) if args.fresh else []
+    targets = against_targets(rows, report.get("floor_seconds")) if args.fresh else []
+    report["targets"] = targets + same_tokens(report["runs"])
     Path(args.out, "bench.json").write_text(json.dumps(report, indent=1))
     print(table(rows))
     print("\n".join(report["targets"]))

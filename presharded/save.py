@@ -183,7 +183,7 @@ class Save:
         if self.args.json:
             print(json.dumps({"output": str(output), "files": len(manifest.shards), "bytes": manifest.total_bytes,
                               "write_gbps": round(manifest.total_bytes / write / 1e9, 3), "caches": self.caches,
-                              "seconds": seconds}))
+                              "seconds": seconds, "ranks": [rank_written(r) for r in self.records]}))
             return
         print(output)
         print(f"saved {manifest.total_bytes / 1e9:.2f} GB in {len(manifest.shards)} files for "
@@ -193,6 +193,14 @@ class Save:
         if len(here) < len(manifest.shards):
             print(f"this folder holds {len(here)} of them; the other nodes hold theirs: see docs/nodes.md",
                   file=sys.stderr)
+
+
+def rank_written(record: RankRecord) -> dict:
+    """What one rank wrote and how fast, for --json."""
+    nbytes, first = sum(s.size for s in record.shards), record.shards[0]  # check_records: every rank wrote some
+    return {"tp_rank": first.tp_rank, "pp_rank": first.pp_rank, "bytes": nbytes,
+            "write_seconds": round(record.write_seconds, 3),
+            "write_gbps": round(nbytes / record.write_seconds / 1e9, 3) if record.write_seconds else None}
 
 
 def make_manifest(records: list[RankRecord], target, args: argparse.Namespace, model: str, staging: Path,

@@ -14,13 +14,14 @@ def test_bench_runs_each_format_and_reports_phases(tmp_path):
     formats = ["sharded_state", "fast_sharded_state", "fast_sharded_state:chunk_mib=1:threads=2"]
     proc = subprocess.run(
         [sys.executable, "-m", "presharded.bench", "--synthetic", "tiny", "--tp", "1", "--repeats", "1",
-         "--no-cold", "--no-throwaway", "--formats", ",".join(formats),
+         "--no-cold", "--no-throwaway", "--formats", ",".join(formats), "--max-tokens", "4",
          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--enforce-eager"],
         cwd=ROOT, env=script_env(1), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert [r["format"] for r in report["runs"]] == formats
-    assert len({tuple(r["token_ids"]) for r in report["runs"]}) == 1
+    assert len({tuple(r["token_ids"]) for r in report["runs"]}) == 1 and len(report["runs"][0]["token_ids"]) == 4
+    assert report["targets"] == ["TP=1: 4 greedy tokens identical in every start that read the weights"]
     for r in report["runs"]:  # the tiny model's weights may take under 5 ms: "0.00 seconds"
         assert r["weights"] >= 0 and r["model_init"] > 0 and r["profile_kv_warmup"] > 0, r
         assert r["import"] > 0 and r["total"] >= r["engine"] > 0, r
@@ -28,7 +29,9 @@ def test_bench_runs_each_format_and_reports_phases(tmp_path):
     load = report["runs"][2]["loads"][0]
     assert (load["threads"], load["chunk_mib"], load["pp_rank"], load["tp_rank"]) == (2, 1, 0, 0)
     assert load["bytes"] > 0 and load["seconds"] == report["runs"][2]["weights"]
-    assert report["saves"][0]["write_gbps"] > 0 and report["saves"][0]["dd_write_gbps"] > 0
+    save = report["saves"][0]
+    assert save["write_gbps"] > 0 and len(save["dd_write_gbps"]) == 1 and save["dd_write_gbps"][0] > 0
+    assert [(r["tp_rank"], r["bytes"]) for r in save["ranks"]] == [(0, save["bytes"])] and save["ranks"][0]["write_gbps"] > 0
     assert [row["format"] for row in report["summary"]] == formats
     assert "| 1 | fast_sharded_state:chunk_mib=1:threads=2 | warm | 1 |" in proc.stdout
 
