@@ -70,8 +70,8 @@ def synthesize(name: str, out: Path, layers: int | None = None) -> Path:
         return build_tiny_llama(out)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shapes = dict(ARCHITECTURES[name], **({"num_hidden_layers": layers} if layers else {}))
-    config = LlamaConfig(**shapes, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    sizes = dict(ARCHITECTURES[name], **({"num_hidden_layers": layers} if layers else {}))
+    config = LlamaConfig(**sizes, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
     if config.tie_word_embeddings:
