@@ -19,13 +19,9 @@
 set -euo pipefail
 model=$1 out=$2 mode=${3:-engine} tp=${4:-1} repo=$PWD
 shift $(( $# < 4 ? $# : 4 ))
-mkdir -p "$out" /root/criu/bin
-cp -rn .whl/criu/. /root/criu/ 2>/dev/null || true
-printf '#!/bin/sh\nexec env LD_LIBRARY_PATH=/root/criu/lib /root/criu/criu "$@"\n' > /root/criu/bin/criu
-ln -sf /root/criu/cuda-checkpoint /root/criu/bin/cuda-checkpoint
-chmod +x /root/criu/bin/criu /root/criu/cuda-checkpoint
-export PYTHONPATH=/root/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 PATH=/root/criu/bin:$PATH
-echo 2 > /proc/sys/kernel/io_uring_disabled
+mkdir -p "$out"
+source dev/stage_criu.sh
+export PYTHONPATH=/root/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /root/site . 2>&1 | tail -2
 { criu --version; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; uname -r
   python3 -c "import importlib.metadata as m; print('vllm', m.version('vllm'), 'torch', m.version('torch'))"; } \

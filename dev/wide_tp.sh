@@ -42,11 +42,7 @@ case $phase in
   fresh)
     bench --fresh --no-save --fresh-variants sharded_state,ours-caches --out "$out/fresh" > "$out/fresh/table.md" ;;
   snapshot)
-    export PATH=/root/criu/bin:$PATH
-    mkdir -p /root/criu/bin && cp -r --update=none "$repo/.whl/criu/." /root/criu/
-    printf '#!/bin/sh\nexec env LD_LIBRARY_PATH=/root/criu/lib /root/criu/criu "$@"\n' > /root/criu/bin/criu
-    ln -sf /root/criu/cuda-checkpoint /root/criu/bin/cuda-checkpoint && chmod +x /root/criu/bin/criu /root/criu/cuda-checkpoint
-    echo 2 > /proc/sys/kernel/io_uring_disabled
+    source "$repo/dev/stage_criu.sh"
     bench --fresh --no-save --fresh-variants snapshot --out "$out/snapshot" > "$out/snapshot/table.md" ;;
   fp8)
     rm -rf "/root/bench/tp$tp"
