@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from presharded.errors import UserError, before_the_error_line
+from presharded.errors import UserError, before_the_error_line, one_line
 from presharded.shutdown import REFUSAL_ENV, on_stuck_interrupt, watched
 
 
@@ -110,14 +110,14 @@ def refusals_in_one_line() -> None:
         atexit.register(note.unlink, missing_ok=True)
         previous = sys.excepthook
 
-        def one_line(kind, value, traceback) -> None:
+        def refusal_last(kind, value, traceback) -> None:
             if note.exists() and (reasons := note.read_text().splitlines()):
-                print(f"error: {reasons[0]}", file=sys.stderr, flush=True)
+                print(f"error: {one_line(reasons[0])}", file=sys.stderr, flush=True)
                 note.unlink(missing_ok=True)
                 sys.exit(1)
             previous(kind, value, traceback)
 
-        sys.excepthook = one_line
+        sys.excepthook = refusal_last
     note = Path(os.environ[REFUSAL_ENV])
 
     class NoTracebacksOnceRefused(logging.Filter):

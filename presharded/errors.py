@@ -6,9 +6,9 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
-from presharded.shutdown import REFUSAL_ENV, failure, interrupted
+from presharded.shutdown import REFUSAL_ENV, end_engine, failure, interrupted
 
 T = TypeVar("T")
 _before_the_error_line: list[Callable[[], object]] = []
@@ -16,6 +16,12 @@ _before_the_error_line: list[Callable[[], object]] = []
 
 class UserError(Exception):
     """A problem with what the user asked for, told in one line."""
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of printable text: a name from a checkpoint (a file's, a tensor's) may hold
+    a newline and a line of its own, which is shown escaped, never as a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
@@ -26,15 +32,10 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
         try:
             return main()
         except UserError as e:
-            for flush in _before_the_error_line:
-                flush()
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(1)  # now: a running engine's shutdown would log after our line
+            last_line(str(e))
         except BaseException as e:
             if reason := failure(wait=True):  # another thread ended the script (presharded/shutdown.py)
-                print(f"error: {reason}", file=sys.stderr, flush=True)
-                os._exit(1)
+                last_line(reason)
             if isinstance(e, KeyboardInterrupt) or interrupted():  # vLLM may turn it into an error of its own
                 print("interrupted", file=sys.stderr)
                 sys.exit(130)
@@ -43,6 +44,18 @@ def exits_cleanly(main: Callable[[], T]) -> Callable[[], T]:
     return wrapper
 
 
+def last_line(reason: str) -> NoReturn:
+    """`error: reason` as the script's last line, and exit 1: the engine's processes ended first and
+    what they wrote before shown (or sent to its log), so that nothing of theirs comes after it."""
+    end_engine()
+    for flush in _before_the_error_line:
+        flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # what any other thread still writes goes nowhere
+    os.write(terminal, f"error: {one_line(reason)}\n".encode())
+    os._exit(1)  # now: a running engine's shutdown would log after our line
 
 
 def before_the_error_line(flush: Callable[[], object]) -> None:
@@ -62,7 +75,7 @@ def refuses(method: Callable[..., T]) -> Callable[..., T]:
         except UserError as e:
             if path := os.environ.get(REFUSAL_ENV):
                 with open(path, "a") as f:
-                    f.write(f"{e}\n")
+                    f.write(f"{one_line(e)}\n")
             raise
 
     return wrapper

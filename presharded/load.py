@@ -7,6 +7,8 @@ several nodes (--nnodes) the other nodes only run their workers."""
 
 import argparse
 import json
+import math
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -68,18 +70,32 @@ class Load:
             early.load_format, early.model = FAST_FORMAT, str(s3.fetch(self.s3))
         load_format = early.load_format or SHARDED_STATE
         if load_format in CHECKPOINT_FORMATS:
-            self.manifest = check_checkpoint(Path(early.model), tensor_parallel_size=early.tensor_parallel_size,
-                                             pipeline_parallel_size=early.pipeline_parallel_size,
-                                             verify_hashes=early.verify_hashes, load_format=load_format,
-                                             node=self.node, s3_url=self.s3)  # of the ranks this node runs
+            try:
+                self.manifest = check_checkpoint(Path(early.model), tensor_parallel_size=early.tensor_parallel_size,
+                                                 pipeline_parallel_size=early.pipeline_parallel_size,
+                                                 verify_hashes=early.verify_hashes, load_format=load_format,
+                                                 node=self.node, s3_url=self.s3)  # of the ranks this node runs
+            except UserError:
+                if self.s3:  # nothing of a refused checkpoint is kept
+                    shutil.rmtree(early.model, ignore_errors=True)
+                raise
             self.layout = saved_layout(Path(early.model), self.manifest)
             if early.prefetch and self.manifest is not None and not self.s3:  # presharded/prefetch.py
                 ranks = self.node.ranks(self.manifest.tensor_parallel_size, self.manifest.pipeline_parallel_size)
                 files = [Path(early.model) / s.path for s in self.manifest.shards_of(ranks)]
                 self.prefetching = prefetch.start(files) is not None
+        if self.nodes:  # every node runs the same checkpoint and layout, or none starts
+            self.nodes.agree({"checkpoint": self.manifest.id if self.manifest else early.model,
+                              "load_format": load_format,
+                              "tensor_parallel_size": self.layout_of("tensor_parallel_size"),
+                              "pipeline_parallel_size": self.layout_of("pipeline_parallel_size")})
         self.caches = CachesInUse("none", Path(early.model), {})
         self.snapshot: dict = {"used": False}
         self.seconds = {"checks": round(time.perf_counter() - self.started, 3)}
+
+    def layout_of(self, dest: str):
+        """A layout flag as given, or as the checkpoint was saved."""
+        return getattr(self.early, dest) or (getattr(self.manifest, dest) if self.manifest else None)
 
     def from_snapshot(self) -> snapshot_restore.Generated | None:
         """With --snapshot: the engine restored from the checkpoint's snapshot, asked the prompt,
@@ -188,9 +204,10 @@ def check_sampling(args: argparse.Namespace) -> None:
             raise UserError(f"--prompt is not UTF-8 text (byte 0x{byte:02x} at character {e.start}); pass UTF-8 text")
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens {args.max_tokens}: generate at least 1 token")
-    if getattr(args, "temperature", 0.0) < 0:
-        raise UserError(f"--temperature {args.temperature}: use 0 (greedy) or more")
-    if not 0 < getattr(args, "top_p", 1.0) <= 1:
+    temperature = getattr(args, "temperature", 0.0)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature {temperature}: use 0 (greedy) or more, a finite number")
+    if not 0 < getattr(args, "top_p", 1.0) <= 1:  # nan fails it too
         raise UserError(f"--top-p {args.top_p}: use a value above 0, at most 1")
 
 

@@ -98,6 +98,11 @@ class Manifest:
     def __post_init__(self) -> None:
         self.total_bytes = sum(s.size for s in self.shards)
 
+    @property
+    def id(self) -> str:
+        """The same for every copy of one checkpoint, wherever it is: its weights' hashes, hashed."""
+        return blake3.blake3("".join(s.blake3 for s in self.shards).encode()).hexdigest()[:16]
+
     def shards_of(self, ranks) -> list[Shard]:
         """The shards of these (pipeline stage, tensor-parallel rank) pairs."""
         return [s for s in self.shards if (s.pp_rank, s.tp_rank) in set(ranks)]
@@ -197,6 +202,8 @@ class Manifest:
                 if f.path.split("/")[:2] != [SNAPSHOTS_DIR, name] or f.path.count("/") < 2:
                     return f"engine snapshot file {f.path!r} is not under {SNAPSHOTS_DIR}/{name}/"
         paths = [e.path for e in self.entries()]
+        if len(paths) > MAX_ENTRIES:
+            return f"it lists {len(paths)} files, more than the {MAX_ENTRIES} any checkpoint holds"
         for entry in self.entries():
             if not (0 <= entry.size <= MAX_FILE_BYTES and HEX64.fullmatch(entry.blake3)):
                 return f"{entry.path!r} has a size or hash out of range"
@@ -204,6 +211,9 @@ class Manifest:
                 return f"the path {entry.path!r} {problem}"
         if len(set(paths)) != len(paths):
             return "a path is listed twice"
+        folders = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+        if both := sorted(folders & set(paths)):
+            return f"{both[0]!r} is listed as a file and is the folder of another file it lists"
         for path, etag in self.etags.items():
             if path not in paths or not isinstance(etag, str) or not 0 < len(etag) <= 200:
                 return f"the ETag of {path!r} is not a short string for a file it lists"
@@ -218,6 +228,7 @@ class Manifest:
 # A manifest is bounded before it is parsed: a 70B model at TP=8 with its caches lists a few thousand files.
 MAX_MANIFEST_BYTES = 64 * 2**20
 MAX_FILE_BYTES = 2**50
+MAX_ENTRIES = 50_000  # files listed: bounds the work of files that cost nothing to list (size 0)
 HEX64 = re.compile(r"[0-9a-f]{64}")
 WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 # field: (types it may have, required); `type(value) in types`, so True is no int

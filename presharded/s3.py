@@ -169,20 +169,40 @@ def local_copy(url: str) -> Path:
 
 
 def upload_folder(url: str) -> Path:
-    """Where a save to `url` writes the checkpoint before uploading it."""
+    """Where a save to `url` writes the checkpoint before uploading it: inside a folder of this
+    user's alone (presharded/private.py), so that no one else can put or swap anything in what
+    is uploaded, nor see the model."""
     import tempfile
 
-    return Path(tempfile.gettempdir()) / f"presharded-upload-{os.getuid()}" / local_copy(url).name
+    from presharded.private import private_folder
+
+    return private_folder(Path(tempfile.gettempdir()) / f"presharded-upload-{os.getuid()}") / local_copy(url).name
 
 
 def fetch(url: str) -> Path:
     """The manifest and the small files of the checkpoint at `url` (not the weights), in a
-    local folder; their hashes are checked by the caller, as for a folder."""
+    local folder; their hashes are checked by the caller, as for a folder. Fetched beside it
+    first: a refusal or a failure leaves nothing behind (nor does a fetch killed before, once
+    the next one runs)."""
     bucket, prefix = split(url)
     folder = local_copy(url)
+    for left in folder.parent.glob(f".{folder.name}.*"):  # what killed fetches left
+        if not pid_alive(left.suffix[1:]):
+            shutil.rmtree(left, ignore_errors=True)
     new = folder.with_name(f".{folder.name}.{os.getpid()}")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
+    try:
+        fetch_into(new, url, bucket, prefix)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    new.rename(folder)
+    return folder
+
+
+def fetch_into(new: Path, url: str, bucket: str, prefix: str) -> None:
     where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
     head = head_manifest(url, bucket, prefix + MANIFEST_NAME)
     if head["ContentLength"] > MAX_MANIFEST_BYTES:
@@ -200,9 +220,18 @@ def fetch(url: str) -> Path:
                 view = buffer[: min(CHUNK, entry.size - offset)]
                 obj.read_into(view, offset)
                 f.write(view)
-    shutil.rmtree(folder, ignore_errors=True)
-    new.rename(folder)
-    return folder
+
+
+def pid_alive(text: str) -> bool:
+    if not text.isdigit():
+        return True  # not a fetch's folder: left alone
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def head_manifest(url: str, bucket: str, key: str) -> dict:

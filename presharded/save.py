@@ -60,6 +60,13 @@ class Save:
         self.target = check_save(self.early)
         self.node = Node.from_args(self.early)
         self.nodes = Liveness(self.node, "the save", fail) if self.node.count > 1 else None  # a dead node ends all
+        if self.nodes:  # every node saves the same model the same way, or none starts
+            target, early = self.target, self.early
+            self.nodes.agree({"model": early.model, "output": str(target.upload or target.output),
+                              "tensor_parallel_size": target.tensor_parallel_size,
+                              "pipeline_parallel_size": target.pipeline_parallel_size,
+                              "file_pattern": target.file_pattern, "max_file_size": early.max_file_size,
+                              "load_format": early.load_format})
         self.manifest: Manifest | None = None
         self.records: list[RankRecord] = []
         self.caches: str | None = None

@@ -77,8 +77,8 @@ def check_records(records: list[RankRecord], tp_size: int, pp_size: int) -> list
 def why_save_failed(folder: Path, error: BaseException) -> str | None:
     """Why a save failed, in one line, when the cause was writing files: here,
     or in a worker (its note in the staging folder)."""
-    if isinstance(error, OSError):
-        return f"{describe(error)} while writing {error.filename or folder}"
+    if isinstance(error, OSError):  # a copy's error names its source first, what it was writing second
+        return f"{describe(error)} while writing {error.filename2 or error.filename or folder}"
     for path in sorted(folder.glob(".rank-*.failed")):
         return path.read_text()
     return None

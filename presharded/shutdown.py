@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 ENV = "PRESHARDED_ENGINE_OF"  # every process under one of our scripts carries the script's pid
 REFUSAL_ENV = "PRESHARDED_REFUSAL"  # where code inside vLLM's engine writes why it refused (presharded/errors.py)
@@ -23,6 +24,8 @@ _failed = threading.Event()
 _watched: list[float] = []  # a watcher may yet call `fail`: how long to wait for its word
 _ending = threading.Event()  # the main thread is ending the script: signal it no more
 _guard: list[int] = []
+_shared_before: set[str] = set()  # /dev/shm before the engine: what it leaves there is told apart
+SHARED = Path("/dev/shm")
 
 
 def engine_dies_with_this_process() -> None:
@@ -32,6 +35,7 @@ def engine_dies_with_this_process() -> None:
     if os.environ.get(ENV) == str(os.getpid()):
         return  # already: one guard is enough
     os.environ[ENV] = str(os.getpid())
+    _shared_before.update(os.listdir(SHARED) if SHARED.is_dir() else ())
     guard = subprocess.Popen([sys.executable, "-m", "presharded.shutdown", str(os.getpid())], start_new_session=True,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _guard.append(guard.pid)
@@ -45,6 +49,40 @@ def engine_dies_with_this_process() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
+
+
+def end_engine(timeout: float = 5.0) -> None:
+    """Before a failing script's last line: every process its engine started killed and waited for,
+    so that nothing they still write comes after that line; then the shared memory they made in
+    /dev/shm (vLLM's queues and buffers, psm_* and vllm*) that no process maps any more, removed."""
+    if os.environ.get(ENV) != str(os.getpid()):
+        return  # no engine was started
+    import psutil
+
+    procs = [p for p in [*descendants(os.getpid()), *marked(os.getpid())] if p.pid not in _guard]
+    end(procs)
+    psutil.wait_procs(procs, timeout=timeout)
+    left = [SHARED / name for name in set(os.listdir(SHARED)) - _shared_before if name.startswith(("psm_", "vllm"))]
+    mapped = mapped_inodes()
+    for path in left:
+        try:
+            st = path.lstat()
+            if st.st_uid == os.getuid() and st.st_ino not in mapped:
+                path.unlink()
+        except OSError:
+            continue
+
+
+def mapped_inodes(pids: list[int] | None = None) -> set[int]:
+    """The inodes of the files in /dev/shm that the processes `pids` (all, by default) map."""
+    inodes = set()
+    for pid in pids if pids is not None else [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            continue
+        inodes |= {int(line.split()[4]) for line in maps if f" {SHARED}/" in line}
+    return inodes
 
 
 def fail(reason: str) -> None:
@@ -100,6 +138,7 @@ def _exit_if_stuck(grace: float = 3.0) -> None:
     time.sleep(grace)  # the main thread has had its chance to unwind and exit
     for cleanup in _cleanups:
         cleanup()
+    end_engine()
     print(f"error: {failure()}" if failure() else "interrupted", file=sys.stderr, flush=True)
     os._exit(1 if failure() else 130)
 

@@ -49,8 +49,9 @@ import presharded
 from presharded.errors import UserError
 from presharded.load_checks import check_checkpoint
 from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, Manifest, hash_file, write_manifest
-from presharded.private import private_folder
+from presharded.private import open_lock, private_folder
 from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, link_model, swap_in, use_set
+from presharded.shutdown import mapped_inodes
 from presharded.trust import record
 
 TOOLS = ("criu", "unshare")  # and NVIDIA's cuda-checkpoint where there is a GPU
@@ -159,7 +160,7 @@ def inbox(manifest: Manifest) -> Iterator[Path]:
     import fcntl
 
     root = private_folder(WORKSPACE)
-    fd = os.open(root / f"{checkpoint_id(manifest)}.snapshot.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fd = open_lock(root / f"{checkpoint_id(manifest)}.snapshot.lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         box = private_folder(root / checkpoint_id(manifest) / "snapshot")
@@ -270,13 +271,7 @@ def unlink_shared_files(pids: list[int]) -> None:
     """The files in /dev/shm that the processes map (joblib's loky leaves a named semaphore there; vLLM's
     message queues between ranks are shared memory there): unlinked, so that CRIU keeps them in the
     image; a restore on another node would find no file of that name."""
-    inodes = set()
-    for pid in pids:
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-        except OSError:
-            continue
-        inodes |= {int(line.split()[4]) for line in maps if " /dev/shm/" in line}
+    inodes = mapped_inodes(pids)
     for shared in Path("/dev/shm").iterdir():
         try:
             if shared.is_file() and shared.stat().st_ino in inodes:

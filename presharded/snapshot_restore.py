@@ -24,7 +24,7 @@ from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
 from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, NAMESPACE_FLAGS, SERVER, engine_flags, inbox,
                                  is_kept, kill, ns_pid, put, rpc_folder, set_name, tool, tree, unsupported, wait_for)
-from presharded.start_caches import WORKSPACE, checkpoint_id, is_file_of_size, link_model, put_in_place
+from presharded.start_caches import SEALS, WORKSPACE, checkpoint_id, is_file_of_size, link_model, put_in_place
 from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
 
@@ -63,21 +63,19 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
                     f"trust whoever made it, pass {TRUST_SNAPSHOT_FLAG} (or set {TRUST_SNAPSHOT_ENV}=1)")
     try:
         images = private_folder(IMAGES / f"presharded-{os.getuid()}")
+        workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
     except UserError as e:
         return skip(status, str(e))
     image = images / f"snapshot-{blake3.blake3(name.encode()).hexdigest()[:16]}"
     for other in images.glob("snapshot-*"):  # one image at a time in memory
         if other != image:
             shutil.rmtree(other, ignore_errors=True)
-    workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
-    compiled = [e for e in entries if e.path.startswith(f"{SNAPSHOTS_DIR}/{name}/{COMPILED}/")]
+    compiled = compiled_of(entries, name)
     kept = [e for e in entries if is_kept(e.path, name)]  # weights: read from the checkpoint, checked as its own
     if damaged := [e.path for e in kept if not is_file_of_size(checkpoint / e.path, e.size)]:
         return skip(status, f"its weights {damaged[0]} are missing or not of the size in the manifest")
-    if not (put_in_place(image, checkpoint, name, [e for e in entries if e not in compiled + kept], SNAPSHOTS_DIR,
-                         "the snapshot")
-            and put_in_place(workspace, checkpoint, COMPILED, compiled, f"{SNAPSHOTS_DIR}/{name}",
-                             f"the snapshot {name}'s")):
+    if not put_in_place(image, checkpoint, name, [e for e in entries if e not in compiled + kept], SNAPSHOTS_DIR,
+                        "the snapshot"):
         status["reason"] = "its image is missing or damaged"  # put_in_place warned
         return None
     if (made_with := meta_of(image).get("python")) != os.path.realpath(sys.executable):
@@ -85,9 +83,41 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
                     f"{os.path.realpath(sys.executable)} (the Python environment must be at the same paths)")
     if problem := unsupported(manifest, 1, flags):
         return skip(status, problem)
+    # Its compiled code goes where the image expects it, the workspace's caches: last, and taken back
+    # if the restore does not happen, so that no later start uses what only this snapshot was trusted for.
+    if not put_in_place(workspace, checkpoint, COMPILED, compiled, f"{SNAPSHOTS_DIR}/{name}",
+                        f"the snapshot {name}'s"):
+        withdraw(workspace, compiled, name)
+        status["reason"] = "its compiled code is missing or damaged"  # put_in_place warned
+        return None
     link_model(workspace, checkpoint)
     status["seconds"]["check"] = time.perf_counter() - start
     return image, workspace
+
+
+def compiled_of(entries: list, name: str) -> list:
+    """The set's compile caches (COMPILED), which a restore puts in the workspace."""
+    return [e for e in entries if e.path.startswith(f"{SNAPSHOTS_DIR}/{name}/{COMPILED}/")]
+
+
+def withdraw(workspace: Path, compiled: list, name: str) -> None:
+    """The set's compiled files taken out of the workspace again (with their seals): a snapshot
+    that was not restored leaves nothing there that a later start would use."""
+    for entry in compiled:
+        relative = entry.path.removeprefix(f"{SNAPSHOTS_DIR}/{name}/{COMPILED}/")
+        for path in (workspace / relative, workspace / SEALS / relative):
+            path.unlink(missing_ok=True)
+
+
+def take_back(status: dict, manifest: Manifest, workspace: Path) -> None:
+    """After a restore that failed once the set was in place: its compiled files out of the workspace."""
+    name = status["set"]
+    withdraw(workspace, compiled_of(manifest.snapshots[name], name), name)
+
+
+def not_restored(status: dict, manifest: Manifest, workspace: Path, reason: str) -> None:
+    take_back(status, manifest, workspace)
+    return skip(status, reason)
 
 
 def bring_back(image: Path, box: Path, seconds: dict) -> int:
@@ -119,7 +149,7 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
     if (ready := ready_image(checkpoint, manifest, engine_flags(argv), trust, status, False)) is None:
         return None
     seconds = status["seconds"]
-    image, _ = ready
+    image, workspace = ready
     with inbox(manifest) as box:
         put(box / "request.json", {**request, "log": str(box / "engine.log")})
         become_subreaper()  # the restored process becomes this one's child: waited for, and killed with it
@@ -129,14 +159,16 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
         except BaseException as e:
             end_restored()
             if isinstance(e, UserError):
-                return skip(status, str(e))
+                return not_restored(status, manifest, workspace, str(e))
+            take_back(status, manifest, workspace)
             raise
         reap(pid)
         relay(box / "engine.log")
     if "error" in done:
         if done.get("request"):
             raise UserError(f"{done['error']} (--prompt, --max-tokens, --max-model-len)")
-        return skip(status, f"the restored engine failed: {done['error']} (its log is above)")
+        return not_restored(status, manifest, workspace,
+                            f"the restored engine failed: {done['error']} (its log is above)")
     seconds.update(done["seconds"])
     seconds["total"] = time.perf_counter() - start
     status.update(used=True, seconds={k: round(v, 3) for k, v in seconds.items()})
@@ -175,8 +207,11 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
             return until_it_exits(pid)
     except BaseException as e:
         end_restored()
+        if status["used"]:  # it served, then ended: its code stays with the trust it was given
+            raise
         if isinstance(e, UserError):
-            return skip(status, str(e))
+            return not_restored(status, manifest, workspace, str(e))
+        take_back(status, manifest, workspace)
         raise
     finally:
         log.unlink(missing_ok=True)

@@ -1,5 +1,6 @@
 """The model a save reads: where it is, and what to copy from it beside the weights."""
 
+import errno
 import fnmatch
 import shutil
 from pathlib import Path
@@ -66,6 +67,11 @@ def copy_model_files(source: Path, dest: Path) -> list[str]:
         if path.is_dir() or relative.startswith(".") or relative == MANIFEST_NAME or is_source_weight(relative):
             continue
         (dest / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, dest / relative)
+        try:
+            shutil.copy2(path, dest / relative)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # the copy, not the source, is at fault
+                e.filename, e.filename2 = str(dest / relative), None
+            raise
         copied.append(relative)
     return copied

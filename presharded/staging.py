@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from presharded.errors import UserError
+from presharded.private import open_lock
 from presharded.save_messages import why_save_failed
 from presharded.shutdown import on_stuck_interrupt
 
@@ -45,9 +46,9 @@ def _lock(path: Path, output: Path) -> int:
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise UserError(f"cannot write {e.filename} ({e.strerror}); choose an --output you can write to")
+        fd = open_lock(path)  # never through a link: the output's folder may be shared (/tmp)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -27,14 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 
-import blake3
-
 from presharded import server
 from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.load_checks import check_checkpoint
 from presharded.manifest import CACHE_KINDS, CACHES_DIR, MANIFEST_NAME, CopiedFile, Manifest, hash_file, write_manifest
-from presharded.private import private_folder
+from presharded.private import open_lock, private_folder
 from presharded.progress import bar
 from presharded.trust import TRUST_ENV, TRUST_FLAG, made_here, record, trusted_by_user
 
@@ -61,8 +59,8 @@ def set_name(tensor_parallel_size: int, pipeline_parallel_size: int) -> str:
 
 
 def checkpoint_id(manifest: Manifest) -> str:
-    """The same for every copy of one checkpoint, wherever it is."""
-    return blake3.blake3("".join(s.blake3 for s in manifest.shards).encode()).hexdigest()[:16]
+    """The same for every copy of one checkpoint, wherever it is (Manifest.id)."""
+    return manifest.id
 
 
 def engine_env(workspace: Path) -> dict[str, str]:
@@ -82,7 +80,7 @@ def workspace_locked(manifest: Manifest) -> Iterator[Path]:
     one checkpoint on one machine (a replica per GPU) share it."""
     root = private_folder(WORKSPACE)
     workspace = root / checkpoint_id(manifest)
-    fd = os.open(root / f"{workspace.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fd = open_lock(root / f"{workspace.name}.lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         workspace.mkdir(mode=0o700, exist_ok=True)
@@ -296,8 +294,10 @@ def matches(path: Path, entry: CopiedFile, sealed: Path | None = None) -> bool:
 
 def is_sealed(path: Path, entry: CopiedFile, sealed: Path) -> bool:
     try:
-        stat = path.lstat()
-        return sealed.read_text() == stamp(stat, entry) and stat.st_ctime_ns < sealed.stat().st_mtime_ns
+        stat, written = path.lstat(), sealed.lstat()
+        if written.st_uid != os.getuid() or not S_ISREG(written.st_mode) or written.st_nlink != 1:
+            return False  # a seal counts only where no one else could have written it
+        return sealed.read_text() == stamp(stat, entry) and stat.st_ctime_ns < written.st_mtime_ns
     except OSError:
         return False
 

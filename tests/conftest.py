@@ -45,13 +45,13 @@ def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 30
 
 
 def refused(case: str | None, script: str, *args: str, within: float | None = 5.0, unchanged: Path | None = None,
-            world_size: int = 1) -> str:
+            world_size: int = 1, env: dict[str, str] | None = None) -> str:
     """Run a bad input; assert exit 1, nothing on stdout, one `error:` line and
     no traceback, in time, and that the folder `unchanged` is. Returns the line,
     kept for docs/refusals.md under `case` (if one is given)."""
     before = snapshot(unchanged) if unchanged else None
     start = time.perf_counter()
-    proc = run_script(script, *args, world_size=world_size)
+    proc = run_script(script, *args, world_size=world_size, env=env)
     elapsed = time.perf_counter() - start
     if unchanged:
         assert snapshot(unchanged) == before

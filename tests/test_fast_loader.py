@@ -1,6 +1,7 @@
 """fast_sharded_state, our loader: the same tokens as auto, offline and
 through vLLM's OpenAI server; exact shapes or a clear refusal."""
 
+import os
 import random
 import shutil
 import subprocess
@@ -104,10 +105,15 @@ def test_a_worker_refusal_at_tp2_is_one_line(checkpoints, tmp_path):
     length = int.from_bytes(data[:8], "little")
     header = data[8 : 8 + length].decode().replace('"shape":[128,128]', '"shape":[256, 64]', 1)
     path.write_bytes(data[:8] + header.encode() + data[8 + length :])
+    shared_before = set(os.listdir("/dev/shm"))
+    # Every process of the engine holds the script's stderr and writes to it without pause once rank 1
+    # has refused (tests/chatter/sitecustomize.py): the error line must still be the last.
     line = refused("fast_sharded_state: a tensor of another shape, found by rank 1 inside the engine",
                    "load_sharded_state.py", "--model", str(checkpoint), "--load-format", FAST_FORMAT,
-                   "--enforce-eager", within=None, world_size=2)
+                   "--enforce-eager", within=None, world_size=2, env={"PYTHONPATH": str(ROOT / "tests" / "chatter")})
     assert "the model expects" in line and "load with the layout, dtype and quantization it was saved for" in line
+    left = {n for n in set(os.listdir("/dev/shm")) - shared_before if n.startswith(("psm_", "vllm"))}
+    assert not left, f"the failed engine left {sorted(left)} in /dev/shm"
 
 
 def test_the_loader_under_vllms_server_refuses_a_path_that_leads_out(checkpoints, tmp_path):

@@ -166,6 +166,27 @@ def test_what_s3_refuses_is_one_line(uploaded, tiny_model, s3_env):
     assert "no such bucket" in line
 
 
+def test_a_refused_s3_manifest_leaves_nothing_behind(uploaded, s3_env):
+    """A manifest that lists `x` and `x/y`, another of 100,000 empty files, one whose files are not
+    there: one line each, and no folder of the fetch's left in the cache."""
+    import boto3
+
+    client = boto3.client("s3")
+    raw = json.loads(boto3_body(f"tiny-tp1/{MANIFEST_NAME}"))
+    cases = {"both": [{"path": "x", "size": 0, "blake3": "0" * 64}, {"path": "x/y", "size": 0, "blake3": "0" * 64}],
+             "many": [{"path": f"e{i}", "size": 0, "blake3": "0" * 64} for i in range(100_000)],
+             "changed": []}
+    for prefix, extra in cases.items():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{MANIFEST_NAME}",
+                          Body=json.dumps({**raw, "files": raw["files"] + extra}).encode())
+    assert "'x' is listed as a file and is the folder" in refused(
+        "an S3 manifest listing a file and its folder", "load_sharded_state.py", "--model", f"s3://{BUCKET}/both")
+    assert "more than the 50000" in refused(None, "load_sharded_state.py", "--model", f"s3://{BUCKET}/many")
+    assert "NoSuchKey" in refused(None, "load_sharded_state.py", "--model", f"s3://{BUCKET}/changed")  # no files
+    cache = s3.local_copy(uploaded).parent
+    assert not [p for p in cache.iterdir() if p != s3.local_copy(uploaded)], sorted(cache.iterdir())
+
+
 def test_an_object_changed_since_its_manifest_is_never_read(uploaded, s3_env):
     """The same size, other bytes: its ETag differs from the manifest's."""
     import boto3

@@ -278,3 +278,41 @@ def test_a_user_who_is_not_root_starts_from_the_caches(cached, reference, tmp_pa
     assert results[True][0]["caches"] == "none" and f"belongs to uid {ATTACKER}" in results[True][1]
     assert results[False][0]["caches"] == "hit"
     assert results[False][0]["token_ids"] == reference
+
+
+@as_root_only
+@pytest.mark.parametrize("whose", ["attacker", "victim"])
+def test_a_payload_planted_in_the_workspace_runs_only_if_the_victim_made_it(cached, own_caches, tmp_path, shared_tmp,
+                                                                          whose):
+    """Another user made the victim's workspace first and left in it a compiled file of the set's size
+    with a payload, sealed as checked; the victim then fixed only the top folder's owner and mode, as
+    an older warning advised. The start does not use the workspace (one warning: remove it). The
+    control: the same plant, the victim's own all the way down, does run."""
+    marker = tmp_path / "planted-code-ran"
+    manifest = read_manifest(cached)
+    (name, entries), = manifest.caches.items()
+    entry = next(e for e in entries if e.path.endswith(".py"))
+    text = (cached / entry.path).read_bytes()
+    cut = text.index(b"def benchmark_compiled_module")  # run on import once put in place of the benchmark
+    payload = text[:cut] + f"open({str(marker)!r}, 'w').close()\n".encode().ljust(len(text) - cut, b"#")
+    top = shared_tmp / f"presharded-{os.getuid()}"
+    relative = entry.path.removeprefix(f"{CACHES_DIR}/{name}/")
+    target, sealed = top / checkpoint_id(manifest) / relative, top / checkpoint_id(manifest) / ".checked" / relative
+    proc = as_user(ATTACKER, "sh", "-c", f'mkdir -m 777 -p "{target.parent}" "{sealed.parent}" && chmod 777 "{top}"')
+    assert proc.returncode == 0, proc.stderr
+    target.write_bytes(payload)
+    os.chown(target, ATTACKER, ATTACKER)
+    if whose == "victim":
+        subprocess.run(["chown", "-R", f"{os.getuid()}:{os.getgid()}", str(top)], check=True)
+        subprocess.run(["chmod", "-R", "go-w", str(top)], check=True)
+    sealed.write_text(start_caches.stamp(target.lstat(), entry))
+    os.chown(sealed, *(2 * ([ATTACKER] if whose == "attacker" else [os.getuid()])))
+    os.chown(top, os.getuid(), os.getgid())  # what the victim fixed
+    top.chmod(0o700)
+    out, stderr = start(cached, tmp_path, TRUST_FLAG, env={"TMPDIR": str(shared_tmp)}, caches=own_caches)
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    if whose == "attacker":
+        assert out["caches"] == "none" and not marker.exists()
+        assert len(warnings) == 1 and f"belongs to uid {ATTACKER}" in warnings[0] and f"remove {top}" in warnings[0]
+    else:
+        assert marker.exists(), stderr[-3000:]  # the plant is live: a start that used it would run it

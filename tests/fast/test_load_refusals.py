@@ -154,8 +154,10 @@ def test_glob_characters_in_the_path(files_only, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--max-tokens", "0"], ["--max-tokens", "-3"], ["--temperature", "-1"],
-                                   ["--top-p", "0"]], ids=["max-tokens-0", "max-tokens-negative",
-                                                           "temperature-negative", "top-p-0"])
+                                   ["--temperature", "nan"], ["--temperature", "inf"], ["--top-p", "0"],
+                                   ["--top-p", "nan"]],
+                         ids=["max-tokens-0", "max-tokens-negative", "temperature-negative", "temperature-nan",
+                              "temperature-inf", "top-p-0", "top-p-nan"])
 def test_sampling_flags(files_only, flags):
     line = refused(f"sampling flags {' '.join(flags)}", LOAD, "--model", str(files_only(1, 1)), *flags)
     assert line.startswith(f"error: {flags[0]} ")

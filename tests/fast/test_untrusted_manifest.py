@@ -106,6 +106,13 @@ CASES = {
     "a manifest nested 100000 deep": (
         lambda f: (f / MANIFEST_NAME).write_text('{"format": "presharded", "format_version": 3, "x": '
                                                  + "[" * 100000 + "]" * 100000 + "}"), "nested too deeply"),
+    "a path that is a file and a folder": (
+        lambda f: edit(f, lambda r: r["files"].extend([{"path": "x", "size": 0, "blake3": "0" * 64},
+                                                       {"path": "x/y", "size": 0, "blake3": "0" * 64}])),
+        "'x' is listed as a file and is the folder of another file"),
+    "100000 empty files": (
+        lambda f: edit(f, lambda r: r["files"].extend({"path": f"e{i}", "size": 0, "blake3": "0" * 64}
+                                                      for i in range(100_000))), "more than the 50000"),
     "a manifest that is a named pipe": (fifo_manifest, "not a plain file"),
     "a manifest of 64 MiB": (huge_manifest, "larger than 64 MiB"),
 }
