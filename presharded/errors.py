@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-from presharded.shutdown import REFUSAL_ENV, end_engine, failure, interrupted
+from presharded.shutdown import REFUSAL_ENV, append_line, end_engine, failure, interrupted
 
 T = TypeVar("T")
 _before_the_error_line: list[Callable[[], object]] = []
@@ -74,8 +74,7 @@ def refuses(method: Callable[..., T]) -> Callable[..., T]:
             return method(*args, **kwargs)
         except UserError as e:
             if path := os.environ.get(REFUSAL_ENV):
-                with open(path, "a") as f:
-                    f.write(f"{one_line(e)}\n")
+                append_line(path, one_line(e))
             raise
 
     return wrapper

@@ -35,7 +35,7 @@ def engine_dies_with_this_process() -> None:
     if os.environ.get(ENV) == str(os.getpid()):
         return  # already: one guard is enough
     os.environ[ENV] = str(os.getpid())
-    _shared_before.update(os.listdir(SHARED) if SHARED.is_dir() else ())
+    _shared_before.update(shared_now())
     guard = subprocess.Popen([sys.executable, "-m", "presharded.shutdown", str(os.getpid())], start_new_session=True,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _guard.append(guard.pid)
@@ -53,17 +53,41 @@ def engine_dies_with_this_process() -> None:
 
 def end_engine(timeout: float = 5.0) -> None:
     """Before a failing script's last line: every process its engine started killed and waited for,
-    so that nothing they still write comes after that line; then the shared memory they made in
-    /dev/shm (vLLM's queues and buffers, psm_* and vllm*) that no process maps any more, removed."""
+    so that nothing they still write comes after that line; then what they made in /dev/shm and no
+    process maps any more, removed."""
     if os.environ.get(ENV) != str(os.getpid()):
         return  # no engine was started
-    import psutil
-
     procs = [p for p in [*descendants(os.getpid()), *marked(os.getpid())] if p.pid not in _guard]
     end(procs)
-    psutil.wait_procs(procs, timeout=timeout)
-    left = [SHARED / name for name in set(os.listdir(SHARED)) - _shared_before if name.startswith(("psm_", "vllm"))]
-    mapped = mapped_inodes()
+    wait_ended(procs, timeout)
+    remove_left_shared(_shared_before)
+
+
+def wait_ended(procs: list, timeout: float) -> None:
+    """Until every one of `procs` has ended, or `timeout`: a zombie has (its memory is released;
+    whoever reaps it may be slow), and psutil's own wait would wait for the reaping."""
+    import psutil
+
+    def running(proc) -> bool:
+        try:
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while any(running(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def shared_now() -> set[str]:
+    return set(os.listdir(SHARED)) if SHARED.is_dir() else set()
+
+
+def remove_left_shared(before: set[str]) -> None:
+    """What an engine made in /dev/shm since `before` (vLLM's queues and buffers, psm_* and vllm*, and
+    semaphores) and no process maps any more, removed: a killed engine leaves hundreds of MB there."""
+    left = [SHARED / name for name in shared_now() - before if name.startswith(("psm_", "vllm", "sem.mp-"))]
+    mapped = mapped_inodes() if left else set()
     for path in left:
         try:
             st = path.lstat()
@@ -93,13 +117,21 @@ def fail(reason: str) -> None:
     _failure.append(reason)
     if path := os.environ.get(REFUSAL_ENV):  # the engine's last words go to its log, not the terminal
         try:
-            with open(path, "a") as f:
-                f.write(f"{reason}\n")
+            append_line(path, reason)
         except OSError:
             pass
     _failed.set()
     if not _ending.is_set():
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def append_line(path: str, line: str) -> None:
+    """`line` added to the file at `path` (made 0600), never through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def watched_by(seconds: float) -> None:
@@ -194,7 +226,9 @@ def guard(pid: int, every: float = 0.5) -> None:
     """Wait for process `pid` to end, then end what it started. vLLM forks its
     engine and workers, and a forked process never shows the mark where we can
     read it (/proc/PID/environ is the environment it was exec'd with), and
-    loses its parent when `pid` dies: so its processes are noted while it runs."""
+    loses its parent when `pid` dies: so its processes are noted while it runs.
+    Then what they left in /dev/shm is removed."""
+    before = shared_now()  # taken before the engine starts: the script starts its guard first
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -202,7 +236,10 @@ def guard(pid: int, every: float = 0.5) -> None:
     seen = {}
     while fd is not None and not select.select([fd], [], [], every)[0]:
         seen.update((p.pid, p) for p in descendants(pid))
-    end([*seen.values(), *marked(pid)])
+    left = [p for p in [*seen.values(), *marked(pid)] if p.pid != os.getpid()]  # the guard carries the mark too
+    end(left)
+    wait_ended(left, 10)
+    remove_left_shared(before)
 
 
 if __name__ == "__main__":

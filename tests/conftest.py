@@ -243,6 +243,15 @@ def files_only(tiny_model, tmp_path_factory):
     return checkpoint
 
 
+@pytest.fixture
+def shared_tmp():
+    """A folder like /tmp (root's, sticky, writable by all), given as TMPDIR: where workspaces go."""
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="presharded-test-"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def own_disks_possible() -> bool:
     return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
 

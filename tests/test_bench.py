@@ -3,11 +3,12 @@ format (loader options included) in fresh processes, and reports every
 phase, with the same first token from every format."""
 
 import json
+import os
 import subprocess
 import sys
 
 from conftest import ROOT, script_env
-from presharded.bench import starts
+from presharded.bench import resident_pages, starts
 
 
 def test_bench_runs_each_format_and_reports_phases(tmp_path):
@@ -21,10 +22,11 @@ def test_bench_runs_each_format_and_reports_phases(tmp_path):
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert [r["format"] for r in report["runs"]] == formats
     assert len({tuple(r["token_ids"]) for r in report["runs"]}) == 1 and len(report["runs"][0]["token_ids"]) == 4
-    assert report["targets"] == ["TP=1: 4 greedy tokens identical in every start that read the weights"]
+    assert report["ratios"] == ["TP=1: 4 greedy tokens identical in every start that read the weights"]
     for r in report["runs"]:  # the tiny model's weights may take under 5 ms: "0.00 seconds"
         assert r["weights"] >= 0 and r["model_init"] > 0 and r["profile_kv_warmup"] > 0, r
         assert r["import"] > 0 and r["total"] >= r["engine"] > 0, r
+        assert r["process"] > r["total"], r  # the whole process, timed from outside, holds the script's own total
     assert [len(r["loads"]) for r in report["runs"]] == [0, 1, 1]
     load = report["runs"][2]["loads"][0]
     assert (load["threads"], load["chunk_mib"], load["pp_rank"], load["tp_rank"]) == (2, 1, 0, 0)
@@ -52,3 +54,17 @@ def test_bench_formats_take_turns():
         ("cold", 0, "a"), ("cold", 0, "b:x=1"), ("cold", 1, "a"), ("cold", 1, "b:x=1"),
         ("warm", 0, "dummy"), ("warm", 0, "a"), ("warm", 0, "b:x=1"), ("warm", 1, "a"), ("warm", 1, "b:x=1")]
     assert starts(["dummy", "a"], 1, cold=True, warm=False) == [("cold", 0, "a")]
+
+
+def test_pages_in_the_page_cache_are_counted(tmp_path):
+    """What --fresh checks before a new node's start: none of the files' pages left in the page cache."""
+    path = tmp_path / "weights"
+    path.write_bytes(os.urandom(8 * 2**20))
+    path.read_bytes()
+    resident, total = resident_pages([path])
+    assert total == 8 * 2**20 // os.sysconf("SC_PAGE_SIZE") and resident == total
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert resident_pages([path]) == (0, total)

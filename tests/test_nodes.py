@@ -4,6 +4,7 @@ its own processes and, for node-local disks, its own folder bound to one
 path in a mount namespace of its own (`unshare`)."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -99,6 +100,7 @@ def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple
     `sig` to node `node`'s script. Returns both results (node 0, node 1) and the seconds from
     the signal to the other node's end; asserts that nothing either node started is left."""
     port = str(free_port())
+    shared_before = set(os.listdir("/dev/shm"))
     procs = {}
     for n in (1, 0):
         cmd = [sys.executable, str(ROOT / script), *args, "--nnodes", "2", "--node-rank", str(n),
@@ -118,8 +120,10 @@ def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple
     other = procs[1 - node].communicate(timeout=120)
     elapsed = time.monotonic() - signalled
     mine = procs[node].communicate(timeout=120)
-    time.sleep(3)  # a guard ends what a killed script started
+    time.sleep(3)  # a guard ends what a killed script started, and removes what it left in /dev/shm
     assert not [cmdline(p) for p in started.values() if cmdline(p)]
+    left = {n for n in set(os.listdir("/dev/shm")) - shared_before if n.startswith(("psm_", "vllm"))}
+    assert not left, f"the nodes' engines left {sorted(left)} in /dev/shm"
     outs = {node: mine, 1 - node: other}
     return [subprocess.CompletedProcess(procs[n].args, procs[n].returncode, *outs[n]) for n in (0, 1)], elapsed
 

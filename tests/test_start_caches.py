@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -214,15 +213,6 @@ def as_user(uid: int, *cmd: str, env: dict[str, str] | None = None) -> subproces
     setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
     return subprocess.run([*setpriv, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture
-def shared_tmp():
-    """A folder like /tmp (root's, sticky, writable by all), given as TMPDIR: where workspaces go."""
-    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="presharded-test-"))
-    path.chmod(0o1777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def take_first(shared_tmp: Path, victim: int, attacker: int, ckpt: Path, victim_file: Path) -> Path:

@@ -8,8 +8,6 @@ import sys
 import threading
 import time
 
-import pytest
-
 from conftest import ROOT, free_port, script_env
 from presharded import nodes
 from presharded.manifest import hash_file, read_manifest, write_manifest

@@ -4,7 +4,6 @@ attack is refused or left unused; where it needs a live payload, the same plant 
 victim is used, so that the test would notice a plant that went dead. (The end-to-end start that
 runs a planted payload: tests/test_start_caches.py.)"""
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, refused
-from presharded import private, s3, snapshot_restore, start_caches
+from conftest import refused
+from presharded import s3, snapshot_restore, start_caches
 from presharded.errors import UserError
-from presharded.manifest import MANIFEST_NAME, CopiedFile, hash_file, read_manifest, write_manifest
+from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
 from presharded.start_caches import SEALS, stamp, use_set
 
 ATTACKER = 65534
@@ -29,15 +28,6 @@ def as_attacker(script: str) -> None:
     proc = subprocess.run(["setpriv", f"--reuid={ATTACKER}", f"--regid={ATTACKER}", "--clear-groups",
                            "sh", "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-
-
-@pytest.fixture
-def shared_tmp():
-    """A folder like /tmp (root's, sticky, writable by all)."""
-    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="presharded-test-"))
-    path.chmod(0o1777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def plant(root: Path, relative: str, entry: CopiedFile, payload: bytes) -> Path:
