@@ -63,9 +63,12 @@ def unsafe(folder: Path, *, own: bool) -> str | None:
 
 
 def not_own(folder: Path):
-    """Each entry under `folder` (never followed through a link) that another user made, or that
-    other users can write: (its path, what is wrong)."""
+    """Each entry under `folder` (never followed through a link) that another user made, or, where
+    others may enter `folder`, that other users can write: (its path, what is wrong). Inside a
+    folder only this user can enter (0700, as made here), a mode that lets a group write does not
+    matter (umask 002 makes such files)."""
     uid = os.getuid()
+    others_enter = os.lstat(folder).st_mode & (stat.S_IXGRP | stat.S_IXOTH)
     for root, folders, files in os.walk(folder):
         for name in [*folders, *files]:
             path = Path(root) / name
@@ -75,7 +78,7 @@ def not_own(folder: Path):
                 continue
             if st.st_uid != uid:
                 yield path, f"belongs to uid {st.st_uid}, not to this user (uid {uid})"
-            elif not (stat.S_ISLNK(st.st_mode) or stat.S_ISSOCK(st.st_mode)) and \
+            elif others_enter and not (stat.S_ISLNK(st.st_mode) or stat.S_ISSOCK(st.st_mode)) and \
                     st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
                 yield path, "can be written by other users"
 

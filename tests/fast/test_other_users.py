@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import refused
-from presharded import s3, snapshot_restore, start_caches
+from presharded import private, s3, snapshot_restore, start_caches
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
 from presharded.start_caches import SEALS, stamp, use_set
@@ -145,7 +145,7 @@ def test_the_s3_upload_folder_is_this_users_alone(shared_tmp, monkeypatch):
     assert proc.returncode != 0 and "Permission denied" in proc.stderr
 
 
-@pytest.mark.parametrize("kind", ["symlink", "hard link", "theirs"])
+@pytest.mark.parametrize("kind", ["symlink", "hard link", "file of their own"])
 def test_a_lock_is_never_written_through_a_link(shared_tmp, tiny_model, kind):
     """A save to a shared folder: another user made its lock a symlink (or a hard link, or a file of
     their own) to a file of the victim's. Refused before vLLM; the victim's file as it was."""
@@ -159,7 +159,7 @@ def test_a_lock_is_never_written_through_a_link(shared_tmp, tiny_model, kind):
         os.link(precious, lock)  # as protected_hardlinks=0 would let them
     else:
         as_attacker(f'touch "{lock}"')
-    line = refused(f"a save's lock that is a {kind} another user made", "save_sharded_state.py", "--model",
+    line = refused(f"a save's lock another user made ({kind})", "save_sharded_state.py", "--model",
                    str(tiny_model), "--output", str(shared_tmp / "x"))
     assert f"the lock {lock}" in line and "remove it" in line
     assert precious.read_text() == "precious"
@@ -186,3 +186,15 @@ def test_a_full_disk_names_the_file_being_written(tiny_model, tmp_path):
         reason = why_save_failed(disk, failed.value)
     assert reason.startswith("No space left on device while writing ") and str(disk) in reason, reason
     assert str(source) not in reason
+
+
+def test_a_file_others_could_write_matters_only_where_they_can_enter(shared_tmp):
+    """Under umask 002 this user's files are group-writable: harmless inside a folder only this user
+    enters (0700, as made here); refused where others may enter the folder."""
+    top = private.private_folder(shared_tmp / "own")
+    (top / "kernel.py").write_text("# compiled\n")
+    (top / "kernel.py").chmod(0o664)
+    assert private.private_folder(top) == top
+    top.chmod(0o755)
+    with pytest.raises(UserError, match="kernel.py can be written by other users"):
+        private.private_folder(top)
