@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from presharded.load_checks import check_checkpoint
+from presharded.load_checks import check_for_load
 from presharded.errors import UserError
 from presharded.tiny_models import ARCHITECTURES, build_tiny
 from presharded.generate import greedy_tokens
@@ -43,7 +43,7 @@ def one(arch: str, work: Path, flags: list[str]) -> dict:
     result = {"arch": arch, "auto": greedy_tokens([(source, "auto")], flags, PROMPTS)[0]["token_ids"]}
     for load_format in ("sharded_state", "fast_sharded_state"):
         try:
-            check_checkpoint(checkpoint, load_format=load_format)
+            check_for_load(checkpoint, load_format=load_format)
         except UserError as e:
             result[load_format] = f"refused: {e}"
             continue

@@ -11,7 +11,7 @@ _PUBLIC = {
     "Save": "save", "add_save_flags": "save",
     "Load": "load", "add_checkpoint_flags": "load",
     "Manifest": "manifest", "read_manifest": "manifest",
-    "check_checkpoint": "load_checks",
+    "check_for_load": "load_checks", "verify_checkpoint": "load_checks",
     "greedy_tokens": "generate",
     "use_set": "start_caches", "record_set": "start_caches",
     "UserError": "errors", "exits_cleanly": "errors",

@@ -11,8 +11,8 @@ and first token; plus `dummy` (no weights read: vLLM's own floor) and what
 
     presharded-bench --synthetic llama-3-8b --tp 1,2 --out results/
 
-Saves run `python -m presharded.save` and starts `python -m presharded.generate`:
-the same steps as save_sharded_state.py and load_sharded_state.py.
+Saves run `python -m presharded.save` and starts `python -m presharded.generate`,
+the package's own runs of the steps save_sharded_state.py and load_sharded_state.py show.
 
 `--fresh` measures a new node instead: every start with empty compile caches
 and a cold page cache (the weights and the Python packages), for vLLM's
@@ -42,7 +42,8 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV, SHARDED_STATE
+from presharded.env import LOAD_REPORT_ENV
+from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.manifest import read_manifest
 from presharded.snapshot import IMAGES
 from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id
@@ -89,7 +90,7 @@ def synthesize(name: str, out: Path, layers: int | None = None) -> Path:
             save_file(part, out / f"model-{index:05d}.safetensors", metadata={"format": "pt"})
             part, size, index = {}, 0, index + 1
     config.save_pretrained(out)
-    build_tokenizer(384).save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
     return out
 
 
@@ -284,22 +285,23 @@ WARM_AGAIN = ["sharded_state", "ours-caches", "snapshot"]  # the same node again
 
 
 def start_restored(checkpoint: Path, tp: int, extra: list[str], tokens: int = 1) -> dict:
-    """load_sharded_state.py --snapshot: the checkpoint's engine snapshot restored and asked for a token;
+    """The checkpoint's engine snapshot restored and asked for a token (presharded.generate --snapshot);
     its phases in start_once's terms (no import, no profiling: a restore, a wake and the weights)."""
-    cmd = [sys.executable, "-m", "load_sharded_state", "--model", str(checkpoint), "--prompt", "The quick brown fox",
-           "--max-tokens", str(tokens), "--json", *FRESH["snapshot"][1], "-tp", str(tp), *extra]
+    cmd = [sys.executable, "-m", "presharded.generate", json.dumps([[str(checkpoint), FAST_FORMAT]]),
+           "--prompts", json.dumps(["The quick brown fox"]), "--max-tokens", str(tokens), *FRESH["snapshot"][1],
+           "-tp", str(tp), *extra]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     process = round(time.perf_counter() - started, 3)  # from exec to exit, timed from outside
-    result = json.loads(proc.stdout) if proc.returncode == 0 else {}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])[0] if proc.returncode == 0 else {}
     if not result.get("snapshot", {}).get("used"):
         warnings = [line for line in proc.stderr.splitlines() if line.startswith(("warning:", "error:"))]
         raise RuntimeError("the engine snapshot was not restored: " + "\n".join(warnings) + f"\n{proc.stderr[-1500:]}")
     s = result["snapshot"]["seconds"]
     return {"import": 0.0, "engine_start": sum(s.get(k, 0.0) for k in ("check", "restore", "cuda_restore", "wake")),
             "model_init": 0.0, "weights": s.get("weights", 0.0), "profile_kv_warmup": 0.0, "first_token": s["generate"],
-            "total": result["seconds"]["total"], "process": process, "engine": 0.0, "token_ids": result["token_ids"],
-            "caches": "snapshot", "snapshot": result["snapshot"], "loads": []}
+            "total": result["seconds"]["total"], "process": process, "engine": 0.0,
+            "token_ids": result["token_ids"][0], "caches": "snapshot", "snapshot": result["snapshot"], "loads": []}
 
 
 def read_seconds(files: list[Path]) -> float:

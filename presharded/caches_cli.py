@@ -23,9 +23,10 @@ import shlex
 from pathlib import Path
 
 from presharded.errors import exits_cleanly
-from presharded.load_checks import check_checkpoint
+from presharded.load_checks import checked_manifest
 from presharded.start_caches import record_set, serving_env
-from presharded.trust import TRUST_ENV, TRUST_FLAG
+from presharded.env import TRUST_ENV
+from presharded.trust import TRUST_FLAG
 
 
 @exits_cleanly
@@ -45,7 +46,7 @@ def main() -> None:
         print("\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items()))
         return
     name = record_set(args.checkpoint, engine_flags, serve=args.serve, trust=args.trust)
-    entries = check_checkpoint(args.checkpoint, require_manifest=True).caches[name]
+    entries = checked_manifest(args.checkpoint).caches[name]
     size = sum(e.size for e in entries)
     print(f"{args.checkpoint}: start-up caches {name} ({len(entries)} files, {size / 1e6:.1f} MB)")
 

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from presharded.errors import UserError, before_the_error_line, one_line
-from presharded.shutdown import REFUSAL_ENV, on_stuck_interrupt, watched
+from presharded.env import REFUSAL_ENV
+from presharded.shutdown import on_stuck_interrupt, watched
 
 
 @contextmanager

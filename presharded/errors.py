@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-from presharded.shutdown import REFUSAL_ENV, append_line, end_engine, failure, interrupted
+from presharded.env import REFUSAL_ENV
+from presharded.shutdown import append_line, end_engine, failure, interrupted
 
 T = TypeVar("T")
 _before_the_error_line: list[Callable[[], object]] = []

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from presharded.errors import UserError, refuses
-from presharded.formats import FAST_FORMAT, LOAD_REPORT_ENV
-from presharded.load_checks import check_checkpoint
+from presharded.env import LOAD_REPORT_ENV
+from presharded.formats import FAST_FORMAT
+from presharded.load_checks import check_for_load
 from presharded import s3
 from presharded.manifest import default_pattern, read_manifest, render
 from presharded.reader import File, Staging, load_files
@@ -73,8 +74,8 @@ class FastShardedStateLoader(BaseModelLoader):
         if self.s3:  # the load fetched the small files and checked the objects (presharded/s3.py)
             manifest = read_manifest(folder)
         else:
-            manifest = check_checkpoint(folder, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size,
-                                        rank=(pp_rank, tp_rank))
+            manifest = check_for_load(folder, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size,
+                                      rank=(pp_rank, tp_rank))
         aliases = manifest.aliases if manifest is not None else {}
         if self.s3:
             return s3.objects(self.s3, manifest, [s.path for s in manifest.shards_of([(pp_rank, tp_rank)])]), aliases

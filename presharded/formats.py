@@ -5,5 +5,3 @@ SHARDED_STATE = "sharded_state"  # vLLM's own loader of pre-sharded files
 FAST_FORMAT = "fast_sharded_state"  # ours: presharded/fast_loader.py
 SAVE_FORMAT = "presharded_save"  # ours, the one that saves: presharded/save_loader.py
 CHECKPOINT_FORMATS = (SHARDED_STATE, FAST_FORMAT)
-# Where fast_sharded_state appends one JSON line per rank with its timings, if set.
-LOAD_REPORT_ENV = "PRESHARDED_LOAD_REPORT"

@@ -1,8 +1,8 @@
 """Greedy tokens from vLLM on models or checkpoints, with each load's report,
-as JSON: the package's own engine start, in a process of its own, for the
-commands that need one (presharded-verify --source, presharded-caches,
-presharded-bench) and for the tests. The same steps as load_sharded_state.py
-(presharded/load.py), for several prompts and one engine after another.
+as JSON: the package's own engine starts, one after another in a process of
+their own, for the commands that need them (presharded-verify --source,
+presharded-caches, presharded-bench) and for the tests. With --snapshot, the
+checkpoint's engine snapshot restored and asked the first prompt, where it can be.
 
     python -m presharded.generate '[["CKPT", "sharded_state"]]' --prompts '["Hello"]' [engine flags]
 """
@@ -35,6 +35,11 @@ def main() -> None:
     results = []
     for model, load_format in runs:
         load = Load(["--model", model, "--load-format", load_format, *flags], add_flags, __doc__)
+        restored = load.from_snapshot({"prompt": load.early.prompts[0], "max_tokens": load.early.max_tokens,
+                                       "temperature": 0.0, "top_p": 1.0})
+        if restored:
+            results.append({"token_ids": [restored.token_ids], **load.result()})
+            continue
         from vllm import LLM, EngineArgs, SamplingParams
 
         args = load.engine_flags()

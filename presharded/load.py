@@ -15,17 +15,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from presharded import prefetch, progress, s3, snapshot_restore
+from presharded import progress
 from presharded.engine_defaults import apply_engine_defaults
 from presharded.engine_output import engine_refusals
 from presharded.errors import UserError
 from presharded.flags import AddFlags, engine_argv, fill_unset, parse_engine_flags, parse_for_checks
 from presharded.formats import CHECKPOINT_FORMATS, FAST_FORMAT, SHARDED_STATE
-from presharded.load_checks import check_checkpoint, saved_layout
+from presharded.load_checks import check_for_load, saved_layout
 from presharded.nodes import Liveness, Node
 from presharded.shutdown import engine_dies_with_this_process, fail
 from presharded.start_caches import CachesInUse, use_set
-from presharded.trust import TRUST_ENV, TRUST_FLAG, TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG
+from presharded.env import TRUST_ENV, TRUST_SNAPSHOT_ENV
+from presharded.trust import TRUST_FLAG, TRUST_SNAPSHOT_FLAG
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,8 +63,10 @@ class Load:
         self.node = Node.from_args(early)
         self.nodes = Liveness(self.node, "the load", fail) if self.node.count > 1 else None  # a dead node ends all
         self.layout, self.manifest, self.prefetching = {}, None, False
-        self.s3 = early.model if s3.is_s3(early.model) else None
+        self.s3 = early.model if str(early.model).startswith("s3://") else None
         if self.s3:  # the small files fetched here, the weights read from there (presharded/s3.py)
+            from presharded import s3
+
             if (early.load_format or FAST_FORMAT) != FAST_FORMAT:
                 raise UserError(f"an s3:// checkpoint loads with --load-format {FAST_FORMAT}: vLLM's "
                                 f"{early.load_format} reads only folders")
@@ -71,7 +74,7 @@ class Load:
         load_format = early.load_format or SHARDED_STATE
         if load_format in CHECKPOINT_FORMATS:
             try:
-                self.manifest = check_checkpoint(Path(early.model), tensor_parallel_size=early.tensor_parallel_size,
+                self.manifest = check_for_load(Path(early.model), tensor_parallel_size=early.tensor_parallel_size,
                                                  pipeline_parallel_size=early.pipeline_parallel_size,
                                                  verify_hashes=early.verify_hashes, load_format=load_format,
                                                  node=self.node, s3_url=self.s3)  # of the ranks this node runs
@@ -81,6 +84,8 @@ class Load:
                 raise
             self.layout = saved_layout(Path(early.model), self.manifest)
             if early.prefetch and self.manifest is not None and not self.s3:  # presharded/prefetch.py
+                from presharded import prefetch
+
                 ranks = self.node.ranks(self.manifest.tensor_parallel_size, self.manifest.pipeline_parallel_size)
                 files = [Path(early.model) / s.path for s in self.manifest.shards_of(ranks)]
                 self.prefetching = prefetch.start(files) is not None
@@ -90,17 +95,18 @@ class Load:
                               "tensor_parallel_size": self.layout_of("tensor_parallel_size"),
                               "pipeline_parallel_size": self.layout_of("pipeline_parallel_size")})
         self.caches = CachesInUse("none", Path(early.model), {})
-        self.snapshot: dict = {"used": False}
+        self.snapshot = None  # with --snapshot: what became of the restore (presharded/snapshot_restore.py)
         self.seconds = {"checks": round(time.perf_counter() - self.started, 3)}
 
     def layout_of(self, dest: str):
         """A layout flag as given, or as the checkpoint was saved."""
         return getattr(self.early, dest) or (getattr(self.manifest, dest) if self.manifest else None)
 
-    def from_snapshot(self) -> snapshot_restore.Generated | None:
-        """With --snapshot: the engine restored from the checkpoint's snapshot, asked the prompt,
-        with the rank's weights read into the page cache meanwhile; None (one warning) when it
-        cannot be: vLLM then starts as usual."""
+    def from_snapshot(self, request: dict | None = None):
+        """With --snapshot: the engine restored from the checkpoint's snapshot, asked `request`
+        (prompt, max_tokens, temperature, top_p; by default the flags'), with the rank's weights
+        read into the page cache meanwhile; None (one warning) when it cannot be: vLLM then
+        starts as usual."""
         early = self.early
         if not getattr(early, "snapshot", False):
             return None
@@ -108,19 +114,21 @@ class Load:
             print("warning: not restoring an engine snapshot: it needs a checkpoint folder with a manifest, on one "
                   "node; starting vLLM instead", file=sys.stderr)
             return None
+        from presharded import prefetch, snapshot_restore
+
         if not self.prefetching:
             self.prefetching = prefetch.start([Path(early.model) / s.path for s in self.manifest.shards]) is not None
-        request = {k: getattr(early, k) for k in ("prompt", "max_tokens", "temperature", "top_p")}
-        output = snapshot_restore.restore(Path(early.model), self.manifest, engine_argv(self.argv, self.add_flags),
-                                          request, early.trust_snapshot, self.snapshot)
-        if output is not None:
+        request = request or {k: getattr(early, k) for k in ("prompt", "max_tokens", "temperature", "top_p")}
+        self.snapshot = snapshot_restore.restore(Path(early.model), self.manifest,
+                                                 engine_argv(self.argv, self.add_flags), request, early.trust_snapshot)
+        if self.snapshot.used:
             early.load_format = FAST_FORMAT
             early.tensor_parallel_size = self.manifest.tensor_parallel_size
             early.pipeline_parallel_size = self.manifest.pipeline_parallel_size
             self.args = early
-            self.seconds.update(self.snapshot["seconds"])
+            self.seconds.update(self.snapshot.seconds)
             self.seconds["total"] = round(time.perf_counter() - self.started, 3)
-        return output
+        return self.snapshot.output
 
     def engine_flags(self) -> argparse.Namespace:
         """Once vLLM is imported: every engine flag, those unset as the checkpoint was saved
@@ -181,7 +189,7 @@ class Load:
         args = self.args
         return {"load_format": args.load_format, "tensor_parallel_size": args.tensor_parallel_size,
                 "pipeline_parallel_size": args.pipeline_parallel_size, "caches": self.caches.status,
-                "snapshot": self.snapshot, "seconds": self.seconds}
+                "snapshot": self.snapshot.report() if self.snapshot else {"used": False}, "seconds": self.seconds}
 
     def report(self, output) -> None:
         """The generated text (or JSON, with --json) on stdout."""
@@ -190,7 +198,7 @@ class Load:
             return
         print(printable(output.text))
         print(f"token ids: {list(output.token_ids)}")
-        used = f" · engine snapshot {self.snapshot['set']}" if self.snapshot["used"] else ""
+        used = f" · engine snapshot {self.snapshot.set}" if self.snapshot and self.snapshot.used else ""
         print(" · ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()) + f" · start-up caches: {self.caches.status}"
               + used)
 

@@ -6,9 +6,7 @@ script that started them decides for them (PRESHARDED_PROGRESS)."""
 import os
 import sys
 
-from tqdm import tqdm
-
-ENV = "PRESHARDED_PROGRESS"
+from presharded.env import PROGRESS_ENV as ENV
 
 
 def decide(quiet: bool) -> None:
@@ -16,7 +14,10 @@ def decide(quiet: bool) -> None:
     os.environ[ENV] = "0" if quiet or not sys.stderr.isatty() else "1"
 
 
-def bar(total: float, what: str, unit: str = "B", position: int = 0) -> tqdm:
+def bar(total: float, what: str, unit: str = "B", position: int = 0):
+    """A tqdm bar (imported here: a load that shows none need not import it)."""
+    from tqdm import tqdm
+
     shown = os.environ.get(ENV, "1" if sys.stderr.isatty() else "0") == "1"
     return tqdm(total=total, desc=what, unit=unit, unit_scale=unit == "B", disable=not shown, file=sys.stderr,
                 leave=False, position=position, dynamic_ncols=True)

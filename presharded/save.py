@@ -22,10 +22,10 @@ from presharded.engine_output import engine_refusals
 from presharded.errors import UserError, exits_cleanly
 from presharded.flags import AddFlags, parse_engine_flags, parse_for_checks, parse_size, positive_size
 from presharded.formats import SAVE_FORMAT
-from presharded.manifest import CopiedFile, Manifest, hash_file, read_manifest, write_manifest
+from presharded.manifest import CopiedFile, Manifest, Shard, hash_file, hash_header, read_manifest, render, write_manifest
 from presharded import progress, s3
 from presharded.nodes import Liveness, Node
-from presharded.save_checks import check_save
+from presharded.save_checks import HOOK_DROP, check_save
 from presharded.save_messages import SAVE_RECORDS, RankRecord, SaveRequest, check_records
 from presharded.shutdown import engine_dies_with_this_process, fail, interrupted
 from presharded.source_model import copy_model_files
@@ -45,6 +45,10 @@ def add_save_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-caches", action=argparse.BooleanOptionalAction, default=None,
                         help="then start vLLM once on the checkpoint with these engine flags and keep what it "
                         "compiled in it (presharded-caches); default: on GPUs")
+    parser.add_argument("--vllm-save-hook", action="store_true",
+                        help="save as vLLM's own example does: the model loaded as usual, then each worker saves "
+                        "what it holds (the engine's save_sharded_state); refused where that is known not to load "
+                        "back (quantized, mixture-of-experts, pipeline stages, vLLM's CPU build)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -54,7 +58,7 @@ class Save:
 
     def __init__(self, argv: list[str], add_flags: AddFlags, doc: str) -> None:
         self.started = time.perf_counter()
-        self.argv = argv
+        self.argv, self.add_flags, self.doc = argv, add_flags, doc
         self.early = parse_for_checks(argv, add_flags, doc)
         progress.decide(quiet=self.early.json)  # bars on a terminal; also the workers' (presharded/writer.py)
         self.target = check_save(self.early)
@@ -81,12 +85,12 @@ class Save:
             yield
 
     @contextmanager
-    def staging(self) -> Iterator[None]:
+    def staging(self) -> Iterator[Path]:
         """A staging folder for the workers to write into, published as --output once
         the checkpoint is complete; removed if anything fails."""
         with staging_for(self.target.output, self.node.rank) as folder:
             self.folder = folder
-            yield
+            yield folder
             if interrupted():  # a Ctrl-C that Python or vLLM swallowed
                 raise KeyboardInterrupt
             if self.manifest is not None:
@@ -95,27 +99,63 @@ class Save:
             self.nodes.finish()  # the other nodes publish their files now
         self.seconds["save"] = round(time.perf_counter() - self.started, 2)
 
-    def engine_args(self, args: argparse.Namespace, parser: argparse.ArgumentParser):
-        """vLLM's engine arguments for the save: the source loaded as asked, by our loader
-        that writes each rank's state into the staging folder as it loads it
-        (presharded/save_loader.py)."""
-        from vllm import EngineArgs
+    def engine_flags(self) -> argparse.Namespace:
+        """Once vLLM is imported: every engine flag (vLLM's parser) and ours; a save's defaults where the
+        user set none (it serves no requests), workable ones on CPU."""
+        from presharded.vllm_compat import is_cpu
 
+        args, parser = parse_engine_flags(self.argv, self.add_flags, self.doc)
+        if args.vllm_save_hook and is_cpu():
+            raise UserError("--vllm-save-hook on vLLM's CPU build: it repacks the linear layers' weights after "
+                            "loading, and vLLM's hook then saves none of them" + HOOK_DROP)
         apply_engine_defaults(args, parser, saving=True)
         self.args = args
-        engine_args = EngineArgs.from_cli_args(args)
-        request = SaveRequest(str(self.folder), self.target.file_pattern, args.max_file_size,
-                              engine_args.load_format, self.node.rank)
-        engine_args.load_format = SAVE_FORMAT
-        engine_args.model_loader_extra_config = request.as_extra_config(engine_args.model_loader_extra_config)
-        engine_args.worker_extension_cls = SAVE_RECORDS  # the script asks the workers what they wrote
-        return engine_args
+        return args
 
-    def write_manifest(self, llm) -> None:
-        """On the driver, once every worker has written: what they wrote, the model's
-        config and tokenizer beside it, and the manifest, written last."""
+    def request(self, engine_args) -> dict:
+        """The loader config that asks our saving load format (presharded/save_loader.py, registered
+        with vLLM by this package's plugin) to write each rank into the staging folder as it loads it,
+        reading the source with the load format the user asked for."""
+        request = SaveRequest(str(self.folder), self.target.file_pattern, self.args.max_file_size,
+                              engine_args.load_format, self.node.rank)
+        return request.as_extra_config(engine_args.model_loader_extra_config)
+
+    @contextmanager
+    def engine_start(self) -> Iterator[None]:
+        """Around building the engine: a refusal of ours inside it ends the script in one line."""
+        with engine_refusals():
+            yield
         self.seconds["engine"] = round(time.perf_counter() - self.started, 2)
-        self.records = check_records([RankRecord.from_dict(r) for r in llm.collective_rpc("presharded_record")],
+
+    @contextmanager
+    def hook_save(self) -> Iterator[None]:
+        """Around vLLM's hook: its seconds, a failure to write in one line."""
+        start = time.perf_counter()
+        with engine_refusals():
+            yield
+        self.seconds["write"] = time.perf_counter() - start
+
+    def records_on_disk(self, llm) -> list[dict]:
+        """After vLLM's hook saved: what each rank wrote, read back from the staging folder, as our
+        workers report it."""
+        from presharded.vllm_compat import model_facts
+
+        records = []
+        for rank in range(self.target.tensor_parallel_size):
+            shards = []
+            while (path := self.folder / render(self.target.file_pattern, pp_rank=0, tp_rank=rank,
+                                                 part=len(shards))).is_file():
+                shards.append(Shard(path.name, 0, rank, len(shards), path.stat().st_size, hash_file(path),
+                                    hash_header(path)))
+            records.append({"shards": [dataclasses.asdict(x) for x in shards], **model_facts(llm),
+                            "online_quantization": False, "aliases": {}, "write_seconds": self.seconds["write"],
+                            "folder": str(self.folder)})
+        return records
+
+    def write_manifest(self, records: list[dict], llm) -> None:
+        """On the driver, once every worker has written: what they wrote (`records`), the model's
+        config and tokenizer beside it, and the manifest, written last."""
+        self.records = check_records([RankRecord.from_dict(r) for r in records],
                                      self.target.tensor_parallel_size, self.target.pipeline_parallel_size)
         elsewhere = take_shared_files(self.records, self.folder)
         copied = copy_model_files(self.target.source, self.folder)
@@ -287,27 +327,25 @@ def finish_other_node(staging: Path, source: Path, node: Node) -> Manifest | Non
     return manifest
 
 
-
 def main() -> None:
-    """`python -m presharded.save`: a save for the package's own commands (presharded-bench),
-    with the script's flags. The reference, each step explained, is save_sharded_state.py."""
+    """`python -m presharded.save`: the package's own save, for its commands (presharded-bench), which
+    cannot run the script (it is not in the package): one node, a folder, the script's flags. The
+    reference, each step explained, is save_sharded_state.py."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results
     save = Save(sys.argv[1:], add_save_flags, __doc__)
     with save.output_locked():
-        from vllm import LLM
+        from vllm import LLM, EngineArgs
 
-        args, parser = parse_engine_flags(sys.argv[1:], add_save_flags, __doc__)
+        args = save.engine_flags()
         with save.staging():
-            engine_args = save.engine_args(args, parser)
-            if save.node.is_driver:
-                with engine_refusals():
-                    llm = LLM.from_engine_args(engine_args)
-                save.write_manifest(llm)
-            else:
-                save.run_workers(engine_args)
+            engine_args = EngineArgs.from_cli_args(args)
+            engine_args.model_loader_extra_config = save.request(engine_args)
+            engine_args.load_format, engine_args.worker_extension_cls = SAVE_FORMAT, SAVE_RECORDS
+            with save.engine_start():
+                llm = LLM.from_engine_args(engine_args)
+            save.write_manifest(llm.collective_rpc("presharded_record"), llm)
         if save.wants_start_caches():
             save.add_start_caches()
-    save.upload()
     save.report()
 
 

@@ -3,6 +3,7 @@ the source is a model, the output is free to take, the file pattern names
 plain files that ranks cannot share."""
 
 import argparse
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -44,7 +45,39 @@ def check_save(early: argparse.Namespace) -> SaveTarget:
     tp, pp = early.tensor_parallel_size or 1, early.pipeline_parallel_size or 1
     pattern = early.file_pattern or default_pattern(pp)
     check_pattern(pattern, tp, pp)
+    if early.vllm_save_hook:
+        check_save_hook(early, source, pattern, pp)
     return SaveTarget(source, output, tp, pp, pattern, upload)
+
+
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+HOOK_DROP = "; drop --vllm-save-hook to save each rank as it loads"
+
+
+def check_save_hook(early: argparse.Namespace, source: Path, pattern: str, pp: int) -> None:
+    """What vLLM's save hook (the engine's save_sharded_state, after loading) is known to write in a form
+    that does not load back, refused before vLLM starts."""
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    sections = [config, *(v for v in config.values() if isinstance(v, dict))]  # a VLM's text_config too
+    if early.quantization or any("quantization_config" in c for c in sections):
+        how = f"--quantization {early.quantization}" if early.quantization else f"the quantized model {source}"
+        raise UserError(f"{how} with --vllm-save-hook: vLLM's hook saves the weights as its kernels hold them "
+                        "after loading, which do not load back quantized (vLLM issue 41174)" + HOOK_DROP)
+    if any(isinstance(c.get(k), int) and c[k] > 0 for c in sections for k in MOE_KEYS):
+        raise UserError(f"{source} is a mixture-of-experts model: vLLM's hook saves its experts in the layout "
+                        "its kernels use after loading (vLLM PR 51496)" + HOOK_DROP)
+    if pp > 1:
+        raise UserError("--pipeline-parallel-size with --vllm-save-hook: vLLM's hook names files by "
+                        "tensor-parallel rank alone, so the stages would overwrite each other" + HOOK_DROP)
+    if (early.nnodes or 1) > 1:
+        raise UserError("--nnodes with --vllm-save-hook: vLLM's hook leaves each node's files where that node "
+                        "wrote them, with no record of them" + HOOK_DROP)
+    if "{tp_rank}" in pattern or "{pp_rank}" in pattern:
+        raise UserError(f"--file-pattern {pattern!r} with --vllm-save-hook: vLLM's hook fills in only {{rank}} "
+                        "and {part}")
 
 
 def check_upload(url: str, early: argparse.Namespace) -> Path:

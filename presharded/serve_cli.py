@@ -24,9 +24,10 @@ from presharded import s3
 from presharded.errors import UserError, exits_cleanly
 from presharded.flags import parse_for_checks
 from presharded.formats import FAST_FORMAT
-from presharded.load_checks import check_checkpoint
+from presharded.load_checks import checked_manifest
 from presharded.snapshot_restore import serve
-from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG
+from presharded.env import TRUST_SNAPSHOT_ENV
+from presharded.trust import TRUST_SNAPSHOT_FLAG
 
 
 def served_name(parser: argparse.ArgumentParser) -> None:
@@ -50,14 +51,14 @@ def main() -> None:
             raise UserError(f"presharded-serve reads s3:// with {FAST_FORMAT}; for vLLM's own {load_format} "
                             f"run `vllm serve {args.checkpoint} --load-format {load_format}` (without our checks)")
         url, model = args.checkpoint, s3.fetch(args.checkpoint)
-        check_checkpoint(model, require_manifest=True, s3_url=url)
+        checked_manifest(model, s3_url=url)
         ours += ["--model-loader-extra-config", json.dumps({"s3": url})]
         ours += [] if early.served_model_name else ["--served-model-name", url]
     else:
         model = Path(args.checkpoint)
-        manifest = check_checkpoint(model, require_manifest=True)
-        if (code := serve(model, manifest, flags, args.trust)) is not None:
-            sys.exit(code)
+        manifest = checked_manifest(model)
+        if (served := serve(model, manifest, flags, args.trust)).used:
+            sys.exit(served.exit_code)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *ours, *flags]
     sys.stderr.flush()
     os.execv(sys.executable, cmd)

@@ -12,20 +12,28 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass, field
 
-ENV = "PRESHARDED_ENGINE_OF"  # every process under one of our scripts carries the script's pid
-REFUSAL_ENV = "PRESHARDED_REFUSAL"  # where code inside vLLM's engine writes why it refused (presharded/errors.py)
-_interrupted = threading.Event()
-_cleanups: list[Callable[[], None]] = []
-_first_on_interrupt: list[Callable[[], None]] = []
-_failure: list[str] = []  # why another thread ended the script
-_failed = threading.Event()
-_watched: list[float] = []  # a watcher may yet call `fail`: how long to wait for its word
-_ending = threading.Event()  # the main thread is ending the script: signal it no more
-_guard: list[int] = []
-_shared_before: set[str] = set()  # /dev/shm before the engine: what it leaves there is told apart
-SHARED = Path("/dev/shm")
+from presharded.env import ENGINE_OF_ENV as ENV, REFUSAL_ENV
+from presharded.processes import SHARED, descendants, end, mapped_inodes, marked, wait_ended
+
+
+@dataclass
+class Ending:
+    """How this script ends: what a Ctrl-C or another thread's `fail` has set, and what to do then."""
+
+    interrupted: threading.Event = field(default_factory=threading.Event)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)  # if a Ctrl-C is swallowed
+    first_on_interrupt: list[Callable[[], None]] = field(default_factory=list)
+    failure: list[str] = field(default_factory=list)  # why another thread ended the script
+    failed: threading.Event = field(default_factory=threading.Event)
+    watched: list[float] = field(default_factory=list)  # a watcher may yet call `fail`: how long to wait
+    ending: threading.Event = field(default_factory=threading.Event)  # the main thread ends the script
+    guard: list[int] = field(default_factory=list)  # the guard process's pid
+    shared_before: set[str] = field(default_factory=set)  # /dev/shm before the engine: what it leaves is told apart
+
+
+_state = Ending()
 
 
 def engine_dies_with_this_process() -> None:
@@ -35,16 +43,16 @@ def engine_dies_with_this_process() -> None:
     if os.environ.get(ENV) == str(os.getpid()):
         return  # already: one guard is enough
     os.environ[ENV] = str(os.getpid())
-    _shared_before.update(shared_now())
+    _state.shared_before.update(shared_now())
     guard = subprocess.Popen([sys.executable, "-m", "presharded.shutdown", str(os.getpid())], start_new_session=True,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _guard.append(guard.pid)
+    _state.guard.append(guard.pid)
 
     def interrupt(signum, frame) -> None:
-        _interrupted.set()
-        for tell in _first_on_interrupt:
+        _state.interrupted.set()
+        for tell in _state.first_on_interrupt:
             tell()
-        end_started(os.getpid(), spare=_guard)
+        end_started(os.getpid(), spare=_state.guard)
         threading.Thread(target=_exit_if_stuck, daemon=True).start()
         raise KeyboardInterrupt
 
@@ -57,26 +65,10 @@ def end_engine(timeout: float = 5.0) -> None:
     process maps any more, removed."""
     if os.environ.get(ENV) != str(os.getpid()):
         return  # no engine was started
-    procs = [p for p in [*descendants(os.getpid()), *marked(os.getpid())] if p.pid not in _guard]
+    procs = [p for p in [*descendants(os.getpid()), *marked(ENV, str(os.getpid()))] if p.pid not in _state.guard]
     end(procs)
     wait_ended(procs, timeout)
-    remove_left_shared(_shared_before)
-
-
-def wait_ended(procs: list, timeout: float) -> None:
-    """Until every one of `procs` has ended, or `timeout`: a zombie has (its memory is released;
-    whoever reaps it may be slow), and psutil's own wait would wait for the reaping."""
-    import psutil
-
-    def running(proc) -> bool:
-        try:
-            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    deadline = time.monotonic() + timeout
-    while any(running(p) for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    remove_left_shared(_state.shared_before)
 
 
 def shared_now() -> set[str]:
@@ -97,31 +89,19 @@ def remove_left_shared(before: set[str]) -> None:
             continue
 
 
-def mapped_inodes(pids: list[int] | None = None) -> set[int]:
-    """The inodes of the files in /dev/shm that the processes `pids` (all, by default) map."""
-    inodes = set()
-    for pid in pids if pids is not None else [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-        except OSError:
-            continue
-        inodes |= {int(line.split()[4]) for line in maps if f" {SHARED}/" in line}
-    return inodes
-
-
 def fail(reason: str) -> None:
     """From any thread: end the engine and the script as Ctrl-C does, but with
     `error: reason` and exit 1 (presharded/errors.py prints it)."""
-    if _failure or _interrupted.is_set():  # the first word stands; after a Ctrl-C, the user's
+    if _state.failure or _state.interrupted.is_set():  # the first word stands; after a Ctrl-C, the user's
         return
-    _failure.append(reason)
+    _state.failure.append(reason)
     if path := os.environ.get(REFUSAL_ENV):  # the engine's last words go to its log, not the terminal
         try:
             append_line(path, reason)
         except OSError:
             pass
-    _failed.set()
-    if not _ending.is_set():
+    _state.failed.set()
+    if not _state.ending.is_set():
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
@@ -137,38 +117,38 @@ def append_line(path: str, line: str) -> None:
 def watched_by(seconds: float) -> None:
     """A watcher that may call `fail` runs: when the engine fails first (vLLM sees a
     dead peer's sockets close before we do), wait this long for its word (`failure`)."""
-    _watched.append(seconds)
+    _state.watched.append(seconds)
 
 
 def watched() -> bool:
-    return bool(_watched)
+    return bool(_state.watched)
 
 
 def failure(wait: bool = False) -> str | None:
     """Why another thread ended the script, if it did; with `wait`, the main thread
     is ending the script and waits for a watcher's word first."""
     if wait:
-        _ending.set()
-        if _watched and not _interrupted.is_set():
-            _failed.wait(max(_watched))
-    return _failure[0] if _failure else None
+        _state.ending.set()
+        if _state.watched and not _state.interrupted.is_set():
+            _state.failed.wait(max(_state.watched))
+    return _state.failure[0] if _state.failure else None
 
 
 def first_on_interrupt(tell: Callable[[], None]) -> None:
     """What a Ctrl-C does before it ends the engine: other nodes hear of it from
     us before their engines see this one's sockets close (and print tracebacks)."""
-    _first_on_interrupt.append(tell)
+    _state.first_on_interrupt.append(tell)
 
 
 def on_stuck_interrupt(cleanup: Callable[[], None]) -> None:
     """What to undo if a Ctrl-C is swallowed: while vLLM waits for its engine
     (a zmq poll), the KeyboardInterrupt is lost and the wait goes on for minutes."""
-    _cleanups.append(cleanup)
+    _state.cleanups.append(cleanup)
 
 
 def _exit_if_stuck(grace: float = 3.0) -> None:
     time.sleep(grace)  # the main thread has had its chance to unwind and exit
-    for cleanup in _cleanups:
+    for cleanup in _state.cleanups:
         cleanup()
     end_engine()
     print(f"error: {failure()}" if failure() else "interrupted", file=sys.stderr, flush=True)
@@ -179,47 +159,12 @@ def interrupted() -> bool:
     """Ctrl-C was pressed. Python drops a KeyboardInterrupt raised inside a
     `__del__` (it prints "Exception ignored") and carries on, and vLLM may
     turn one into its own error: ask this before publishing anything."""
-    return _interrupted.is_set()
+    return _state.interrupted.is_set()
 
 
 def end_started(pid: int, spare: list[int] = ()) -> None:
     """Kill every process `pid` started (forked ones too) and every process that carries its mark, but `spare`."""
-    end([*descendants(pid), *marked(pid)], spare)
-
-
-def descendants(pid: int) -> list:
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def marked(pid: int) -> list:
-    """Processes whose environment, as they were started, carries `pid`'s mark
-    (a forked process shows its parent's first environment: see `guard`)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(ENV) == str(pid):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
-def end(procs: list, spare: list[int] = ()) -> None:
-    import psutil
-
-    for proc in procs:
-        try:
-            if proc.pid != os.getpid() and proc.pid not in spare:
-                proc.kill()  # psutil checks that the pid is still this process, not a new one
-        except psutil.Error:
-            pass
+    end([*descendants(pid), *marked(ENV, str(pid))], spare)
 
 
 def guard(pid: int, every: float = 0.5) -> None:
@@ -236,7 +181,7 @@ def guard(pid: int, every: float = 0.5) -> None:
     seen = {}
     while fd is not None and not select.select([fd], [], [], every)[0]:
         seen.update((p.pid, p) for p in descendants(pid))
-    left = [p for p in [*seen.values(), *marked(pid)] if p.pid != os.getpid()]  # the guard carries the mark too
+    left = [p for p in [*seen.values(), *marked(ENV, str(pid))] if p.pid != os.getpid()]  # the guard carries the mark too
     end(left)
     wait_ended(left, 10)
     remove_left_shared(before)

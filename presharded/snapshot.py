@@ -47,11 +47,11 @@ import blake3
 
 import presharded
 from presharded.errors import UserError
-from presharded.load_checks import check_checkpoint
+from presharded.load_checks import checked_manifest
 from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, Manifest, hash_file, write_manifest
 from presharded.private import open_lock, private_folder
 from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, link_model, swap_in, use_set
-from presharded.shutdown import mapped_inodes
+from presharded.processes import holds_gpu, kill_tree, mapped_inodes, ns_pid, tree
 from presharded.trust import record
 
 TOOLS = ("criu", "unshare")  # and NVIDIA's cuda-checkpoint where there is a GPU
@@ -68,6 +68,11 @@ NAMESPACE_FLAGS = ["--ext-mount-map", "auto", "--enable-external-sharing", "--en
 # hundred MB each, sparse, so only their data is kept.
 SHARED_FILES = ["--ghost-limit", "4G", "--ghost-fiemap"]
 META = "snapshot.json"
+# The files of the inbox through which this command and the snapshotted engine talk: the engine says it
+# is ready to be dumped; restored, it reads the request and says what it did (its output in ENGINE_LOG).
+READY, REQUEST, DONE, ENGINE_LOG = "ready.json", "request.json", "done.json", "engine.log"
+# What the engine asks of its workers (presharded/snapshot_worker.py), by name through collective_rpc.
+ASLEEP, KEEP_WEIGHTS, RESTORED, REFILL = "presharded_asleep", "presharded_keep", "presharded_restored", "presharded_refill"
 KEEP = "keep.json"  # in the inbox while a snapshot is made: where the engine writes what it keeps (KEPT)
 KEPT = "weights"  # in a set: per rank, what the checkpoint's files cannot give back (presharded/snapshot_weights.py)
 SERVER = "server_"  # how a server snapshot's set name begins
@@ -241,32 +246,6 @@ def engine_env(extra: dict[str, str], server: bool) -> dict[str, str]:
     return {**env, **extra, **engine, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
-def tree(pid: int) -> list[int]:
-    """`pid` and every process under it."""
-    pids = [pid]
-    for parent in pids:  # grows as it goes
-        for children in Path(f"/proc/{parent}/task").glob("*/children"):
-            try:
-                pids += [int(child) for child in children.read_text().split()]
-            except OSError:  # gone meanwhile
-                pass
-    return pids
-
-
-def kill_tree(pid: int) -> None:
-    """`pid` and every process under it killed."""
-    kill(tree(pid))
-
-
-def kill(pids: list[int]) -> None:
-    """The processes of a tree (as `tree` lists them) killed, the deepest first; those gone already skipped."""
-    for each in pids[::-1]:
-        try:
-            os.kill(each, 9)
-        except ProcessLookupError:
-            pass
-
-
 def unlink_shared_files(pids: list[int]) -> None:
     """The files in /dev/shm that the processes map (joblib's loky leaves a named semaphore there; vLLM's
     message queues between ranks are shared memory there): unlinked, so that CRIU keeps them in the
@@ -289,34 +268,10 @@ def echo(stream: IO[bytes], quiet: threading.Event) -> None:
             sys.stderr.flush()
 
 
-def ns_pid(pid: int) -> int | None:
-    """The PID that process `pid` has in its own (innermost) PID namespace; None if it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    return int(next(line for line in status.splitlines() if line.startswith("NSpid:")).split()[-1])
-
-
-def holds_gpu(pid: int) -> bool:
-    """Whether the process has an NVIDIA device open (what CRIU cannot dump): cuda-checkpoint must release it."""
-    try:
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(fd).startswith("/dev/nvidia"):
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: bool = False) -> tuple[str, dict]:
     """The verb of presharded-snapshot: a snapshot of an engine (or of vLLM's server) started on
     `checkpoint` with the flags `argv`, added to the checkpoint; its name and what it took."""
-    manifest = check_checkpoint(checkpoint, require_manifest=True)
+    manifest = checked_manifest(checkpoint)
     flags = engine_flags(argv, server)
     if problem := unsupported(manifest, 1, flags):
         raise UserError(f"cannot snapshot {checkpoint}: {problem}")
@@ -346,7 +301,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
         quiet = threading.Event()
         threading.Thread(target=echo, args=(proc.stdout, quiet), daemon=True).start()
         try:
-            ready = wait_for(box / "ready.json", lambda: proc.poll() is None, 3600, "vLLM for the snapshot")
+            ready = wait_for(box / READY, lambda: proc.poll() is None, 3600, "vLLM for the snapshot")
             quiet.set()
             root = tree(proc.pid)[1]  # under unshare: init of the new namespace
             pids = tree(root)
@@ -380,7 +335,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
             kill_tree(proc.pid)
             shutil.rmtree(new, ignore_errors=True)
             raise
-    manifest = check_checkpoint(checkpoint, require_manifest=True)  # as it is now: caches may have been added
+    manifest = checked_manifest(checkpoint)  # as it is now: caches may have been added
     manifest.snapshots[name] = entries
     write_manifest(checkpoint, manifest)
     record(name, entries, checkpoint, SNAPSHOTS_DIR)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from presharded.errors import exits_cleanly
 from presharded.snapshot import make
-from presharded.trust import TRUST_ENV, TRUST_FLAG
+from presharded.env import TRUST_ENV
+from presharded.trust import TRUST_FLAG
 
 
 @exits_cleanly

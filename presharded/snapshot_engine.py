@@ -22,7 +22,8 @@ from presharded.flags import fill_unset, parse_engine_flags
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import KEEP, own_session, put, redirect, sleeps, wait_for
+from presharded.snapshot import (ASLEEP, DONE, KEEP, KEEP_WEIGHTS, READY, REFILL, REQUEST, RESTORED, own_session, put,
+                                 redirect, sleeps, wait_for)
 
 PROMPT = "The capital of France is"
 
@@ -31,7 +32,7 @@ def start(argv: list[str], sleep: bool):
     """vLLM's engine as a load starts it (the checkpoint's layout where unset), with sleep mode if `sleep`."""
     from vllm import LLM, EngineArgs
 
-    from presharded.vllm_compat import SNAPSHOT_WORKER
+    from presharded.snapshot_worker import SNAPSHOT_WORKER
 
     args, parser = parse_engine_flags(argv, lambda parser: None, __doc__, {"load_format": FAST_FORMAT})
     model = Path(args.model)
@@ -54,9 +55,9 @@ def fall_asleep(llm, sleep: bool, keep: dict) -> tuple[list[dict], int]:
     into the image. Each worker's memory then (presharded_asleep), and the bytes kept."""
     kept = 0
     if sleep:
-        kept = sum(llm.collective_rpc("presharded_keep", args=(keep["folder"], keep["kept_as"])))
+        kept = sum(llm.collective_rpc(KEEP_WEIGHTS, args=(keep["folder"], keep["kept_as"])))
         llm.sleep(level=2)
-    return llm.collective_rpc("presharded_asleep"), kept
+    return llm.collective_rpc(ASLEEP), kept
 
 
 def answer(llm, request: dict, sleep: bool) -> dict:
@@ -64,13 +65,13 @@ def answer(llm, request: dict, sleep: bool) -> dict:
     from presharded.vllm_compat import REQUEST_ERRORS
 
     seconds = {}
-    llm.collective_rpc("presharded_restored", args=(request["log"], sleep))
+    llm.collective_rpc(RESTORED, args=(request["log"], sleep))
     if sleep:
         t = time.perf_counter()
         llm.wake_up()
         seconds["wake"] = time.perf_counter() - t
         t = time.perf_counter()
-        llm.collective_rpc("presharded_refill")
+        llm.collective_rpc(REFILL)
         seconds["weights"] = time.perf_counter() - t
     t = time.perf_counter()
     try:
@@ -90,16 +91,16 @@ def main() -> None:
     started = time.perf_counter() - t
     asleep, kept = fall_asleep(llm, sleep, json.loads((inbox / KEEP).read_text()))
     redirect(None)
-    put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3), "asleep_gib": asleep,
+    put(inbox / READY, {"tokens": tokens, "start_seconds": round(started, 3), "asleep_gib": asleep,
                                "kept_bytes": kept})
-    request = wait_for(inbox / "request.json", lambda: True, float("inf"), "the request")  # restored: from here on
+    request = wait_for(inbox / REQUEST, lambda: True, float("inf"), "the request")  # restored: from here on
     redirect(request["log"])
     try:
         done = answer(llm, request, sleep)
     except Exception as e:  # the script that restored this process reads why, and starts vLLM instead
         traceback.print_exc()
         done = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
-    put(inbox / "done.json", done)
+    put(inbox / DONE, done)
     os._exit(0)  # vLLM's shutdown would only take time
 
 

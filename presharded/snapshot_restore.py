@@ -6,7 +6,6 @@ user's memory folder and hashed there, restored by CRIU and cuda-checkpoint.
 (presharded-serve). Anything that does not fit gives one warning, and the
 caller starts vLLM as usual."""
 
-import ctypes
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import blake3
@@ -22,10 +21,12 @@ import blake3
 from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
-from presharded.snapshot import (COMPILED, CRIU_FLAGS, IMAGES, META, NAMESPACE_FLAGS, SERVER, engine_flags, inbox,
-                                 is_kept, kill, ns_pid, put, rpc_folder, set_name, tool, tree, unsupported, wait_for)
+from presharded.processes import alive, become_subreaper, end_children, ns_pid, reap, tree
+from presharded.snapshot import (COMPILED, CRIU_FLAGS, DONE, ENGINE_LOG, IMAGES, META, NAMESPACE_FLAGS, REQUEST, SERVER,
+                                 engine_flags, inbox, is_kept, put, rpc_folder, set_name, tool, unsupported, wait_for)
 from presharded.start_caches import SEALS, WORKSPACE, checkpoint_id, is_file_of_size, link_model, put_in_place
-from presharded.trust import TRUST_SNAPSHOT_ENV, TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
+from presharded.env import TRUST_SNAPSHOT_ENV
+from presharded.trust import TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
 
 @dataclass
@@ -36,24 +37,42 @@ class Generated:
     token_ids: list[int]
 
 
-def skip(status: dict, reason: str) -> None:
+@dataclass
+class Restore:
+    """What became of a restore: the set it tried, whether it was used, why not, each phase's
+    seconds; a restored engine's answer, or a restored server's exit code."""
+
+    set: str | None = None
+    used: bool = False
+    reason: str | None = None
+    huge_pages: str = "unknown"
+    seconds: dict[str, float] = field(default_factory=dict)
+    output: Generated | None = None
+    exit_code: int | None = None
+
+    def report(self) -> dict:
+        """What --json tells of it."""
+        return {"used": self.used, "set": self.set, "reason": self.reason, "huge_pages": self.huge_pages,
+                "seconds": self.seconds}
+
+
+def skip(status: Restore, reason: str) -> None:
     print(f"warning: not restoring the snapshot: {reason}; starting vLLM instead", file=sys.stderr)
-    status["reason"] = reason
+    status.reason = reason
 
 
-def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: bool, status: dict,
+def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: bool, status: Restore,
                 server: bool) -> tuple[Path, Path] | None:
     """The checkpoint's set for this machine and `flags`, trusted, copied into this user's memory
     folder and checked there, its compile caches in the workspace: (the image, the workspace);
-    None, with one warning, when there is none that can run here. `status` starts here: the set's
-    name, whether it was used, and the seconds of each phase ("check" the first)."""
-    status.update(used=False, seconds={}, huge_pages=huge_pages())
+    None, with one warning (and the reason in `status`), when there is none that can run here."""
+    status.huge_pages = huge_pages()
     start = time.perf_counter()
     kind = "server snapshot (presharded-snapshot --server)" if server else "engine snapshot (presharded-snapshot)"
     sets = [s for s in manifest.snapshots if s.startswith(SERVER) == server]
     if not sets:
         return skip(status, f"{checkpoint} has no {kind}")
-    name = status["set"] = set_name(flags, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, server)
+    name = status.set = set_name(flags, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, server)
     if name not in sets:
         return skip(status, f"{checkpoint} has {', '.join(sorted(sets))}, none for {name} "
                     "(this GPU, driver, vLLM, torch, layout and engine flags)")
@@ -76,7 +95,7 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
         return skip(status, f"its weights {damaged[0]} are missing or not of the size in the manifest")
     if not put_in_place(image, checkpoint, name, [e for e in entries if e not in compiled + kept], SNAPSHOTS_DIR,
                         "the snapshot"):
-        status["reason"] = "its image is missing or damaged"  # put_in_place warned
+        status.reason = "its image is missing or damaged"  # put_in_place warned
         return None
     if (made_with := meta_of(image).get("python")) != os.path.realpath(sys.executable):
         return skip(status, f"it was made with {made_with or 'an unknown Python'}; this is "
@@ -88,10 +107,10 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
     if not put_in_place(workspace, checkpoint, COMPILED, compiled, f"{SNAPSHOTS_DIR}/{name}",
                         f"the snapshot {name}'s"):
         withdraw(workspace, compiled, name)
-        status["reason"] = "its compiled code is missing or damaged"  # put_in_place warned
+        status.reason = "its compiled code is missing or damaged"  # put_in_place warned
         return None
     link_model(workspace, checkpoint)
-    status["seconds"]["check"] = time.perf_counter() - start
+    status.seconds["check"] = time.perf_counter() - start
     return image, workspace
 
 
@@ -109,13 +128,13 @@ def withdraw(workspace: Path, compiled: list, name: str) -> None:
             path.unlink(missing_ok=True)
 
 
-def take_back(status: dict, manifest: Manifest, workspace: Path) -> None:
+def take_back(status: Restore, manifest: Manifest, workspace: Path) -> None:
     """After a restore that failed once the set was in place: its compiled files out of the workspace."""
-    name = status["set"]
+    name = status.set
     withdraw(workspace, compiled_of(manifest.snapshots[name], name), name)
 
 
-def not_restored(status: dict, manifest: Manifest, workspace: Path, reason: str) -> None:
+def not_restored(status: Restore, manifest: Manifest, workspace: Path, reason: str) -> None:
     take_back(status, manifest, workspace)
     return skip(status, reason)
 
@@ -139,52 +158,52 @@ def bring_back(image: Path, box: Path, seconds: dict) -> int:
     return pid
 
 
-def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict, trust: bool = False,
-            status: dict | None = None) -> Generated | None:
+def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict, trust: bool = False) -> Restore:
     """The verb of `load_sharded_state.py --snapshot`: the checkpoint's snapshot for this machine and these
-    engine flags, restored, asked `request`; None, with one warning, when it cannot be (the caller then
-    starts vLLM). `status` receives what happened and every phase's seconds."""
-    status = {} if status is None else status
+    engine flags, restored, asked `request`: its answer in `output`; none, with one warning, when it
+    cannot be (the caller then starts vLLM)."""
+    status = Restore()
     start = time.perf_counter()
     if (ready := ready_image(checkpoint, manifest, engine_flags(argv), trust, status, False)) is None:
-        return None
-    seconds = status["seconds"]
+        return status
+    seconds = status.seconds
     image, workspace = ready
     with inbox(manifest) as box:
-        put(box / "request.json", {**request, "log": str(box / "engine.log")})
+        put(box / REQUEST, {**request, "log": str(box / ENGINE_LOG)})
         become_subreaper()  # the restored process becomes this one's child: waited for, and killed with it
         try:
             pid = bring_back(image, box, seconds)
-            done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored engine")
+            done = wait_for(box / DONE, lambda: alive(pid), 600, "the restored engine")
         except BaseException as e:
-            end_restored()
+            end_children()
             if isinstance(e, UserError):
-                return not_restored(status, manifest, workspace, str(e))
+                not_restored(status, manifest, workspace, str(e))
+                return status
             take_back(status, manifest, workspace)
             raise
         reap(pid)
-        relay(box / "engine.log")
+        relay(box / ENGINE_LOG)
     if "error" in done:
         if done.get("request"):
             raise UserError(f"{done['error']} (--prompt, --max-tokens, --max-model-len)")
-        return not_restored(status, manifest, workspace,
-                            f"the restored engine failed: {done['error']} (its log is above)")
+        not_restored(status, manifest, workspace, f"the restored engine failed: {done['error']} (its log is above)")
+        return status
     seconds.update(done["seconds"])
     seconds["total"] = time.perf_counter() - start
-    status.update(used=True, seconds={k: round(v, 3) for k, v in seconds.items()})
-    return Generated(done["text"], done["token_ids"])
+    status.used, status.seconds = True, {k: round(v, 3) for k, v in seconds.items()}
+    status.output = Generated(done["text"], done["token_ids"])
+    return status
 
 
-def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = False,
-          status: dict | None = None) -> int | None:
+def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = False) -> Restore:
     """The verb of presharded-serve: the checkpoint's server snapshot for this machine and these flags,
-    restored to serve as `argv` asks (its port, its key); the server's exit code once it stops. None,
-    with one warning, when it cannot be restored (the caller then starts vLLM's server)."""
-    status = {} if status is None else status
+    restored to serve as `argv` asks (its port, its key): the server's exit code in `exit_code` once it
+    stops; none, with one warning, when it cannot be restored (the caller then starts vLLM's server)."""
+    status = Restore()
     start = time.perf_counter()
     if (ready := ready_image(checkpoint, manifest, engine_flags(argv, True), trust, status, True)) is None:
-        return None
-    seconds = status["seconds"]
+        return status
+    seconds = status.seconds
     image, workspace = ready
     if (key := os.environ.get("VLLM_API_KEY")) and "--api-key" not in engine_flags(argv):
         argv = [*argv, "--api-key", key]  # the image's environment holds no secrets: the key goes with the request
@@ -193,24 +212,26 @@ def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = F
     try:
         with following(log):
             with inbox(manifest) as box:  # another restore of this checkpoint waits here only while this one starts
-                put(box / "request.json", {"argv": ["--model", str(workspace / "model"), *argv],
+                put(box / REQUEST, {"argv": ["--model", str(workspace / "model"), *argv],
                                            "name": str(checkpoint), "log": str(log)})
                 pid = bring_back(image, box, seconds)
-                done = wait_for(box / "done.json", lambda: alive(pid), 600, "the restored server")
+                done = wait_for(box / DONE, lambda: alive(pid), 600, "the restored server")
             if "error" in done:
                 raise UserError(f"the restored server failed: {done['error']} (its log is above)")
             seconds.update(done["seconds"], total=time.perf_counter() - start)
-            status.update(used=True, seconds={k: round(v, 3) for k, v in seconds.items()})
-            print(f"restored {status['set']}: serving on {done['listen']}, {seconds['total']:.2f} s after the "
-                  f"start ({', '.join(f'{k} {v:.2f} s' for k, v in status['seconds'].items())})",
+            status.used, status.seconds = True, {k: round(v, 3) for k, v in seconds.items()}
+            print(f"restored {status.set}: serving on {done['listen']}, {seconds['total']:.2f} s after the "
+                  f"start ({', '.join(f'{k} {v:.2f} s' for k, v in status.seconds.items())})",
                   file=sys.stderr, flush=True)
-            return until_it_exits(pid)
+            status.exit_code = until_it_exits(pid)
+            return status
     except BaseException as e:
-        end_restored()
-        if status["used"]:  # it served, then ended: its code stays with the trust it was given
+        end_children()
+        if status.used:  # it served, then ended: its code stays with the trust it was given
             raise
         if isinstance(e, UserError):
-            return not_restored(status, manifest, workspace, str(e))
+            not_restored(status, manifest, workspace, str(e))
+            return status
         take_back(status, manifest, workspace)
         raise
     finally:
@@ -268,45 +289,8 @@ def until_it_exits(pid: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: os.kill(pid, number))
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    end_restored()
+    end_children()
     return code
-
-
-def end_restored() -> None:
-    """Every process of a restored tree killed and reaped: this process is their reaper (and starts no
-    others), so they are its descendants, the root and whatever outlived it, read from /proc now: no PID
-    remembered from before, which another process could have taken since (a zombie keeps its PID until
-    reaped, and the next restore needs it)."""
-    children = tree(os.getpid())[1:]
-    kill(children)
-    for each in children:
-        try:
-            os.waitpid(each, 0)
-        except ChildProcessError:
-            pass
-
-
-def become_subreaper() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
-def alive(pid: int) -> bool:
-    try:
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:  # not our child: is it there at all
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-
-
-def reap(pid: int) -> None:
-    for _ in range(1000):
-        if not alive(pid):
-            return
-        time.sleep(0.01)
-    os.kill(pid, 9)
 
 
 def relay(log: Path) -> None:

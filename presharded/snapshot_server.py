@@ -24,7 +24,8 @@ from presharded.engine_defaults import apply_engine_defaults
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import KEEP, own_session, put, redirect, sleeps
+from presharded.snapshot import (ASLEEP, DONE, KEEP, KEEP_WEIGHTS, READY, REFILL, REQUEST, RESTORED, own_session, put,
+                                 redirect, sleeps)
 from presharded.snapshot_engine import PROMPT
 
 
@@ -32,7 +33,8 @@ def serve_args(argv: list[str], sleep: bool):
     """`vllm serve`'s flags as our load fills them (the checkpoint's layout where unset), with sleep
     mode if `sleep` and the worker methods a restore calls."""
     from presharded.flags import fill_unset
-    from presharded.vllm_compat import SNAPSHOT_WORKER, serve_parser
+    from presharded.snapshot_worker import SNAPSHOT_WORKER
+    from presharded.vllm_compat import serve_parser
 
     parser = serve_parser()
     args = parser.parse_args(argv)
@@ -54,7 +56,7 @@ async def first_tokens(engine) -> list[int]:
 
 async def request_for(inbox: Path) -> dict:
     """The request a restore writes (the snapshot waits here); read once and removed: it may hold an API key."""
-    path = inbox / "request.json"
+    path = inbox / REQUEST
     while not path.exists():
         await asyncio.sleep(0.005)
     request = json.loads(path.read_text())
@@ -74,32 +76,32 @@ async def main_async(inbox: Path, argv: list[str]) -> None:
         kept = 0
         if sleep:  # what the checkpoint cannot give back kept first (presharded/snapshot_weights.py)
             keep = json.loads((inbox / KEEP).read_text())
-            kept = sum(await engine.collective_rpc("presharded_keep", args=(keep["folder"], keep["kept_as"])))
+            kept = sum(await engine.collective_rpc(KEEP_WEIGHTS, args=(keep["folder"], keep["kept_as"])))
             await engine.sleep(level=2)
-        asleep = await engine.collective_rpc("presharded_asleep")
+        asleep = await engine.collective_rpc(ASLEEP)
         redirect(None)
-        put(inbox / "ready.json", {"tokens": tokens, "start_seconds": round(started, 3),
+        put(inbox / READY, {"tokens": tokens, "start_seconds": round(started, 3),
                                    "asleep_gib": asleep, "kept_bytes": kept})
         request = await request_for(inbox)  # restored: from here on
         redirect(request["log"])
         seconds = {}
         try:
-            await engine.collective_rpc("presharded_restored", args=(request["log"], sleep))
+            await engine.collective_rpc(RESTORED, args=(request["log"], sleep))
             if sleep:
                 t = time.perf_counter()
                 await engine.wake_up()
                 seconds["wake"] = time.perf_counter() - t
                 t = time.perf_counter()
-                await engine.collective_rpc("presharded_refill")
+                await engine.collective_rpc(REFILL)
                 seconds["weights"] = time.perf_counter() - t
             served = serve_args(request["argv"], sleep)
             served.served_model_name = served.served_model_name or [request["name"]]
             listen, sock = bind(served)
         except (Exception, SystemExit) as e:  # the command that restored this tree reads why, starts vLLM instead
             traceback.print_exc()
-            put(inbox / "done.json", {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
+            put(inbox / DONE, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
             return
-        put(inbox / "done.json", {"listen": listen, "seconds": seconds})
+        put(inbox / DONE, {"listen": listen, "seconds": seconds})
         shutdown = await serve(engine, listen, sock, served)
     await shutdown
 

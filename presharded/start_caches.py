@@ -27,14 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 
-from presharded import server
+from presharded.env import MODEL_ENV
 from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
-from presharded.load_checks import check_checkpoint
+from presharded.load_checks import checked_manifest
 from presharded.manifest import CACHE_KINDS, CACHES_DIR, MANIFEST_NAME, CopiedFile, Manifest, hash_file, write_manifest
 from presharded.private import open_lock, private_folder
 from presharded.progress import bar
-from presharded.trust import TRUST_ENV, TRUST_FLAG, made_here, record, trusted_by_user
+from presharded.env import TRUST_ENV
+from presharded.trust import TRUST_FLAG, made_here, record, trusted_by_user
 
 KINDS = dict(zip(CACHE_KINDS, ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")))
 WORKSPACE = Path(tempfile.gettempdir()) / f"presharded-{os.getuid()}"
@@ -192,7 +193,7 @@ def record_set(checkpoint: Path, engine_flags: list[str], serve: bool = False, t
     """The verb of a save or presharded-caches: start vLLM once on `checkpoint` (with `serve`,
     vLLM's server) and keep what it compiled, beside the set it started from if that may run,
     as the set for this machine; record that this user made it. Its name."""
-    manifest = check_checkpoint(checkpoint, require_manifest=True)
+    manifest = checked_manifest(checkpoint)
     name = set_name(manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
     with workspace_locked(manifest) as workspace:  # loads of this checkpoint here wait for it
         empty_workspace(workspace, checkpoint)
@@ -242,6 +243,7 @@ def checkpoint_flags(manifest: Manifest) -> list[str]:
 def start_server(model: Path, engine_flags: list[str], env: dict[str, str]) -> None:
     """vLLM's OpenAI server on `model` until it answers one request: its defaults differ from
     `LLM`'s (fewer batched tokens), and so does what it compiles."""
+    from presharded import server
     from presharded.vllm_compat import is_cpu
 
     if is_cpu():
@@ -256,9 +258,9 @@ def start_server(model: Path, engine_flags: list[str], env: dict[str, str]) -> N
 def serving_env(checkpoint: Path, trust: bool = False) -> dict[str, str]:
     """The variables for a server started on $PRESHARDED_MODEL: the checkpoint through its
     caches' fixed place, or the checkpoint itself (with a warning) without a usable set."""
-    manifest = check_checkpoint(checkpoint, require_manifest=True)
+    manifest = checked_manifest(checkpoint)
     use = use_set(checkpoint, manifest, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, trust)
-    return {**use.env, "PRESHARDED_MODEL": str(use.model.absolute())}
+    return {**use.env, MODEL_ENV: str(use.model.absolute())}
 
 
 def counted(items: list, what: str) -> Iterator:

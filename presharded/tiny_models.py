@@ -1,7 +1,7 @@
 """Tiny models built offline and deterministically: real architectures'
-configs at toy sizes, random weights, a small BPE tokenizer trained on a
-built-in text. Their tokens are nonsense, but the same nonsense every time,
-which is what a round-trip test needs.
+configs at toy sizes, random weights, a word-level tokenizer of the words of
+a built-in text. What they say is words in a random order, the same every
+time, which is what a round-trip test needs.
 
     python -m presharded.tiny_models build/tiny-llama [--arch qwen2]
 """
@@ -12,22 +12,36 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 CORPUS = """\
-A pre-sharded checkpoint stores each tensor-parallel rank's slice of every
-weight in its own files, so that at start-up each GPU reads only its own part.
-The quick brown fox jumps over the lazy dog. Pack my box with five dozen
-liquor jugs. How vexingly quick daft zebras jump! Sphinx of black quartz,
-judge my vow. The five boxing wizards jump quickly. 0123456789
-""" * 8
+A pre-sharded checkpoint stores each rank's slice of every weight in its own
+files, so that at start-up each GPU reads only its own part. The quick brown
+fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. How
+vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.
+The model was saved once and started many times: on a new node the disk
+sets the pace, on a warm one the memory does. Read the manifest first, then
+check every file against it; trust nothing that arrives from far away until
+its hash agrees. When the engine wakes, the weights come back from the same
+files, and the first token follows a moment later. Servers restart often in
+production, with eight cards and large models; every second of waiting is
+paid by people who ask a question and watch the screen. A small tool should
+do one job well, say what went wrong in one clear line, and never lose data.
+Tensors are split by rows or columns, experts are spread across devices,
+and pipeline stages hold their layers in turn. We measure before we claim,
+write down the command, and keep the numbers honest. Hello, world: what is
+the capital of France? Paris is, and the river runs through it. Once upon a
+time a small fox found a red apple under an old tree near the cold sea.
+"""
+SPECIALS = ["<unk>", "<s>", "</s>"]
+WORDS = sorted({word for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(CORPUS.lower())})
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
 )
-VOCAB = 384
+VOCAB = len(SPECIALS) + len(WORDS)  # one id per word: the model says nothing a tokenizer cannot spell
 # Shapes shared by the decoder-only architectures below: 4 heads of 32, 2 KV heads.
 DECODER = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256)
@@ -48,25 +62,19 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per word (and per run of punctuation) of CORPUS, lowercased; decoded with spaces."""
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces, " ." -> "."
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def build_tiny(out: Path, arch: str = "llama", *, num_layers: int = 4, seed: int = 0) -> Path:
     """Write a tiny model of `arch` (config, safetensors weights, tokenizer) to `out`."""
-    tokenizer = build_tokenizer(vocab_size=VOCAB)
+    tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     config_class, kwargs = ARCHITECTURES[arch]
     config = getattr(transformers, config_class)(

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import blake3
 
+from presharded.env import TRUST_ENV
 from presharded.errors import UserError
 from presharded.manifest import CACHES_DIR, SNAPSHOTS_DIR, CopiedFile
 from presharded.private import private_folder
 
-TRUST_ENV = "PRESHARDED_TRUST_START_CACHES"
 TRUST_FLAG = "--trust-start-caches"
-TRUST_SNAPSHOT_ENV = "PRESHARDED_TRUST_SNAPSHOT"
 TRUST_SNAPSHOT_FLAG = "--trust-snapshot"
 RECORDS = {CACHES_DIR: "trusted-start-caches", SNAPSHOTS_DIR: "trusted-snapshots"}
 

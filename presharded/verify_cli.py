@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from presharded import progress, s3
-from presharded.load_checks import check_checkpoint
+from presharded.load_checks import verify_checkpoint
 from presharded.errors import UserError, exits_cleanly
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.generate import PROMPTS, greedy_tokens
@@ -45,8 +45,7 @@ def main() -> None:
             raise UserError(f"--node-rank {args.node_rank}: {args.checkpoint} was saved by {saved.nodes} node(s), "
                             f"ranked 0 to {saved.nodes - 1}")
         node = Node(args.node_rank, saved.nodes)
-    manifest = check_checkpoint(folder, verify_hashes=True, every_file=True, caches=True,
-                                require_manifest=True, node=node, s3_url=url)
+    manifest = verify_checkpoint(folder, node, url)
     shards = manifest.shards_of(node.ranks(manifest.tensor_parallel_size, manifest.pipeline_parallel_size))
     cached = sum(len(entries) for entries in manifest.caches.values())
     snapshot = sum(len(entries) for entries in manifest.snapshots.values())

@@ -4,7 +4,6 @@ Checked against vLLM 0.26 (CUDA) and 0.32 (CPU)."""
 import importlib
 import platform
 from collections import Counter
-from pathlib import Path
 
 import torch
 import vllm
@@ -22,11 +21,10 @@ __all__ = [
     "REQUEST_ERRORS",
     "VLLM_VERSION",
     "is_cpu",
+    "model_facts",
     "online_quantized_layers",
     "parallel_ranks",
     "parallel_sizes",
-    "SNAPSHOT_WORKER",
-    "SnapshotWorker",
     "bind",
     "engine_client",
     "serve",
@@ -34,6 +32,7 @@ __all__ = [
     "register_model_loader",
     "run_workers",
     "shut_down",
+    "sleep_allocations",
     "unique_tensors",
 ]
 
@@ -133,6 +132,13 @@ def run_workers(engine_args, wait) -> None:
         executor.shutdown()
 
 
+def model_facts(llm) -> dict:
+    """What a manifest records of the model an `LLM` runs: its dtype, quantization and architecture."""
+    config = llm.llm_engine.model_config
+    return {"dtype": str(config.dtype).removeprefix("torch."), "quantization": config.quantization,
+            "architecture": config.hf_config.architectures[0]}
+
+
 def shut_down(llm) -> None:
     """Stop an `LLM`'s engine and give its memory back, before another engine starts on the same devices."""
     import gc
@@ -143,92 +149,15 @@ def shut_down(llm) -> None:
         torch.cuda.empty_cache()
 
 
-class SnapshotWorker:
-    """What an engine snapshot's worker gains (`--worker-extension-cls`), called by name through
-    collective_rpc: a function cannot cross the server's socket to its engine core."""
-
-    def presharded_asleep(self) -> dict[str, float]:
-        """Asleep: every GPU block not in use given back (what is left goes into the image), the output
-        to /dev/null (a server's engine core writes to its starter's pipe otherwise). The GiB the image
-        will hold of this process: its resident memory, the GPU's still in use and torch's part of that
-        (its own pool, CUDA graphs' pools)."""
-        import psutil
-
-        from presharded.snapshot import redirect
-
-        redirect(None)
-        gib = {"rss": psutil.Process().memory_info().rss / 2**30}
-        if torch.cuda.is_available():
-            from vllm.device_allocator.cumem import CuMemAllocator
-
-            torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info()
-            gib.update(gpu_in_use=(total - free) / 2**30, torch=0.0, graphs=0.0)
-            asleep = CuMemAllocator.get_instance().pointer_to_data  # sleep mode's, unmapped now
-            for segment in torch.cuda.memory_snapshot():
-                if segment["address"] not in asleep:
-                    pool = "torch" if tuple(segment["segment_pool_id"]) == (0, 0) else "graphs"
-                    gib[pool] += segment["total_size"] / 2**30
-        return {k: round(v, 3) for k, v in gib.items()}
-
-    def presharded_keep(self, folder: str, kept_as: str) -> int:
-        """Awake, before sleep mode frees the weights: what the checkpoint's files cannot give back
-        (presharded/snapshot_weights.py) written to `folder`, found again at `kept_as` in the model
-        folder; the plan stays in this process, hence in the image. The bytes kept."""
-        from presharded.fast_loader import FastShardedStateLoader
-        from presharded.snapshot_weights import PREFIX, kept_bytes, plan
-        from presharded.writer import CHUNK_SIZE, write_file
-
-        runner = self.model_runner
-        model = runner.get_model()
-        loader = FastShardedStateLoader(self.vllm_config.load_config)
-        if loader.staging:  # not read with: nothing of it goes into the image
-            loader.staging.release()
-        files, _ = loader.rank_files(runner.model_config)
-        name = "rank-pp{}-tp{}.safetensors".format(*parallel_ranks())
-        self.presharded_plan = plan(unique_tensors(model.state_dict()), freed_storages(model), files,
-                                    f"{kept_as}/{name}")
-        if self.presharded_plan.path:
-            # Not pinned: torch would keep pinned memory cached, and the image with it.
-            buffers = [torch.empty(CHUNK_SIZE, dtype=torch.uint8) for _ in range(2)]
-            write_file(Path(folder) / name, {f"{PREFIX}{k}": t for k, t in self.presharded_plan.kept.items()},
-                       buffers)
-        return kept_bytes(self.presharded_plan)
-
-    def presharded_restored(self, log: str, weights: bool) -> None:
-        """Restored, before the wake: the output to `log`; if the weights were freed (sleep level 2),
-        our loader made now, so that its staging buffers are pinned while the engine wakes."""
-        from presharded.fast_loader import FastShardedStateLoader
-        from presharded.snapshot import redirect
-
-        redirect(log)
-        if weights:
-            self.presharded_loader = FastShardedStateLoader(self.vllm_config.load_config)
-
-    def presharded_refill(self) -> None:
-        """Woken: the weights back from the checkpoint's files and the snapshot's own, as presharded_keep
-        planned."""
-        runner = self.model_runner
-        self.presharded_loader.refill(runner.get_model(), runner.model_config, self.presharded_plan)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-
-def freed_storages(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's storages that sleep mode frees: those in its weights' memory pool (on a CPU, with
-    neither pool nor sleep mode, every storage the model holds)."""
-    from presharded.snapshot_weights import held
-
-    if is_cpu():
-        return held(model, lambda address: True)
+def sleep_allocations(tag: str | None = None) -> dict[int, int]:
+    """Sleep mode's allocations on the GPU (those with `tag`, e.g. "weights", if given): address -> size.
+    Empty where there is no CUDA."""
+    if not torch.cuda.is_available():
+        return {}
     from vllm.device_allocator.cumem import CuMemAllocator
 
-    pool = [(ptr, ptr + data.handle[1]) for ptr, data in CuMemAllocator.get_instance().pointer_to_data.items()
-            if data.tag == "weights"]
-    return held(model, lambda address: any(lo <= address < hi for lo, hi in pool))
-
-
-SNAPSHOT_WORKER = f"{__name__}.SnapshotWorker"
+    return {ptr: data.handle[1] for ptr, data in CuMemAllocator.get_instance().pointer_to_data.items()
+            if tag is None or data.tag == tag}
 
 
 def _api_server():

@@ -17,8 +17,8 @@ quiet .venv/bin/python save_sharded_state.py --model build/tiny-llama --output b
   --tensor-parallel-size 2 --replace >/dev/null
 .venv/bin/presharded-inspect build/tiny-llama-tp2
 echo
-echo "The tiny model's weights are random: its text is nonsense (the same on every run); the token ids"
-echo "are what the tests compare with vLLM's own loader."
+echo "The tiny model's weights are random: it says words of its tokenizer in a random order (the same"
+echo "on every run); the token ids are what the tests compare with vLLM's own loader."
 # --enforce-eager: on CPU, compiling the model would take longer than the demo itself.
 quiet .venv/bin/python load_sharded_state.py --model build/tiny-llama-tp2 --prompt "The quick brown fox" \
   --max-tokens 24 --enforce-eager

@@ -29,3 +29,11 @@ def test_disk_full_during_save(tiny_model, tmp_path):
         assert "No space left on device while writing" in line and "nothing was saved" in line
         assert "model-rank-0-part-0.safetensors" in line  # the file being written, not just the folder
         assert list(small.iterdir()) == []
+
+
+def test_vllm_save_hook_on_the_cpu_build(tiny_model, tmp_path):
+    # vLLM's CPU build repacks linear weights after loading: its hook would save a model without them.
+    line = refused("save: --vllm-save-hook on vLLM's CPU build", SAVE, "--model", str(tiny_model), "--output",
+                   str(tmp_path / "out"), "--vllm-save-hook", within=None)
+    assert "CPU build" in line and "drop --vllm-save-hook" in line
+    nothing_left(tmp_path / "out")

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from conftest import ROOT, cmdline, refused, same_weights, save, script_env, snapshot
-from presharded.load_checks import check_checkpoint
+from presharded.load_checks import check_for_load
 from presharded.staging import UNFINISHED_MARKER, staging_folders
 
 
@@ -57,14 +57,14 @@ def test_kill_9_mid_replace_keeps_the_old_checkpoint(tiny_model, checkpoints, tm
     proc.wait()
 
     assert snapshot(output) == before  # the old checkpoint, untouched and complete
-    check_checkpoint(output, verify_hashes=True)
+    check_for_load(output, verify_hashes=True)
     assert (staging / UNFINISHED_MARKER).exists()  # what was left behind is marked unfinished
     line = refused("a staging folder left by kill -9", "load_sharded_state.py", "--model", str(staging))
     assert "is an unfinished save" in line
 
     save(tiny_model, output, "--replace")  # the next save cleans up
     assert staging_folders(output) == []
-    assert check_checkpoint(output, verify_hashes=True).tensor_parallel_size == 1
+    assert check_for_load(output, verify_hashes=True).tensor_parallel_size == 1
 
 
 def test_ctrl_c_mid_save_leaves_nothing(tiny_model, tmp_path):
@@ -144,7 +144,7 @@ def test_two_saves_to_one_output_at_once(tiny_model, tied_model, checkpoints, tm
     assert "another save to" in line and "is running" in line
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-3000:]
-    manifest = check_checkpoint(output, verify_hashes=True)
+    manifest = check_for_load(output, verify_hashes=True)
     assert manifest.source == str(tiny_model)
     assert same_weights(output, checkpoints(1, 1))  # A's weights, all of them, and nothing of B's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

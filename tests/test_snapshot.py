@@ -25,7 +25,8 @@ from presharded import server, snapshot, snapshot_restore
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
 from presharded.snapshot import engine_flags, set_name
-from presharded.trust import TRUST_SNAPSHOT_ENV, record
+from presharded.env import TRUST_SNAPSHOT_ENV
+from presharded.trust import record
 
 FLAGS = ["--enforce-eager"]  # conftest.generate's engine flags
 REQUEST = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0.0, "top_p": 1.0}
@@ -62,9 +63,9 @@ def snapshotted(checkpoints, tmp_path, monkeypatch) -> Path:
 
 def restore(folder: Path, capsys, flags: list[str] = FLAGS, trust: bool = False) -> tuple[dict, list[str]]:
     """snapshot.restore as a load calls it: what it reported, and its warning lines."""
-    status: dict = {}
-    assert snapshot_restore.restore(folder, read_manifest(folder), flags, REQUEST, trust, status) is None
-    return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    status = snapshot_restore.restore(folder, read_manifest(folder), flags, REQUEST, trust)
+    assert status.output is None
+    return status.report(), [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
 
 
 FAILS = "echo 'Error (criu/cr-restore.c:2417): no process to restore here' >&2\nexit 1\n"
@@ -151,7 +152,7 @@ import json, sys
 from pathlib import Path
 from vllm import LLM, SamplingParams
 from presharded.snapshot_weights import held
-from presharded.vllm_compat import SNAPSHOT_WORKER
+from presharded.snapshot_worker import SNAPSHOT_WORKER
 
 model, out, prompt = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 llm = LLM(model=str(model), load_format="fast_sharded_state", worker_extension_cls=SNAPSHOT_WORKER,
@@ -246,9 +247,9 @@ def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, t
     vLLM's server starts on the checkpoint with our loader and answers with a load's tokens."""
     served = tmp_path / "served"
     with_snapshot(checkpoints(1, 1), served, server=True)
-    status: dict = {}
-    assert snapshot_restore.serve(snapshotted, read_manifest(snapshotted), FLAGS, True, status) is None
-    assert "has no server snapshot" in status["reason"]  # an engine's set is not a server's
+    status = snapshot_restore.serve(snapshotted, read_manifest(snapshotted), FLAGS, True)
+    assert not status.used and status.exit_code is None
+    assert "has no server snapshot" in status.reason  # an engine's set is not a server's
     log = tmp_path / "serve.log"
     with serving(served, *FLAGS, "--trust-snapshot", env={"PATH": fake_tools(tmp_path / "bin")}, entry=server.SERVE,
                  log=log) as complete:

@@ -14,10 +14,11 @@ import pytest
 
 from conftest import PROMPT, ROOT, run_script, script_env, serving
 from presharded import start_caches
-from presharded.load_checks import check_checkpoint
+from presharded.load_checks import cached_entries, check_for_load, check_hashes
 from presharded.manifest import CACHES_DIR, hash_file, read_manifest, write_manifest
 from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, files_under
-from presharded.trust import TRUST_ENV, TRUST_FLAG
+from presharded.env import TRUST_ENV
+from presharded.trust import TRUST_FLAG
 
 
 def user_caches(tmp_path, name: str = "user-caches") -> dict[str, str]:
@@ -154,12 +155,12 @@ def test_a_kill_while_a_set_is_copied_leaves_the_old_set(cached, tmp_path, monke
     with pytest.raises(OSError, match="killed"):
         start_caches.store_set(workspace, checkpoint, name)
     monkeypatch.undo()
-    check_checkpoint(checkpoint, verify_hashes=True, caches=True)  # the set the manifest lists, intact
+    check_hashes(checkpoint, cached_entries(check_for_load(checkpoint)))  # the set the manifest lists, intact
     assert [p.name for p in (checkpoint / CACHES_DIR).iterdir() if p.name.startswith(".")] != []  # verify names it
     manifest.caches[name] = start_caches.store_set(workspace, checkpoint, name)
     assert f"{CACHES_DIR}/{name}/vllm/compiled-later.bin" in {e.path for e in manifest.caches[name]}
     write_manifest(checkpoint, manifest)
-    check_checkpoint(checkpoint, verify_hashes=True, caches=True)
+    check_hashes(checkpoint, cached_entries(check_for_load(checkpoint)))
 
 
 def planted(cached: Path, folder: Path, marker: Path) -> Path:

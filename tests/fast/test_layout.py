@@ -1,7 +1,9 @@
 """The arrows point down: the two scripts use the package (and vLLM's public
-API); the package reaches vLLM's internals only through vllm_compat.py and
-never runs or imports the scripts; importing the package (vLLM does, in every
-engine process, through our plugin) imports neither torch nor vLLM."""
+API); the package's modules import one another without a cycle (imports
+inside functions count), reach vLLM's internals only through vllm_compat.py,
+which imports nothing of ours, and never run or import the scripts; importing
+the package (vLLM does, in every engine process, through our plugin) imports
+neither torch nor vLLM."""
 
 import ast
 import subprocess
@@ -17,20 +19,48 @@ SCRIPTS = ["save_sharded_state", "load_sharded_state"]
 
 
 def imports(path: Path) -> set[str]:
+    """Every module `path` imports, at its top or inside a function (`from presharded import x`: presharded.x)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            if node.module == "presharded":
+                names |= {f"presharded.{alias.name}" for alias in node.names}
     return names
+
+
+def ours(path: Path) -> set[str]:
+    return {m.split(".")[1] for m in imports(path) if m.startswith("presharded.")} - {path.stem}
+
+
+def test_no_import_cycle():
+    graph = {p.stem: ours(p) for p in PACKAGE}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        assert module not in path, "an import cycle: " + " -> ".join([*path[path.index(module):], module])
+        if module not in done:
+            for dep in sorted(graph.get(module, ())):
+                visit(dep, [*path, module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_vllm_compat_imports_nothing_of_ours():
+    assert ours(ROOT / "presharded" / "vllm_compat.py") == set()
 
 
 @pytest.mark.parametrize("path", PACKAGE, ids=lambda p: p.name)
 def test_the_package_never_reaches_up_to_the_scripts(path):
     assert not imports(path) & {*SCRIPTS, "runpy"}
-    names = {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)}
-    assert not names & {f"{script}.py" for script in SCRIPTS}, "a script run by its path"
+    names = {node.value for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    spelled = {n for n in names for s in SCRIPTS if n in (s, f"{s}.py", f"{s}:main") or n.endswith(f"/{s}.py")}
+    assert not spelled, f"a script run by its name or path: {spelled}"
     assert "__file__" not in path.read_text(), "a path beside the package: not there once it is installed"
 
 
@@ -63,3 +93,12 @@ def test_the_readme_lists_every_module():
     unlisted = [p.name for p in PACKAGE if p.name != "__init__.py" and f"{p.name}`" not in table]
     assert not unlisted, f"README's layout table misses {unlisted}"
     assert len(readme.splitlines()) <= 120
+
+
+def test_the_snapshot_rpcs_name_the_workers_methods():
+    from presharded import snapshot
+
+    tree = ast.parse((ROOT / "presharded" / "snapshot_worker.py").read_text())
+    worker, = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "SnapshotWorker"]
+    methods = {node.name for node in worker.body if isinstance(node, ast.FunctionDef)}
+    assert {snapshot.ASLEEP, snapshot.KEEP_WEIGHTS, snapshot.RESTORED, snapshot.REFILL} <= methods

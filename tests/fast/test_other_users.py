@@ -115,13 +115,13 @@ def test_a_snapshot_image_planted_in_memory_before_the_first_restore(files_only,
     if fixed:
         own_everything(images)
         seal(copy, "pages-1.img", entry, os.getuid())
-    status: dict = {}
+    status = snapshot_restore.Restore()
     snapshot_restore.ready_image(ckpt, manifest, [], True, status, False)
     if not fixed:
-        assert f"belongs to uid {ATTACKER}" in status["reason"] and f"remove {images}" in status["reason"]
+        assert f"belongs to uid {ATTACKER}" in status.reason and f"remove {images}" in status.reason
         assert planted.read_bytes().startswith(b"the other user's")  # left alone, and not used
     else:  # taken as checked: CRIU would be pointed at it (here no CRIU: refused after the copy)
-        assert "belongs to uid" not in status.get("reason", "")
+        assert "belongs to uid" not in (status.reason or "")
         assert planted.read_bytes().startswith(b"the other user's")
 
 

@@ -128,3 +128,26 @@ def test_checks_run_before_torch_or_vllm_is_imported(source, tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["1", "False", "False"], proc.stderr[-2000:]
     assert "is inside the source model" in proc.stderr
+
+
+@pytest.mark.parametrize("case,flags,words", [
+    ("online quantization", ["-q", "fp8"], "issue 41174"),
+    ("pipeline stages", ["-pp", "2"], "overwrite each other"),
+    ("several nodes", ["--nnodes", "2"], "no record of them"),
+    ("a pattern with {tp_rank}", ["--file-pattern", "m-{tp_rank}-{part}.safetensors"], "only {rank} and {part}"),
+])
+def test_vllm_save_hook_where_it_does_not_load_back(source, tmp_path, case, flags, words):
+    line = refused(f"save: --vllm-save-hook with {case}", SAVE, "--model", str(source), "--output",
+                   str(tmp_path / "out"), "--vllm-save-hook", *flags)
+    assert words in line
+    nothing_left(tmp_path / "out")
+
+
+def test_vllm_save_hook_on_a_mixture_of_experts(tmp_path):
+    from presharded.tiny_models import build_tiny
+
+    moe = build_tiny(tmp_path / "moe", "qwen3-moe", num_layers=1)
+    line = refused("save: --vllm-save-hook on a mixture-of-experts model", SAVE, "--model", str(moe), "--output",
+                   str(tmp_path / "out"), "--vllm-save-hook")
+    assert "mixture-of-experts" in line and "PR 51496" in line
+    nothing_left(tmp_path / "out")

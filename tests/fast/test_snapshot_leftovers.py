@@ -39,9 +39,9 @@ def compiled_in(workspace) -> list[str]:
 def test_a_snapshot_that_cannot_run_here_puts_no_code_in_the_workspace(with_snapshot, monkeypatch):
     ckpt, manifest, workspace = with_snapshot
     monkeypatch.setattr(snapshot_restore, "unsupported", lambda *args: "criu not found on PATH")
-    status: dict = {}
+    status = snapshot_restore.Restore()
     assert snapshot_restore.ready_image(ckpt, manifest, [], True, status, False) is None
-    assert status["reason"] == "criu not found on PATH" and compiled_in(workspace) == []
+    assert status.reason == "criu not found on PATH" and compiled_in(workspace) == []
 
 
 def test_a_damaged_compiled_file_takes_back_what_was_put_in_place(with_snapshot, monkeypatch):
@@ -49,12 +49,12 @@ def test_a_damaged_compiled_file_takes_back_what_was_put_in_place(with_snapshot,
     monkeypatch.setattr(snapshot_restore, "unsupported", lambda *args: None)  # as where CRIU runs
     name = next(iter(manifest.snapshots))
     (ckpt / "snapshots" / name / "workspace/inductor/b.py").write_bytes(b"# c\n")  # same size, other bytes
-    status: dict = {}
+    status = snapshot_restore.Restore()
     assert snapshot_restore.ready_image(ckpt, manifest, [], True, status, False) is None
-    assert "damaged" in status["reason"] and compiled_in(workspace) == []
+    assert "damaged" in status.reason and compiled_in(workspace) == []
     assert not list((workspace / start_caches.SEALS).rglob("*.py"))
     (ckpt / "snapshots" / name / "workspace/inductor/b.py").write_bytes(b"# b\n")  # the control: whole, in place
-    assert snapshot_restore.ready_image(ckpt, manifest, [], True, {}, False) is not None
+    assert snapshot_restore.ready_image(ckpt, manifest, [], True, snapshot_restore.Restore(), False) is not None
     assert compiled_in(workspace) == ["a.py", "b.py"]
-    snapshot_restore.take_back({"set": name}, manifest, workspace)  # what a failed restore does
+    snapshot_restore.take_back(snapshot_restore.Restore(set=name), manifest, workspace)  # what a failed restore does
     assert compiled_in(workspace) == []

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from presharded.snapshot import holds_gpu, kill_tree, tree, unlink_shared_files
+from presharded.processes import holds_gpu, kill_tree, tree
+from presharded.snapshot import unlink_shared_files
 
 HOLDER = """
 import multiprocessing, subprocess, sys, time
