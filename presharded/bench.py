@@ -187,7 +187,7 @@ def parse_format(spec: str) -> tuple[str, dict]:
     return name, config
 
 
-def start_once(model: Path, spec: str, tp: int, extra: list[str], env: dict | None = None, tokens: int = 1) -> dict:
+def timed_start(model: Path, spec: str, tp: int, extra: list[str], env: dict | None = None, tokens: int = 1) -> dict:
     load_format, config = parse_format(spec)
     options = ["--model-loader-extra-config", json.dumps(config)] if config else []
     cmd = [sys.executable, "-m", "presharded.generate", json.dumps([[str(model), load_format]]), "--prompts",
@@ -237,7 +237,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
     report: dict = {"source": str(source), "source_bytes": sum(f.stat().st_size for f in source_files),
                     "runs": [], "saves": [], "dd": []}
     if args.throwaway:  # a machine's first engine start pays one-time warm-up (kernel JIT, caches): not counted
-        start_once(source, "dummy", args.tp[0], extra)
+        timed_start(source, "dummy", args.tp[0], extra)
     for tp in args.tp:
         checkpoint = work / f"tp{tp}"
         if args.save or read_manifest(checkpoint) is None:
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
             load_format, _ = parse_format(spec)
             model, files = (source, source_files) if load_format in ("auto", "dummy") else (checkpoint, every_rank)
             set_cache(files, warm=cache == "warm")
-            row = start_once(model, spec, tp, extra, tokens=args.max_tokens)
+            row = timed_start(model, spec, tp, extra, tokens=args.max_tokens)
             row.update(tp=tp, format=spec, cache=cache, repeat=repeat, rank_bytes=rank_bytes,
                        gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
             report["runs"].append(row)
@@ -286,7 +286,7 @@ WARM_AGAIN = ["sharded_state", "ours-caches", "snapshot"]  # the same node again
 
 def start_restored(checkpoint: Path, tp: int, extra: list[str], tokens: int = 1) -> dict:
     """The checkpoint's engine snapshot restored and asked for a token (presharded.generate --snapshot);
-    its phases in start_once's terms (no import, no profiling: a restore, a wake and the weights)."""
+    its phases in timed_start's terms (no import, no profiling: a restore, a wake and the weights)."""
     cmd = [sys.executable, "-m", "presharded.generate", json.dumps([[str(checkpoint), FAST_FORMAT]]),
            "--prompts", json.dumps(["The quick brown fox"]), "--max-tokens", str(tokens), *FRESH["snapshot"][1],
            "-tp", str(tp), *extra]
@@ -379,7 +379,7 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
             if name == "snapshot":
                 row = start_restored(checkpoint, tp, extra, tokens=args.max_tokens)
             else:
-                row = start_once(checkpoint, load_format, tp, [*flags, *extra], env, tokens=args.max_tokens)
+                row = timed_start(checkpoint, load_format, tp, [*flags, *extra], env, tokens=args.max_tokens)
             row.update(tp=tp, format=name, cache=cache, repeat=0, rank_bytes=rank_bytes,
                        gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
             report["runs"].append(row)

@@ -23,14 +23,17 @@ def parse_size(text: str) -> int:
     return int(float(number) * base ** " kmgt".index(unit or " "))
 
 
-def _normalize(argv: Sequence[str]) -> list[str]:
-    # vLLM's parser accepts --tensor_parallel_size as well as --tensor-parallel-size.
+def normalize(argv: Sequence[str]) -> list[str]:
+    """The command line in one spelling: vLLM's parser takes --tensor_parallel_size as well as
+    --tensor-parallel-size, and --a=b as well as --a b (kept joined where b looks like a flag)."""
     out = []
     for arg in argv:
         if arg.startswith("--"):
             key, eq, value = arg.partition("=")
-            arg = key.replace("_", "-") + eq + value
-        out.append(arg)
+            key = key.replace("_", "-")
+            out += [key, value] if eq and not value.startswith("-") else [key + eq + value]
+        else:
+            out.append(arg)
     return out
 
 
@@ -86,7 +89,7 @@ def parse_for_checks(argv: Sequence[str], add_flags: AddFlags, description: str)
     parser.add_argument("--master-addr", default=None)
     parser.add_argument("--master-port", type=int, default=None)
     add_flags(parser)
-    argv = _normalize(argv)
+    argv = normalize(argv)
     args, _ = parser.parse_known_args(argv)
     if args.config:
         args, _ = parser.parse_known_args(config_file_args(args.config, set(vars(args))) + argv)
@@ -99,7 +102,7 @@ def engine_argv(argv: Sequence[str], add_flags: AddFlags) -> list[str]:
     parser = _OneLineErrors(add_help=False, allow_abbrev=False)
     parser.add_argument("--model")
     add_flags(parser)
-    return parser.parse_known_args(_normalize(argv))[1]
+    return parser.parse_known_args(normalize(argv))[1]
 
 
 def check_counts(args: argparse.Namespace) -> None:

@@ -88,7 +88,7 @@ class Load:
 
                 ranks = self.node.ranks(self.manifest.tensor_parallel_size, self.manifest.pipeline_parallel_size)
                 files = [Path(early.model) / s.path for s in self.manifest.shards_of(ranks)]
-                self.prefetching = prefetch.start(files) is not None
+                self.prefetching = prefetch.read_ahead(files) is not None
         if self.nodes:  # every node runs the same checkpoint and layout, or none starts
             self.nodes.agree({"checkpoint": self.manifest.id if self.manifest else early.model,
                               "load_format": load_format,
@@ -117,7 +117,7 @@ class Load:
         from presharded import prefetch, snapshot_restore
 
         if not self.prefetching:
-            self.prefetching = prefetch.start([Path(early.model) / s.path for s in self.manifest.shards]) is not None
+            self.prefetching = prefetch.read_ahead([Path(early.model) / s.path for s in self.manifest.shards]) is not None
         request = request or {k: getattr(early, k) for k in ("prompt", "max_tokens", "temperature", "top_p")}
         self.snapshot = snapshot_restore.restore(Path(early.model), self.manifest,
                                                  engine_argv(self.argv, self.add_flags), request, early.trust_snapshot)

@@ -24,7 +24,7 @@ def available_memory() -> int:
     return 0
 
 
-def start(paths: list[Path]) -> threading.Thread | None:
+def read_ahead(paths: list[Path]) -> threading.Thread | None:
     """The background read of `paths`, started; None when they would not fit."""
     need, room = sum(p.stat().st_size for p in paths), available_memory()
     if need > 0.9 * room:

@@ -156,13 +156,13 @@ def load_files(paths: list[File], params: dict[str, torch.Tensor], staging: Stag
     returns the bytes read. Releases the staging buffers, whatever happens."""
     device = next(iter(params.values())).device
     try:
-        work = plan(paths, params, staging.chunk_size, skip)
+        work = read_plan(paths, params, staging.chunk_size, skip)
         return read(work, staging.take(), staging.threads, device)
     finally:
         staging.release()
 
 
-def plan(paths: list[File], params: dict[str, torch.Tensor], chunk_size: int,
+def read_plan(paths: list[File], params: dict[str, torch.Tensor], chunk_size: int,
          skip: frozenset[str] = frozenset()) -> list[Chunk]:
     """Every file's chunks; each of `params` must be filled exactly once (they are taken out of it)."""
     work = []

@@ -25,7 +25,7 @@ from presharded.errors import UserError, exits_cleanly
 from presharded.flags import parse_for_checks
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import checked_manifest
-from presharded.snapshot_restore import serve
+from presharded.snapshot_restore import restore_server
 from presharded.env import TRUST_SNAPSHOT_ENV
 from presharded.trust import TRUST_SNAPSHOT_FLAG
 
@@ -57,7 +57,7 @@ def main() -> None:
     else:
         model = Path(args.checkpoint)
         manifest = checked_manifest(model)
-        if (served := serve(model, manifest, flags, args.trust)).used:
+        if (served := restore_server(model, manifest, flags, args.trust)).used:
             sys.exit(served.exit_code)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *ours, *flags]
     sys.stderr.flush()

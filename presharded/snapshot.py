@@ -47,6 +47,7 @@ import blake3
 
 import presharded
 from presharded.errors import UserError
+from presharded.flags import normalize
 from presharded.load_checks import checked_manifest
 from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, Manifest, hash_file, write_manifest
 from presharded.private import open_lock, private_folder
@@ -84,16 +85,11 @@ SERVER_ONLY = {"--host", "--port", "--uds", "--api-key", "--served-model-name", 
 IMAGES = Path("/dev/shm") if Path("/dev/shm").is_dir() else WORKSPACE.parent  # the checked copy: memory, no disk
 
 
-def engine_flags(argv: list[str], server: bool = False) -> list[str]:
-    """The engine flags as a snapshot compares them: `--a_b=c` as `--a-b c`; without --load-format
-    (a restored engine reads its weights with fast_sharded_state), nor, for a server, its SERVER_ONLY flags."""
-    flags: list[str] = []
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, value = arg.partition("=")
-            flags += [key.replace("_", "-"), value] if eq else [key.replace("_", "-")]
-        else:
-            flags.append(arg)
+def compared_flags(argv: list[str], server: bool = False) -> list[str]:
+    """The engine flags as a snapshot compares them: in one spelling (`--a_b=c` as `--a-b c`); without
+    --load-format (a restored engine reads its weights with fast_sharded_state), nor, for a server, its
+    SERVER_ONLY flags."""
+    flags = normalize(argv)
     while "--load-format" in flags:
         at = flags.index("--load-format")
         del flags[at:at + 2]
@@ -235,7 +231,7 @@ def tool(*args: str, log: Path | None = None) -> float:
     return time.perf_counter() - start
 
 
-def engine_env(extra: dict[str, str], server: bool) -> dict[str, str]:
+def snapshot_env(extra: dict[str, str], server: bool) -> dict[str, str]:
     """The snapshotted process's environment: its image keeps it, so no secrets."""
     env = {k: v for k, v in os.environ.items() if not any(word in k.upper() for word in SECRETS)}
     package = str(Path(presharded.__path__[0]).resolve().parent)  # it runs from / (a folder every node has)
@@ -272,7 +268,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
     """The verb of presharded-snapshot: a snapshot of an engine (or of vLLM's server) started on
     `checkpoint` with the flags `argv`, added to the checkpoint; its name and what it took."""
     manifest = checked_manifest(checkpoint)
-    flags = engine_flags(argv, server)
+    flags = compared_flags(argv, server)
     if problem := unsupported(manifest, 1, flags):
         raise UserError(f"cannot snapshot {checkpoint}: {problem}")
     uring = Path("/proc/sys/kernel/io_uring_disabled")
@@ -292,7 +288,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
         put(box / KEEP, {"folder": str(new / KEPT), "kept_as": f"{SNAPSHOTS_DIR}/{name}/{KEPT}"})
         cmd = [*NAMESPACE, sys.executable, "-m", module, str(box), "--model", str(workspace / "model"), *flags]
         print(f"starting vLLM on {checkpoint} for the snapshot {name}", file=sys.stderr, flush=True)
-        env = engine_env({**caches, "VLLM_RPC_BASE_PATH": str(rpc_folder())}, server)
+        env = snapshot_env({**caches, "VLLM_RPC_BASE_PATH": str(rpc_folder())}, server)
         # Pipes, not this process's own files: a file opened outside the namespace is on a mount that
         # CRIU cannot find inside it (and every process vLLM starts inherits them).
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

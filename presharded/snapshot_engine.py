@@ -28,7 +28,7 @@ from presharded.snapshot import (ASLEEP, DONE, KEEP, KEEP_WEIGHTS, READY, REFILL
 PROMPT = "The capital of France is"
 
 
-def start(argv: list[str], sleep: bool):
+def start_engine(argv: list[str], sleep: bool):
     """vLLM's engine as a load starts it (the checkpoint's layout where unset), with sleep mode if `sleep`."""
     from vllm import LLM, EngineArgs
 
@@ -86,7 +86,7 @@ def main() -> None:
     own_session()
     inbox, argv, sleep = Path(sys.argv[1]), sys.argv[2:], sleeps()
     t = time.perf_counter()
-    llm = start(argv, sleep)
+    llm = start_engine(argv, sleep)
     tokens = list(generate(llm, PROMPT, 16).token_ids)
     started = time.perf_counter() - t
     asleep, kept = fall_asleep(llm, sleep, json.loads((inbox / KEEP).read_text()))

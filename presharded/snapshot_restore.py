@@ -23,7 +23,7 @@ from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.private import private_folder
 from presharded.processes import alive, become_subreaper, end_children, ns_pid, reap, tree
 from presharded.snapshot import (COMPILED, CRIU_FLAGS, DONE, ENGINE_LOG, IMAGES, META, NAMESPACE_FLAGS, REQUEST, SERVER,
-                                 engine_flags, inbox, is_kept, put, rpc_folder, set_name, tool, unsupported, wait_for)
+                                 compared_flags, inbox, is_kept, put, rpc_folder, set_name, tool, unsupported, wait_for)
 from presharded.start_caches import SEALS, WORKSPACE, checkpoint_id, is_file_of_size, link_model, put_in_place
 from presharded.env import TRUST_SNAPSHOT_ENV
 from presharded.trust import TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
@@ -164,7 +164,7 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
     cannot be (the caller then starts vLLM)."""
     status = Restore()
     start = time.perf_counter()
-    if (ready := ready_image(checkpoint, manifest, engine_flags(argv), trust, status, False)) is None:
+    if (ready := ready_image(checkpoint, manifest, compared_flags(argv), trust, status, False)) is None:
         return status
     seconds = status.seconds
     image, workspace = ready
@@ -195,17 +195,17 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
     return status
 
 
-def serve(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = False) -> Restore:
+def restore_server(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = False) -> Restore:
     """The verb of presharded-serve: the checkpoint's server snapshot for this machine and these flags,
     restored to serve as `argv` asks (its port, its key): the server's exit code in `exit_code` once it
     stops; none, with one warning, when it cannot be restored (the caller then starts vLLM's server)."""
     status = Restore()
     start = time.perf_counter()
-    if (ready := ready_image(checkpoint, manifest, engine_flags(argv, True), trust, status, True)) is None:
+    if (ready := ready_image(checkpoint, manifest, compared_flags(argv, True), trust, status, True)) is None:
         return status
     seconds = status.seconds
     image, workspace = ready
-    if (key := os.environ.get("VLLM_API_KEY")) and "--api-key" not in engine_flags(argv):
+    if (key := os.environ.get("VLLM_API_KEY")) and "--api-key" not in compared_flags(argv):
         argv = [*argv, "--api-key", key]  # the image's environment holds no secrets: the key goes with the request
     log = workspace / f"server-{os.getpid()}.log"  # outside the inbox, which is free once the server is up
     become_subreaper()

@@ -65,7 +65,7 @@ async def request_for(inbox: Path) -> dict:
 
 
 async def main_async(inbox: Path, argv: list[str]) -> None:
-    from presharded.vllm_compat import bind, engine_client, serve
+    from presharded.vllm_compat import bind, engine_client, serve_app
 
     sleep = sleeps()
     args = serve_args(argv, sleep)
@@ -102,7 +102,7 @@ async def main_async(inbox: Path, argv: list[str]) -> None:
             put(inbox / DONE, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
             return
         put(inbox / DONE, {"listen": listen, "seconds": seconds})
-        shutdown = await serve(engine, listen, sock, served)
+        shutdown = await serve_app(engine, listen, sock, served)
     await shutdown
 
 

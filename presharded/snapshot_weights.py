@@ -57,7 +57,7 @@ def storage_key(tensor: torch.Tensor) -> tuple[torch.device, int]:
     return tensor.device, tensor.untyped_storage().data_ptr()
 
 
-def plan(params: dict[str, torch.Tensor], storages: dict[str, torch.Tensor], files: list[Path],
+def refill_plan(params: dict[str, torch.Tensor], storages: dict[str, torch.Tensor], files: list[Path],
          path: str) -> Refill:
     """Which of `params` (the state dict, each storage once) the checkpoint's `files` give back exactly
     (same dtype, shape and bytes, the whole of its storage), and which of the freed `storages`

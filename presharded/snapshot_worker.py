@@ -11,7 +11,7 @@ from torch import nn
 
 from presharded.fast_loader import FastShardedStateLoader
 from presharded.snapshot import redirect
-from presharded.snapshot_weights import PREFIX, held, kept_bytes, plan
+from presharded.snapshot_weights import PREFIX, held, kept_bytes, refill_plan
 from presharded.vllm_compat import is_cpu, parallel_ranks, sleep_allocations, unique_tensors
 from presharded.writer import CHUNK_SIZE, write_file
 
@@ -46,7 +46,7 @@ class SnapshotWorker:
             loader.staging.release()
         files, _ = loader.rank_files(runner.model_config)
         name = "rank-pp{}-tp{}.safetensors".format(*parallel_ranks())
-        self.presharded_plan = plan(unique_tensors(model.state_dict()), freed_storages(model), files,
+        self.presharded_plan = refill_plan(unique_tensors(model.state_dict()), freed_storages(model), files,
                                     f"{kept_as}/{name}")
         if self.presharded_plan.path:
             # Not pinned: torch would keep pinned memory cached, and the image with it.

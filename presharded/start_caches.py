@@ -42,7 +42,7 @@ WORKSPACE = Path(tempfile.gettempdir()) / f"presharded-{os.getuid()}"
 SEALS = ".checked"  # in a workspace: which of its copies were hashed (put_in_place)
 
 
-def set_name(tensor_parallel_size: int, pipeline_parallel_size: int) -> str:
+def caches_set_name(tensor_parallel_size: int, pipeline_parallel_size: int) -> str:
     """What the caches depend on, as a folder name."""
     import torch
     import vllm
@@ -64,7 +64,7 @@ def checkpoint_id(manifest: Manifest) -> str:
     return manifest.id
 
 
-def engine_env(workspace: Path) -> dict[str, str]:
+def caches_env(workspace: Path) -> dict[str, str]:
     env = {var: str(workspace / kind) for kind, var in KINDS.items()}
     from presharded.vllm_compat import is_cpu
 
@@ -168,7 +168,7 @@ def use_set(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, 
     none = CachesInUse("none", folder, {})
     if manifest is None or not manifest.caches:
         return none
-    name = set_name(tensor_parallel_size, pipeline_parallel_size)
+    name = caches_set_name(tensor_parallel_size, pipeline_parallel_size)
     if name not in manifest.caches:
         print(f"warning: {folder} has start-up caches for {', '.join(manifest.caches)}, none for {name}: "
               "starting without them", file=sys.stderr)
@@ -184,7 +184,7 @@ def use_set(folder: Path, manifest: Manifest | None, tensor_parallel_size: int, 
     except UserError as e:
         print(f"warning: {e}; starting without the start-up caches", file=sys.stderr)
         return none
-    use = CachesInUse("none", workspace / "model", engine_env(workspace), workspace, before)
+    use = CachesInUse("none", workspace / "model", caches_env(workspace), workspace, before)
     os.environ.update(use.env)
     return use
 
@@ -194,19 +194,19 @@ def record_set(checkpoint: Path, engine_flags: list[str], serve: bool = False, t
     vLLM's server) and keep what it compiled, beside the set it started from if that may run,
     as the set for this machine; record that this user made it. Its name."""
     manifest = checked_manifest(checkpoint)
-    name = set_name(manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
+    name = caches_set_name(manifest.tensor_parallel_size, manifest.pipeline_parallel_size)
     with workspace_locked(manifest) as workspace:  # loads of this checkpoint here wait for it
         empty_workspace(workspace, checkpoint)
         if name in manifest.caches and trusted(checkpoint, name, manifest.caches[name], trust,
                                                "it is replaced by what this start compiles"):
             put_in_place(workspace, checkpoint, name, manifest.caches[name])  # a set grows
-        env = {**os.environ, **engine_env(workspace)}
+        env = {**os.environ, **caches_env(workspace)}
         what = "vLLM's server" if serve else "vLLM"
         print(f"starting {what} on {checkpoint} to fill the start-up caches {name}", file=sys.stderr, flush=True)
         if serve:
             start_server(workspace / "model", [*checkpoint_flags(manifest), *engine_flags], env)
         else:
-            start_once(workspace / "model", engine_flags, env)
+            start_to_compile(workspace / "model", engine_flags, env)
         manifest.caches[name] = store_set(workspace, checkpoint, name)
     write_manifest(checkpoint, manifest)
     try:
@@ -216,7 +216,7 @@ def record_set(checkpoint: Path, engine_flags: list[str], serve: bool = False, t
     return name
 
 
-def start_once(model: Path, engine_flags: list[str], env: dict[str, str]) -> None:
+def start_to_compile(model: Path, engine_flags: list[str], env: dict[str, str]) -> None:
     """vLLM on `model`, generating a few tokens: the first decode step may compile too."""
     cmd = [sys.executable, "-m", "presharded.generate", json.dumps([[str(model), SHARDED_STATE]]),
            "--max-tokens", "8", "--no-start-caches", *engine_flags]

@@ -27,7 +27,7 @@ __all__ = [
     "parallel_sizes",
     "bind",
     "engine_client",
-    "serve",
+    "serve_app",
     "serve_parser",
     "register_model_loader",
     "run_workers",
@@ -186,6 +186,6 @@ def bind(args) -> tuple[str, object]:
     return _api_server()[1].setup_server(args, reuse_port=False)
 
 
-async def serve(engine, listen: str, sock, args):
+async def serve_app(engine, listen: str, sock, args):
     """The app built on `engine` and served on `sock` until the server stops; its shutdown task."""
     return await _api_server()[2].build_and_serve(engine, listen, sock, args)

@@ -20,7 +20,7 @@ def test_prefetch_fills_the_page_cache(tmp_path):
     path.write_bytes(os.urandom(32 * 2**20))
     evict(path)
     before = cached_fraction(path)
-    prefetch.start([path]).join(timeout=60)
+    prefetch.read_ahead([path]).join(timeout=60)
     assert before < 0.5 and cached_fraction(path) > 0.95
 
 
@@ -28,6 +28,6 @@ def test_prefetch_is_skipped_when_the_files_do_not_fit(tmp_path, monkeypatch, ca
     path = tmp_path / "weights.bin"
     path.write_bytes(b"\0" * 2**20)
     monkeypatch.setattr(prefetch, "available_memory", lambda: 2**19)
-    assert prefetch.start([path]) is None
+    assert prefetch.read_ahead([path]) is None
     assert capsys.readouterr().err.startswith("warning: not reading the weights ahead: ")
 

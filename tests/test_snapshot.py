@@ -24,7 +24,7 @@ from conftest import PROMPT, cmdline, generate, refused, run_script, serving
 from presharded import server, snapshot, snapshot_restore
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
-from presharded.snapshot import engine_flags, set_name
+from presharded.snapshot import compared_flags, set_name
 from presharded.env import TRUST_SNAPSHOT_ENV
 from presharded.trust import record
 
@@ -37,7 +37,7 @@ def with_snapshot(checkpoint: Path, dest: Path, flags: list[str] = FLAGS, python
     """A copy of `checkpoint` at `dest` with a snapshot set (of the server if `server`) for this
     machine and `flags`; the set's name."""
     shutil.copytree(checkpoint, dest)
-    name = set_name(engine_flags(flags, server), 1, 1, server)
+    name = set_name(compared_flags(flags, server), 1, 1, server)
     files = {"pages-1.img": os.urandom(1 << 20), "snapshot.json": json.dumps({"python": os.path.realpath(python)})}
     manifest = read_manifest(dest)
     manifest.snapshots[name] = []
@@ -84,18 +84,18 @@ def fake_tools(folder: Path, criu: str = FAILS) -> str:
 
 
 def test_flags_compare_as_vllm_reads_them():
-    assert engine_flags(["--max_model_len=64", "-tp", "1"]) == ["--max-model-len", "64", "-tp", "1"]
-    assert engine_flags(["--load-format", "sharded_state", "--enforce-eager"]) == ["--enforce-eager"]
+    assert compared_flags(["--max_model_len=64", "-tp", "1"]) == ["--max-model-len", "64", "-tp", "1"]
+    assert compared_flags(["--load-format", "sharded_state", "--enforce-eager"]) == ["--enforce-eager"]
     assert set_name(["--enforce-eager"], 1, 1) != set_name(["--enforce-eager", "--max-model-len", "64"], 1, 1)
     served = ["--port", "8000", "--api-key=k", "--served-model-name", "a", "b", "--max-model-len", "64", "--host", "::"]
-    assert engine_flags(served, server=True) == ["--max-model-len", "64"]
+    assert compared_flags(served, server=True) == ["--max-model-len", "64"]
     assert set_name(["--max-model-len", "64"], 1, 1, server=True).startswith("server_")
 
 
 def test_the_image_keeps_no_secrets(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    env = snapshot.engine_env({}, server=False)
+    env = snapshot.snapshot_env({}, server=False)
     assert "HF_TOKEN" not in env and "AWS_SECRET_ACCESS_KEY" not in env and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
@@ -247,7 +247,7 @@ def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, t
     vLLM's server starts on the checkpoint with our loader and answers with a load's tokens."""
     served = tmp_path / "served"
     with_snapshot(checkpoints(1, 1), served, server=True)
-    status = snapshot_restore.serve(snapshotted, read_manifest(snapshotted), FLAGS, True)
+    status = snapshot_restore.restore_server(snapshotted, read_manifest(snapshotted), FLAGS, True)
     assert not status.used and status.exit_code is None
     assert "has no server snapshot" in status.reason  # an engine's set is not a server's
     log = tmp_path / "serve.log"

@@ -71,7 +71,7 @@ def test_a_workspace_planted_before_the_first_start(files_only, shared_tmp, monk
     (entry,) = manifest.caches["S"]
     workspace = shared_tmp / f"presharded-{os.getuid()}"
     monkeypatch.setattr(start_caches, "WORKSPACE", workspace)
-    monkeypatch.setattr(start_caches, "set_name", lambda tp, pp: "S")
+    monkeypatch.setattr(start_caches, "caches_set_name", lambda tp, pp: "S")
     relative = entry.path.removeprefix("start-caches/S/")
     planted = plant(workspace / manifest.id, relative, entry, b"import os\n")
     fix_the_top_only(workspace)

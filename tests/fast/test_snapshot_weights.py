@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from presharded.reader import Staging, load_files
-from presharded.snapshot_weights import held, plan, read_into
+from presharded.snapshot_weights import held, read_into, refill_plan
 from presharded.writer import write_file
 
 
@@ -36,7 +36,7 @@ def test_what_the_checkpoint_cannot_give_back_is_kept_and_every_byte_comes_back(
     model.process()
     params = dict(model.state_dict())
     storages = held(model, lambda address: True)
-    refill = plan(params, storages, [checkpoint], "snapshots/S/weights/rank-pp0-tp0.safetensors")
+    refill = refill_plan(params, storages, [checkpoint], "snapshots/S/weights/rank-pp0-tp0.safetensors")
 
     assert refill.names == {"a.weight", "a.bias"}  # as the checkpoint holds them
     assert refill.skip == {"b.weight"}  # repacked: not read from the checkpoint
@@ -58,7 +58,7 @@ def test_the_checkpoint_gives_back_only_what_is_the_same_and_whole(tmp_path):
     checkpoint = tmp_path / "rank.safetensors"
     save_file({"weight": model.weight.detach().clone(), "bias": model.bias.detach() + 1}, checkpoint)
     storages = held(model, lambda address: True)
-    refill = plan(dict(model.state_dict()), storages, [checkpoint], "w")
+    refill = refill_plan(dict(model.state_dict()), storages, [checkpoint], "w")
     assert refill.names == {"weight"} and refill.skip == {"bias"} and set(refill.kept) == {"bias"}
-    nothing_freed = plan(dict(model.state_dict()), held(model, lambda address: False), [checkpoint], "w")
+    nothing_freed = refill_plan(dict(model.state_dict()), held(model, lambda address: False), [checkpoint], "w")
     assert nothing_freed.kept == {} and nothing_freed.path is None
