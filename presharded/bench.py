@@ -46,7 +46,8 @@ from presharded.env import LOAD_REPORT_ENV
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.manifest import read_manifest
 from presharded.snapshot import IMAGES
-from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id
+from presharded.workspace import WORKSPACE
+from presharded.start_caches import KINDS
 from presharded.tiny_models import build_tiny_llama, build_tokenizer
 from presharded.trust import TRUST_FLAG, TRUST_SNAPSHOT_FLAG
 
@@ -371,7 +372,7 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
             env = {var: str(user_caches[name] / kind) for kind, var in KINDS.items()}
             if cache == "fresh":
                 shutil.rmtree(user_caches[name], ignore_errors=True)
-                shutil.rmtree(WORKSPACE / checkpoint_id(manifest), ignore_errors=True)
+                shutil.rmtree(WORKSPACE / manifest.id, ignore_errors=True)
                 shutil.rmtree(IMAGES / f"presharded-{os.getuid()}", ignore_errors=True)  # the checked image copy
                 report["evicted"] = new_node(image + rank_files)
             else:

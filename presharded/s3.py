@@ -170,11 +170,11 @@ def local_copy(url: str) -> Path:
 
 def upload_folder(url: str) -> Path:
     """Where a save to `url` writes the checkpoint before uploading it: inside a folder of this
-    user's alone (presharded/private.py), so that no one else can put or swap anything in what
+    user's alone (presharded/workspace.py), so that no one else can put or swap anything in what
     is uploaded, nor see the model."""
     import tempfile
 
-    from presharded.private import private_folder
+    from presharded.workspace import private_folder
 
     return private_folder(Path(tempfile.gettempdir()) / f"presharded-upload-{os.getuid()}") / local_copy(url).name
 

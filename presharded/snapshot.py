@@ -50,8 +50,9 @@ from presharded.errors import UserError
 from presharded.flags import normalize
 from presharded.load_checks import checked_manifest
 from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, Manifest, hash_file, write_manifest
-from presharded.private import open_lock, private_folder
-from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, link_model, swap_in, use_set
+from presharded.workspace import open_lock, private_folder
+from presharded.workspace import WORKSPACE, link_model, swap_in
+from presharded.start_caches import KINDS, use_set
 from presharded.processes import holds_gpu, kill_tree, mapped_inodes, ns_pid, tree
 from presharded.trust import record
 
@@ -161,10 +162,10 @@ def inbox(manifest: Manifest) -> Iterator[Path]:
     import fcntl
 
     root = private_folder(WORKSPACE)
-    fd = open_lock(root / f"{checkpoint_id(manifest)}.snapshot.lock")
+    fd = open_lock(root / f"{manifest.id}.snapshot.lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        box = private_folder(root / checkpoint_id(manifest) / "snapshot")
+        box = private_folder(root / manifest.id / "snapshot")
         for old in box.iterdir():
             old.unlink()
         yield box
@@ -277,7 +278,7 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
                         "`sysctl kernel.io_uring_disabled=2` first")
     name = set_name(flags, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, server)
     use_set(checkpoint, manifest, 1, 1, trust_caches)  # the start-up caches in the workspace if trusted: faster
-    workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
+    workspace = private_folder(WORKSPACE) / manifest.id
     link_model(workspace, checkpoint)
     caches = {var: str(workspace / kind) for kind, var in KINDS.items()}  # whatever it compiles: kept with the image
     new = checkpoint / SNAPSHOTS_DIR / f".{name}.new-{os.getpid()}"

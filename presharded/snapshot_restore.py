@@ -20,11 +20,11 @@ import blake3
 
 from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
-from presharded.private import private_folder
+from presharded.workspace import private_folder
 from presharded.processes import alive, become_subreaper, end_children, ns_pid, reap, tree
 from presharded.snapshot import (COMPILED, CRIU_FLAGS, DONE, ENGINE_LOG, IMAGES, META, NAMESPACE_FLAGS, REQUEST, SERVER,
                                  compared_flags, inbox, is_kept, put, rpc_folder, set_name, tool, unsupported, wait_for)
-from presharded.start_caches import SEALS, WORKSPACE, checkpoint_id, is_file_of_size, link_model, put_in_place
+from presharded.workspace import SEALS, WORKSPACE, is_file_of_size, link_model, put_in_place
 from presharded.env import TRUST_SNAPSHOT_ENV
 from presharded.trust import TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user
 
@@ -82,7 +82,7 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
                     f"trust whoever made it, pass {TRUST_SNAPSHOT_FLAG} (or set {TRUST_SNAPSHOT_ENV}=1)")
     try:
         images = private_folder(IMAGES / f"presharded-{os.getuid()}")
-        workspace = private_folder(WORKSPACE) / checkpoint_id(manifest)
+        workspace = private_folder(WORKSPACE) / manifest.id
     except UserError as e:
         return skip(status, str(e))
     image = images / f"snapshot-{blake3.blake3(name.encode()).hexdigest()[:16]}"

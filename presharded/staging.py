@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from presharded.errors import UserError
-from presharded.private import open_lock
+from presharded.workspace import open_lock
 from presharded.save_messages import why_save_failed
 from presharded.shutdown import on_stuck_interrupt
 

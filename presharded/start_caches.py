@@ -6,40 +6,31 @@ vLLM's cache keys hash the model's path and compiled artifacts hold absolute
 paths, so a set is made and used at fixed paths: the caches under
 WORKSPACE/ID/{vllm,inductor,triton} and the model as the symlink
 WORKSPACE/ID/model to the checkpoint. WORKSPACE is this user's own
-(presharded/private.py): the same path on every machine for the same user.
+(presharded/workspace.py): the same path on every machine for the same user.
 A set is named by what the caches depend on (versions, device, layout);
 inside it vLLM's own hash folders tell the engine flags apart. A set that
 does not match, is damaged or is not trusted (presharded/trust.py) is left
 unused: slower, never wrong. Its files are copied into the workspace and
 hashed there, so what runs is what was checked."""
 
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
 
 from presharded.env import MODEL_ENV
 from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.load_checks import checked_manifest
-from presharded.manifest import CACHE_KINDS, CACHES_DIR, MANIFEST_NAME, CopiedFile, Manifest, hash_file, write_manifest
-from presharded.private import open_lock, private_folder
-from presharded.progress import bar
+from presharded.manifest import CACHE_KINDS, CACHES_DIR, CopiedFile, Manifest, hash_file, write_manifest
+from presharded.workspace import SEALS, counted, link_model, put_in_place, swap_in, workspace_locked
 from presharded.env import TRUST_ENV
 from presharded.trust import TRUST_FLAG, made_here, record, trusted_by_user
 
 KINDS = dict(zip(CACHE_KINDS, ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")))
-WORKSPACE = Path(tempfile.gettempdir()) / f"presharded-{os.getuid()}"
-SEALS = ".checked"  # in a workspace: which of its copies were hashed (put_in_place)
 
 
 def caches_set_name(tensor_parallel_size: int, pipeline_parallel_size: int) -> str:
@@ -59,11 +50,6 @@ def caches_set_name(tensor_parallel_size: int, pipeline_parallel_size: int) -> s
     return f"{name}_tp{tensor_parallel_size}-pp{pipeline_parallel_size}".replace("+", "-")
 
 
-def checkpoint_id(manifest: Manifest) -> str:
-    """The same for every copy of one checkpoint, wherever it is (Manifest.id)."""
-    return manifest.id
-
-
 def caches_env(workspace: Path) -> dict[str, str]:
     env = {var: str(workspace / kind) for kind, var in KINDS.items()}
     from presharded.vllm_compat import is_cpu
@@ -73,33 +59,6 @@ def caches_env(workspace: Path) -> dict[str, str]:
         # without it the compiled code is Inductor's cache, which loads.
         env["VLLM_USE_AOT_COMPILE"] = "0"
     return env
-
-
-@contextmanager
-def workspace_locked(manifest: Manifest) -> Iterator[Path]:
-    """WORKSPACE/ID, for this process alone while it is being filled: starts of
-    one checkpoint on one machine (a replica per GPU) share it."""
-    root = private_folder(WORKSPACE)
-    workspace = root / checkpoint_id(manifest)
-    fd = open_lock(root / f"{workspace.name}.lock")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        workspace.mkdir(mode=0o700, exist_ok=True)
-        yield workspace
-    finally:
-        os.close(fd)
-
-
-def link_model(workspace: Path, folder: Path) -> None:
-    """WORKSPACE/ID/model -> `folder`, replaced in one step (a running engine may read through it)."""
-    workspace.mkdir(parents=True, exist_ok=True)
-    link = workspace / "model"
-    if link.is_symlink() and link.resolve() == folder.resolve():
-        return
-    tmp = workspace / f".model.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(folder.resolve(), target_is_directory=True)
-    os.replace(tmp, link)
 
 
 def empty_workspace(workspace: Path, folder: Path) -> None:
@@ -131,15 +90,6 @@ def store_set(workspace: Path, folder: Path, name: str) -> list[CopiedFile]:
     new.mkdir(parents=True, exist_ok=True)  # a start that compiled nothing
     swap_in(new, dest)
     return entries
-
-
-def swap_in(new: Path, dest: Path) -> None:
-    """`new` renamed to `dest`, the folder there before (if any) renamed away first, then removed."""
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        dest.rename(old)
-    new.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
@@ -263,13 +213,6 @@ def serving_env(checkpoint: Path, trust: bool = False) -> dict[str, str]:
     return {**use.env, MODEL_ENV: str(use.model.absolute())}
 
 
-def counted(items: list, what: str) -> Iterator:
-    with bar(len(items), what, unit="file") as progress:
-        for item in items:
-            yield item
-            progress.update()
-
-
 def trusted(folder: Path, name: str, entries: list[CopiedFile], trust: bool, otherwise: str) -> bool:
     """Whether the set may run: the user trusts it, or made it here; a warning if not."""
     if trusted_by_user(trust) or made_here(name, entries):
@@ -280,85 +223,3 @@ def trusted(folder: Path, name: str, entries: list[CopiedFile], trust: bool, oth
     return False
 
 
-def matches(path: Path, entry: CopiedFile, sealed: Path | None = None) -> bool:
-    """Whether `path` is the file that `entry` of the manifest describes: its size first (cheap), then
-    its hash, unless its seal at `sealed` says it was checked and it has not changed since (`seal`)."""
-    if not is_file_of_size(path, entry.size):
-        return False
-    if sealed is not None and is_sealed(path, entry, sealed):
-        return True
-    if hash_file(path) != entry.blake3:
-        return False
-    if sealed is not None:
-        seal(path, entry, sealed)
-    return True
-
-
-def is_sealed(path: Path, entry: CopiedFile, sealed: Path) -> bool:
-    try:
-        stat, written = path.lstat(), sealed.lstat()
-        if written.st_uid != os.getuid() or not S_ISREG(written.st_mode) or written.st_nlink != 1:
-            return False  # a seal counts only where no one else could have written it
-        return sealed.read_text() == stamp(stat, entry) and stat.st_ctime_ns < written.st_mtime_ns
-    except OSError:
-        return False
-
-
-def seal(path: Path, entry: CopiedFile, sealed: Path) -> bool:
-    """Records at `sealed` (in this user's own folder, as `path` is) that `path` was hashed and found
-    to be `entry`: a later start skips hashing it again while it is the same file, unchanged (its
-    inode, size, times). Any write to a file moves its change time, which no one can set back; a
-    change within the clock's tick of the seal would not, so a seal counts only for a file last
-    changed before it was written (git's rule for its index). Whether it counts."""
-    try:
-        sealed.parent.mkdir(parents=True, exist_ok=True)
-        sealed.write_text(stamp(path.lstat(), entry))
-        return path.lstat().st_ctime_ns < sealed.stat().st_mtime_ns
-    except OSError:
-        return False  # unsealed: hashed again next time
-
-
-def stamp(stat: os.stat_result, entry: CopiedFile) -> str:
-    return f"{entry.blake3} {stat.st_dev} {stat.st_ino} {stat.st_size} {stat.st_mtime_ns} {stat.st_ctime_ns}\n"
-
-
-def is_file_of_size(path: Path, size: int) -> bool:
-    try:
-        stat = path.lstat()
-    except OSError:
-        return False
-    return S_ISREG(stat.st_mode) and stat.st_size == size
-
-
-def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedFile], kind: str = CACHES_DIR,
-                 what: str = "the start-up caches") -> bool:
-    """The set's files in the workspace, each copied there and checked there, where no one
-    else can change it (and sealed there: a later start finds it checked); False (with a
-    warning) if one is missing or damaged. What another start already put there stays: it
-    may be running from it."""
-    copied = []
-    for entry in counted(entries, f"putting {what} {name} in place"):
-        relative = entry.path.removeprefix(f"{kind}/{name}/")
-        source, target, sealed = folder / entry.path, workspace / relative, workspace / SEALS / relative
-        if matches(target, entry, sealed):
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}")
-        try:
-            if source.stat().st_size == entry.size:
-                shutil.copyfile(source, temporary)
-        except OSError:
-            pass
-        if not matches(temporary, entry):
-            temporary.unlink(missing_ok=True)
-            print(f"warning: {source} is missing or damaged (not as in {MANIFEST_NAME}): starting without "
-                  f"{what} {name}", file=sys.stderr)
-            return False
-        os.replace(temporary, target)
-        copied.append((target, entry, sealed))
-    # Sealed once all are in place; those changed within the clock's tick of their seal, again once it has moved.
-    if racy := [each for each in copied if not seal(*each)]:
-        time.sleep(0.02)
-        for each in racy:
-            seal(*each)
-    return True

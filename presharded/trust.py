@@ -16,7 +16,7 @@ import blake3
 from presharded.env import TRUST_ENV
 from presharded.errors import UserError
 from presharded.manifest import CACHES_DIR, SNAPSHOTS_DIR, CopiedFile
-from presharded.private import private_folder
+from presharded.workspace import private_folder
 
 TRUST_FLAG = "--trust-start-caches"
 TRUST_SNAPSHOT_FLAG = "--trust-snapshot"

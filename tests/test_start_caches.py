@@ -16,7 +16,8 @@ from conftest import PROMPT, ROOT, run_script, script_env, serving
 from presharded import start_caches
 from presharded.load_checks import cached_entries, check_for_load, check_hashes
 from presharded.manifest import CACHES_DIR, hash_file, read_manifest, write_manifest
-from presharded.start_caches import KINDS, WORKSPACE, checkpoint_id, files_under
+from presharded.workspace import WORKSPACE
+from presharded.start_caches import KINDS, files_under
 from presharded.env import TRUST_ENV
 from presharded.trust import TRUST_FLAG
 
@@ -73,7 +74,7 @@ def test_a_set_is_in_the_manifest(cached):
 
 
 def test_a_moved_copy_starts_from_the_caches(cached, reference, tmp_path):
-    shutil.rmtree(WORKSPACE / checkpoint_id(read_manifest(cached)), ignore_errors=True)  # a fresh node
+    shutil.rmtree(WORKSPACE / read_manifest(cached).id, ignore_errors=True)  # a fresh node
     with_caches, log = start(cached, tmp_path, env={"TORCH_LOGS": "torch._inductor.codecache"})
     # vLLM's CPU build logs nothing of its compile cache; the compiler (Inductor) does
     assert "fx graph cache hit" in log and "fx graph cache miss" not in log, log[-3000:]
@@ -86,7 +87,7 @@ def test_a_damaged_set_is_left_unused(cached, reference, own_caches, tmp_path):
     shutil.copytree(cached, damaged)
     entry = read_manifest(damaged).caches.popitem()[1][0]
     (damaged / entry.path).write_bytes(b"not what was compiled")
-    shutil.rmtree(WORKSPACE / checkpoint_id(read_manifest(damaged)), ignore_errors=True)  # a new node
+    shutil.rmtree(WORKSPACE / read_manifest(damaged).id, ignore_errors=True)  # a new node
     out, stderr = start(damaged, tmp_path, caches=own_caches)
     assert out["caches"] == "none" and out["token_ids"] == reference
     warnings = [line for line in stderr.splitlines() if line.startswith("warning:") and "start-up caches" in line]
@@ -95,7 +96,7 @@ def test_a_damaged_set_is_left_unused(cached, reference, own_caches, tmp_path):
 
 def test_starts_at_the_same_time_share_the_set(cached, tmp_path):
     """Replicas of one checkpoint on one machine (one per GPU) share its caches' fixed place."""
-    shutil.rmtree(WORKSPACE / checkpoint_id(read_manifest(cached)), ignore_errors=True)
+    shutil.rmtree(WORKSPACE / read_manifest(cached).id, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(cached), "--prompt", PROMPT,
            "--max-tokens", "24", "--json"]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env={**script_env(1), **user_caches(tmp_path, f"user-{i}")},
@@ -112,7 +113,7 @@ def test_vllm_serve_starts_from_the_set(cached, reference, tmp_path):
     load script's; on CPU they compile alike); `eval "$(presharded-caches --env CKPT)"`, then the server on
     $PRESHARDED_MODEL compiles nothing, its first request included."""
     served = shutil.copytree(cached, tmp_path / "served")
-    workspace = WORKSPACE / checkpoint_id(read_manifest(served))
+    workspace = WORKSPACE / read_manifest(served).id
     proc = run_script("presharded.caches_cli", "--serve", str(served), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (name, entries), = read_manifest(served).caches.items()  # the set grew (a set is added the save's way)
@@ -198,7 +199,7 @@ def test_vllm_serve_uses_a_set_it_did_not_make_only_when_told(cached, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         exported[trust] = dict(line.removeprefix("export ").split("=", 1) for line in proc.stdout.splitlines())
     assert exported[""] == {"PRESHARDED_MODEL": str(ckpt)}  # the checkpoint itself, no caches
-    assert exported["1"]["PRESHARDED_MODEL"] == str(WORKSPACE / checkpoint_id(read_manifest(ckpt)) / "model")
+    assert exported["1"]["PRESHARDED_MODEL"] == str(WORKSPACE / read_manifest(ckpt).id / "model")
     assert set(KINDS.values()) <= set(exported["1"])
 
 
@@ -220,7 +221,7 @@ def take_first(shared_tmp: Path, victim: int, attacker: int, ckpt: Path, victim_
     """What another user could do before the victim's first start: make the victim's workspace
     (writable by all) with the lock a symlink to a file of the victim's, the model a link to other
     weights and compiled code of their own in the caches."""
-    workspace = shared_tmp / f"presharded-{victim}" / checkpoint_id(read_manifest(ckpt))
+    workspace = shared_tmp / f"presharded-{victim}" / read_manifest(ckpt).id
     script = (f'mkdir -m 777 "{workspace.parent}" "{workspace}" && ln -s "{victim_file}" "{workspace}.lock" '
               f'&& ln -s /nonexistent/other-weights "{workspace}/model"')
     proc = as_user(attacker, "sh", "-c", script)
@@ -288,7 +289,7 @@ def test_a_payload_planted_in_the_workspace_runs_only_if_the_victim_made_it(cach
     payload = text[:cut] + f"open({str(marker)!r}, 'w').close()\n".encode().ljust(len(text) - cut, b"#")
     top = shared_tmp / f"presharded-{os.getuid()}"
     relative = entry.path.removeprefix(f"{CACHES_DIR}/{name}/")
-    target, sealed = top / checkpoint_id(manifest) / relative, top / checkpoint_id(manifest) / ".checked" / relative
+    target, sealed = top / manifest.id / relative, top / manifest.id / ".checked" / relative
     proc = as_user(ATTACKER, "sh", "-c", f'mkdir -m 777 -p "{target.parent}" "{sealed.parent}" && chmod 777 "{top}"')
     assert proc.returncode == 0, proc.stderr
     target.write_bytes(payload)

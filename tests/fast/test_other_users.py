@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from conftest import refused
-from presharded import private, s3, snapshot_restore, start_caches
+import presharded.workspace as private
+from presharded import s3, snapshot_restore, start_caches
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
-from presharded.start_caches import SEALS, stamp, use_set
+from presharded.workspace import SEALS, stamp
+from presharded.start_caches import use_set
 
 ATTACKER = 65534
 as_root_only = pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"),
@@ -70,7 +72,7 @@ def test_a_workspace_planted_before_the_first_start(files_only, shared_tmp, monk
     manifest = read_manifest(ckpt)
     (entry,) = manifest.caches["S"]
     workspace = shared_tmp / f"presharded-{os.getuid()}"
-    monkeypatch.setattr(start_caches, "WORKSPACE", workspace)
+    monkeypatch.setattr(private, "WORKSPACE", workspace)
     monkeypatch.setattr(start_caches, "caches_set_name", lambda tp, pp: "S")
     relative = entry.path.removeprefix("start-caches/S/")
     planted = plant(workspace / manifest.id, relative, entry, b"import os\n")
@@ -106,7 +108,7 @@ def test_a_snapshot_image_planted_in_memory_before_the_first_restore(files_only,
     manifest.snapshots[name] = [entry]
     write_manifest(ckpt, manifest)
     monkeypatch.setattr(snapshot_restore, "IMAGES", shared_tmp)
-    monkeypatch.setattr(start_caches, "WORKSPACE", shared_tmp / "workspace")
+    monkeypatch.setattr(private, "WORKSPACE", shared_tmp / "workspace")
     monkeypatch.setattr(snapshot_restore, "WORKSPACE", shared_tmp / "workspace")
     images = shared_tmp / f"presharded-{os.getuid()}"
     copy = images / f"snapshot-{snapshot_restore.blake3.blake3(name.encode()).hexdigest()[:16]}"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from presharded import start_caches
+import presharded.workspace as private
 from presharded.manifest import CopiedFile, hash_file
-from presharded.start_caches import SEALS, put_in_place
+from presharded.workspace import SEALS, put_in_place
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def hashed(monkeypatch) -> list[Path]:
         calls.append(Path(path))
         return hash_file(path)
 
-    monkeypatch.setattr(start_caches, "hash_file", counting)
+    monkeypatch.setattr(private, "hash_file", counting)
     return calls
 
 

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from presharded import snapshot, snapshot_restore, start_caches
+from presharded import snapshot, snapshot_restore
+from presharded.workspace import SEALS
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
 
 
@@ -52,7 +53,7 @@ def test_a_damaged_compiled_file_takes_back_what_was_put_in_place(with_snapshot,
     status = snapshot_restore.Restore()
     assert snapshot_restore.ready_image(ckpt, manifest, [], True, status, False) is None
     assert "damaged" in status.reason and compiled_in(workspace) == []
-    assert not list((workspace / start_caches.SEALS).rglob("*.py"))
+    assert not list((workspace / SEALS).rglob("*.py"))
     (ckpt / "snapshots" / name / "workspace/inductor/b.py").write_bytes(b"# b\n")  # the control: whole, in place
     assert snapshot_restore.ready_image(ckpt, manifest, [], True, snapshot_restore.Restore(), False) is not None
     assert compiled_in(workspace) == ["a.py", "b.py"]
