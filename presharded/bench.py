@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from presharded.env import LOAD_REPORT_ENV
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.manifest import read_manifest
-from presharded.snapshot import IMAGES
+from presharded.snapshot_sets import IMAGES
 from presharded.workspace import WORKSPACE
 from presharded.start_caches import KINDS
 from presharded.tiny_models import build_tiny_llama, build_tokenizer

@@ -9,7 +9,7 @@ from pathlib import Path
 from presharded import s3
 from presharded.errors import UserError, exits_cleanly
 from presharded.manifest import MANIFEST_NAME, Manifest, read_manifest
-from presharded.snapshot import is_kept
+from presharded.snapshot_sets import is_kept
 
 
 def summary(manifest: Manifest, folder: str | Path) -> str:

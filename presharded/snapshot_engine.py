@@ -22,8 +22,8 @@ from presharded.flags import fill_unset, parse_engine_flags
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import (ASLEEP, DONE, KEEP, KEEP_WEIGHTS, READY, REFILL, REQUEST, RESTORED, own_session, put,
-                                 redirect, sleeps, wait_for)
+from presharded.snapshot_sets import sleeps
+from presharded.snapshot_inbox import ASLEEP, DONE, KEEP, KEEP_WEIGHTS, READY, REFILL, REQUEST, RESTORED, own_session, put, redirect, wait_for
 
 PROMPT = "The capital of France is"
 

@@ -24,8 +24,8 @@ from presharded.engine_defaults import apply_engine_defaults
 from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
-from presharded.snapshot import (ASLEEP, DONE, KEEP, KEEP_WEIGHTS, READY, REFILL, REQUEST, RESTORED, own_session, put,
-                                 redirect, sleeps)
+from presharded.snapshot_sets import sleeps
+from presharded.snapshot_inbox import ASLEEP, DONE, KEEP, KEEP_WEIGHTS, READY, REFILL, REQUEST, RESTORED, own_session, put, redirect
 from presharded.snapshot_engine import PROMPT
 
 

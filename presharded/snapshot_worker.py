@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from presharded.fast_loader import FastShardedStateLoader
-from presharded.snapshot import redirect
+from presharded.snapshot_inbox import redirect
 from presharded.snapshot_weights import PREFIX, held, kept_bytes, refill_plan
 from presharded.vllm_compat import is_cpu, parallel_ranks, sleep_allocations, unique_tensors
 from presharded.writer import CHUNK_SIZE, write_file

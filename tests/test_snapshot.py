@@ -21,10 +21,10 @@ import psutil
 import pytest
 
 from conftest import PROMPT, cmdline, generate, refused, run_script, serving
-from presharded import server, snapshot, snapshot_restore
+from presharded import server, snapshot, snapshot_restore, snapshot_sets
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
-from presharded.snapshot import compared_flags, set_name
+from presharded.snapshot_sets import compared_flags, set_name
 from presharded.env import TRUST_SNAPSHOT_ENV
 from presharded.trust import record
 
@@ -199,7 +199,7 @@ def test_kept_weights_are_read_from_the_checkpoint_and_checked(snapshotted, caps
     One of another size than the manifest's is one warning and a normal start."""
     manifest = read_manifest(snapshotted)
     (name, entries), = manifest.snapshots.items()
-    kept = snapshotted / "snapshots" / name / snapshot.KEPT / "rank-pp0-tp0.safetensors"
+    kept = snapshotted / "snapshots" / name / snapshot_sets.KEPT / "rank-pp0-tp0.safetensors"
     kept.parent.mkdir()
     kept.write_bytes(os.urandom(1 << 16))
     entries.append(CopiedFile(kept.relative_to(snapshotted).as_posix(), kept.stat().st_size, hash_file(kept)))
@@ -209,12 +209,12 @@ def test_kept_weights_are_read_from_the_checkpoint_and_checked(snapshotted, caps
     assert f"  snapshot      {name} (image 0.00 GB, weights kept beside it 0.1 MB)" in summary, summary
     _, warnings = restore(snapshotted, capsys)
     assert len(warnings) == 1 and "not found on PATH" in warnings[0], warnings  # past the image's checks
-    images = snapshot.IMAGES / f"presharded-{os.getuid()}"
+    images = snapshot_sets.IMAGES / f"presharded-{os.getuid()}"
     copied = {p.name for p in images.rglob("*") if p.is_file()}
     assert "pages-1.img" in copied and kept.name not in copied
     kept.write_bytes(kept.read_bytes()[:-1])
     status, warnings = restore(snapshotted, capsys)
-    assert len(warnings) == 1 and f"{snapshot.KEPT}/{kept.name} are missing or not of the size" in warnings[0]
+    assert len(warnings) == 1 and f"{snapshot_sets.KEPT}/{kept.name} are missing or not of the size" in warnings[0]
     assert status["used"] is False
 
 
@@ -308,8 +308,8 @@ def test_a_snapshot_is_made_in_a_namespace_and_kept_in_the_checkpoint(checkpoint
 
 def test_presharded_snapshot_refuses_what_it_cannot_do(checkpoints, tmp_path, monkeypatch):
     staged = dataclasses.replace(read_manifest(checkpoints(1, 1)), pipeline_parallel_size=2)
-    assert "pipeline stages" in snapshot.unsupported(staged, 1, [])
-    assert "several nodes" in snapshot.unsupported(read_manifest(checkpoints(2, 1)), 2, [])
+    assert "pipeline stages" in snapshot_sets.unsupported(staged, 1, [])
+    assert "several nodes" in snapshot_sets.unsupported(read_manifest(checkpoints(2, 1)), 2, [])
     tp1 = checkpoints(1, 1)
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no criu, wherever this runs
     line = refused("an engine snapshot without CRIU", "presharded.snapshot_cli", str(tp1), unchanged=tp1)
@@ -355,4 +355,4 @@ def test_a_cpu_snapshot_restores_in_a_pid_namespace_of_its_own(checkpoints, tmp_
             assert complete(str(folder), PROMPT)["token_ids"] == other(str(folder), PROMPT)["token_ids"] == expected
     for log in logs:
         assert "Started server process [1]" in log.read_text()  # each init of its own namespace
-        assert f"restored {snapshot.SERVER}" in log.read_text()
+        assert f"restored {snapshot_sets.SERVER}" in log.read_text()

@@ -96,9 +96,9 @@ def test_the_readme_lists_every_module():
 
 
 def test_the_snapshot_rpcs_name_the_workers_methods():
-    from presharded import snapshot
+    from presharded import snapshot_inbox
 
     tree = ast.parse((ROOT / "presharded" / "snapshot_worker.py").read_text())
     worker, = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "SnapshotWorker"]
     methods = {node.name for node in worker.body if isinstance(node, ast.FunctionDef)}
-    assert {snapshot.ASLEEP, snapshot.KEEP_WEIGHTS, snapshot.RESTORED, snapshot.REFILL} <= methods
+    assert {snapshot_inbox.ASLEEP, snapshot_inbox.KEEP_WEIGHTS, snapshot_inbox.RESTORED, snapshot_inbox.REFILL} <= methods

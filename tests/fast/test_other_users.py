@@ -14,7 +14,7 @@ import pytest
 
 from conftest import refused
 import presharded.workspace as private
-from presharded import s3, snapshot_restore, start_caches
+from presharded import s3, snapshot_restore, snapshot_sets, start_caches
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
 from presharded.workspace import SEALS, stamp
@@ -96,11 +96,9 @@ def test_a_snapshot_image_planted_in_memory_before_the_first_restore(files_only,
                                                                        tmp_path, fixed):
     """The same in /dev/shm/presharded-UID, where a trusted snapshot's image is copied before CRIU
     restores it: the restore is not attempted from a folder another user made."""
-    from presharded import snapshot
-
     ckpt = shutil.copytree(files_only(1, 1), tmp_path / "ckpt")
     manifest = read_manifest(ckpt)
-    name = snapshot.set_name([], 1, 1)
+    name = snapshot_sets.set_name([], 1, 1)
     image = ckpt / "snapshots" / name / "pages-1.img"
     image.parent.mkdir(parents=True)
     image.write_bytes(os.urandom(4096))

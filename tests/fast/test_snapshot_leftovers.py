@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from presharded import snapshot, snapshot_restore
+from presharded import snapshot_restore, snapshot_sets
 from presharded.workspace import SEALS
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
 
@@ -19,7 +19,7 @@ def with_snapshot(files_only, tmp_path, monkeypatch):
     """A copy of a checkpoint with a snapshot set for this machine: its image, and two compiled files."""
     ckpt = shutil.copytree(files_only(1, 1), tmp_path / "ckpt")
     manifest = read_manifest(ckpt)
-    name = snapshot.set_name([], 1, 1)
+    name = snapshot_sets.set_name([], 1, 1)
     files = {"snapshot.json": json.dumps({"python": os.path.realpath(sys.executable)}).encode(),
              "pages-1.img": os.urandom(4096), "workspace/inductor/a.py": b"# a\n", "workspace/inductor/b.py": b"# b\n"}
     for relative, data in files.items():
