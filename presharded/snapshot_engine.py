@@ -23,7 +23,8 @@ from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
 from presharded.snapshot_sets import sleeps
-from presharded.snapshot_inbox import ASLEEP, DONE, KEEP, KEEP_WEIGHTS, READY, REFILL, REQUEST, RESTORED, own_session, put, redirect, wait_for
+from presharded.snapshot_inbox import DONE, KEEP, READY, REQUEST, own_session, put, redirect, wait_for
+from presharded.snapshot_steps import fall_asleep, run, wake
 
 PROMPT = "The capital of France is"
 
@@ -49,30 +50,11 @@ def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, top_p:
     return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
 
 
-def fall_asleep(llm, sleep: bool, keep: dict) -> tuple[list[dict], int]:
-    """The weights and the KV cache freed (if `sleep`: what the checkpoint cannot give back is kept
-    first, as `keep` says), and every GPU block not in use given back: what is left on the GPU goes
-    into the image. Each worker's memory then (presharded_asleep), and the bytes kept."""
-    kept = 0
-    if sleep:
-        kept = sum(llm.collective_rpc(KEEP_WEIGHTS, args=(keep["folder"], keep["kept_as"])))
-        llm.sleep(level=2)
-    return llm.collective_rpc(ASLEEP), kept
-
-
 def answer(llm, request: dict, sleep: bool) -> dict:
     """Restored: wake, refill the weights (if it slept), generate."""
     from presharded.vllm_compat import REQUEST_ERRORS
 
-    seconds = {}
-    llm.collective_rpc(RESTORED, args=(request["log"], sleep))
-    if sleep:
-        t = time.perf_counter()
-        llm.wake_up()
-        seconds["wake"] = time.perf_counter() - t
-        t = time.perf_counter()
-        llm.collective_rpc(REFILL)
-        seconds["weights"] = time.perf_counter() - t
+    seconds = run(wake(request, sleep), llm)
     t = time.perf_counter()
     try:
         output = generate(llm, request["prompt"], request["max_tokens"], request["temperature"], request["top_p"])
@@ -89,7 +71,7 @@ def main() -> None:
     llm = start_engine(argv, sleep)
     tokens = list(generate(llm, PROMPT, 16).token_ids)
     started = time.perf_counter() - t
-    asleep, kept = fall_asleep(llm, sleep, json.loads((inbox / KEEP).read_text()))
+    asleep, kept = run(fall_asleep(sleep, json.loads((inbox / KEEP).read_text())), llm)
     redirect(None)
     put(inbox / READY, {"tokens": tokens, "start_seconds": round(started, 3), "asleep_gib": asleep,
                                "kept_bytes": kept})

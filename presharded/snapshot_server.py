@@ -25,7 +25,8 @@ from presharded.formats import FAST_FORMAT
 from presharded.load_checks import saved_layout
 from presharded.manifest import read_manifest
 from presharded.snapshot_sets import sleeps
-from presharded.snapshot_inbox import ASLEEP, DONE, KEEP, KEEP_WEIGHTS, READY, REFILL, REQUEST, RESTORED, own_session, put, redirect
+from presharded.snapshot_inbox import DONE, KEEP, READY, REQUEST, own_session, put, redirect
+from presharded.snapshot_steps import fall_asleep, run_async, wake
 from presharded.snapshot_engine import PROMPT
 
 
@@ -73,27 +74,14 @@ async def main_async(inbox: Path, argv: list[str]) -> None:
     async with engine_client(args) as engine:
         tokens = await first_tokens(engine)
         started = time.perf_counter() - t
-        kept = 0
-        if sleep:  # what the checkpoint cannot give back kept first (presharded/snapshot_weights.py)
-            keep = json.loads((inbox / KEEP).read_text())
-            kept = sum(await engine.collective_rpc(KEEP_WEIGHTS, args=(keep["folder"], keep["kept_as"])))
-            await engine.sleep(level=2)
-        asleep = await engine.collective_rpc(ASLEEP)
+        asleep, kept = await run_async(fall_asleep(sleep, json.loads((inbox / KEEP).read_text())), engine)
         redirect(None)
         put(inbox / READY, {"tokens": tokens, "start_seconds": round(started, 3),
                                    "asleep_gib": asleep, "kept_bytes": kept})
         request = await request_for(inbox)  # restored: from here on
         redirect(request["log"])
-        seconds = {}
         try:
-            await engine.collective_rpc(RESTORED, args=(request["log"], sleep))
-            if sleep:
-                t = time.perf_counter()
-                await engine.wake_up()
-                seconds["wake"] = time.perf_counter() - t
-                t = time.perf_counter()
-                await engine.collective_rpc(REFILL)
-                seconds["weights"] = time.perf_counter() - t
+            seconds = await run_async(wake(request, sleep), engine)
             served = serve_args(request["argv"], sleep)
             served.served_model_name = served.served_model_name or [request["name"]]
             listen, sock = bind(served)
