@@ -33,7 +33,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 @exits_cleanly
 def main() -> None:
     # Checks first: importing vLLM takes seconds, bad input should not wait for it.
-    load = Load(sys.argv[1:], add_flags, __doc__)  # the checkpoint against its manifest, for this node's ranks
+    load = Load.check(sys.argv[1:], add_flags, __doc__)  # the checkpoint against its manifest, for this node's ranks
     if output := load.from_snapshot():  # --snapshot: a restored engine instead of a start, if it can be
         return load.report(output)
     from vllm import LLM, EngineArgs, SamplingParams

@@ -29,7 +29,7 @@ from presharded.save_messages import SAVE_RECORDS
 def main() -> None:
     # Checks first: importing vLLM takes seconds, bad input should not wait for it.
     # Our flags (--output, --max-file-size, --file-pattern, --replace, --start-caches, --json) beside vLLM's.
-    save = Save(sys.argv[1:], add_save_flags, __doc__)  # the source, the output, the file pattern, this node
+    save = Save.check(sys.argv[1:], add_save_flags, __doc__)  # the source, the output, the file pattern, this node
     with save.output_locked():  # one save to an output at a time; vLLM's engine ends with this script
         from vllm import LLM, EngineArgs
 

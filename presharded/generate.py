@@ -34,7 +34,7 @@ def main() -> None:
     runs, flags = json.loads(sys.argv[1]), sys.argv[2:]
     results = []
     for model, load_format in runs:
-        load = Load(["--model", model, "--load-format", load_format, *flags], add_flags, __doc__)
+        load = Load.check(["--model", model, "--load-format", load_format, *flags], add_flags, __doc__)
         restored = load.from_snapshot({"prompt": load.early.prompts[0], "max_tokens": load.early.max_tokens,
                                        "temperature": 0.0, "top_p": 1.0})
         if restored:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from presharded import progress
 from presharded.engine_defaults import apply_engine_defaults
@@ -21,10 +22,14 @@ from presharded.engine_output import engine_refusals
 from presharded.errors import UserError
 from presharded.flags import AddFlags, engine_argv, fill_unset, parse_engine_flags, parse_for_checks
 from presharded.formats import CHECKPOINT_FORMATS, FAST_FORMAT, SHARDED_STATE
+from presharded.manifest import Manifest
 from presharded.load_checks import check_for_load, saved_layout
 from presharded.nodes import Liveness, Node
 from presharded.shutdown import engine_dies_with_this_process, fail
 from presharded.start_caches import CachesInUse, use_set
+
+if TYPE_CHECKING:
+    from presharded.snapshot_restore import Restore
 from presharded.env import TRUST_ENV, TRUST_SNAPSHOT_ENV
 from presharded.trust import TRUST_FLAG, TRUST_SNAPSHOT_FLAG
 
@@ -49,54 +54,76 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class Load:
-    """One load. Made before vLLM is imported: it parses the flags the checks need,
-    checks the request and the checkpoint, and starts reading ahead if asked."""
+    """One load, from the checks made before vLLM is imported to the report: made by `Load.check`
+    (the constructor keeps what it is given); each step the script calls fills in what it learns."""
 
-    def __init__(self, argv: list[str], add_flags: AddFlags, doc: str) -> None:
-        self.started = time.perf_counter()
-        self.argv, self.add_flags, self.doc = argv, add_flags, doc
-        self.early = early = parse_for_checks(argv, add_flags, doc)
+    def __init__(self, argv: list[str], add_flags: AddFlags, doc: str, early: argparse.Namespace, node: Node,
+                 nodes: Liveness | None, started: float) -> None:
+        self.argv, self.add_flags, self.doc, self.early = argv, add_flags, doc, early
+        self.node, self.nodes, self.started = node, nodes, started  # nodes: with --nnodes, each watching the others
+        self.s3: str | None = None  # an s3:// checkpoint: its small files fetched into a folder here
+        self.manifest: Manifest | None = None
+        self.layout: dict = {}  # the engine settings it was saved for
+        self.prefetching = False
+        self.caches = CachesInUse("none", Path(str(early.model)), {})
+        self.snapshot: Restore | None = None  # with --snapshot: what became of the restore
+        self.args: argparse.Namespace | None = None  # every engine flag, once vLLM is imported
+        self.seconds: dict[str, float] = {}
+
+    @classmethod
+    def check(cls, argv: list[str], add_flags: AddFlags, doc: str) -> "Load":
+        """Before vLLM is imported: the flags the checks need parsed, the request and the checkpoint
+        (the ranks this node runs) checked, reading ahead started if asked; across nodes, every node
+        agreeing on what it runs."""
+        started = time.perf_counter()
+        early = parse_for_checks(argv, add_flags, doc)
         if early.model is None:
             raise UserError("--model is required: a checkpoint folder from save_sharded_state.py")
         check_sampling(early)
         progress.decide(quiet=getattr(early, "json", True))  # the runner's output is JSON too
-        self.node = Node.from_args(early)
-        self.nodes = Liveness(self.node, "the load", fail) if self.node.count > 1 else None  # a dead node ends all
-        self.layout, self.manifest, self.prefetching = {}, None, False
-        self.s3 = early.model if str(early.model).startswith("s3://") else None
-        if self.s3:  # the small files fetched here, the weights read from there (presharded/s3.py)
+        node = Node.from_args(early)
+        nodes = Liveness(node, "the load", fail) if node.count > 1 else None  # a dead node ends all
+        load = cls(argv, add_flags, doc, early, node, nodes, started)
+        load.check_checkpoint()
+        if nodes:  # every node runs the same checkpoint and layout, or none starts
+            nodes.agree({"checkpoint": load.manifest.id if load.manifest else early.model,
+                         "load_format": early.load_format or SHARDED_STATE,
+                         "tensor_parallel_size": load.layout_of("tensor_parallel_size"),
+                         "pipeline_parallel_size": load.layout_of("pipeline_parallel_size")})
+        load.seconds["checks"] = round(time.perf_counter() - started, 3)
+        return load
+
+    def check_checkpoint(self) -> None:
+        """The checkpoint against its manifest (an s3:// one's small files fetched first, its weights
+        checked there); the layout it was saved for; with --prefetch, this node's weights read ahead."""
+        early = self.early
+        if str(early.model).startswith("s3://"):  # the small files fetched here, the weights read from there
             from presharded import s3
 
             if (early.load_format or FAST_FORMAT) != FAST_FORMAT:
                 raise UserError(f"an s3:// checkpoint loads with --load-format {FAST_FORMAT}: vLLM's "
                                 f"{early.load_format} reads only folders")
-            early.load_format, early.model = FAST_FORMAT, str(s3.fetch(self.s3))
-        load_format = early.load_format or SHARDED_STATE
-        if load_format in CHECKPOINT_FORMATS:
-            try:
-                self.manifest = check_for_load(Path(early.model), tensor_parallel_size=early.tensor_parallel_size,
-                                                 pipeline_parallel_size=early.pipeline_parallel_size,
-                                                 verify_hashes=early.verify_hashes, load_format=load_format,
-                                                 node=self.node, s3_url=self.s3)  # of the ranks this node runs
-            except UserError:
-                if self.s3:  # nothing of a refused checkpoint is kept
-                    shutil.rmtree(early.model, ignore_errors=True)
-                raise
-            self.layout = saved_layout(Path(early.model), self.manifest)
-            if early.prefetch and self.manifest is not None and not self.s3:  # presharded/prefetch.py
-                from presharded import prefetch
-
-                ranks = self.node.ranks(self.manifest.tensor_parallel_size, self.manifest.pipeline_parallel_size)
-                files = [Path(early.model) / s.path for s in self.manifest.shards_of(ranks)]
-                self.prefetching = prefetch.read_ahead(files) is not None
-        if self.nodes:  # every node runs the same checkpoint and layout, or none starts
-            self.nodes.agree({"checkpoint": self.manifest.id if self.manifest else early.model,
-                              "load_format": load_format,
-                              "tensor_parallel_size": self.layout_of("tensor_parallel_size"),
-                              "pipeline_parallel_size": self.layout_of("pipeline_parallel_size")})
+            self.s3, early.load_format, early.model = early.model, FAST_FORMAT, str(s3.fetch(early.model))
         self.caches = CachesInUse("none", Path(early.model), {})
-        self.snapshot = None  # with --snapshot: what became of the restore (presharded/snapshot_restore.py)
-        self.seconds = {"checks": round(time.perf_counter() - self.started, 3)}
+        load_format = early.load_format or SHARDED_STATE
+        if load_format not in CHECKPOINT_FORMATS:
+            return
+        try:
+            self.manifest = check_for_load(Path(early.model), tensor_parallel_size=early.tensor_parallel_size,
+                                           pipeline_parallel_size=early.pipeline_parallel_size,
+                                           verify_hashes=early.verify_hashes, load_format=load_format,
+                                           node=self.node, s3_url=self.s3)  # of the ranks this node runs
+        except UserError:
+            if self.s3:  # nothing of a refused checkpoint is kept
+                shutil.rmtree(early.model, ignore_errors=True)
+            raise
+        self.layout = saved_layout(Path(early.model), self.manifest)
+        if early.prefetch and self.manifest is not None and not self.s3:  # presharded/prefetch.py
+            from presharded import prefetch
+
+            ranks = self.node.ranks(self.manifest.tensor_parallel_size, self.manifest.pipeline_parallel_size)
+            files = [Path(early.model) / s.path for s in self.manifest.shards_of(ranks)]
+            self.prefetching = prefetch.read_ahead(files) is not None
 
     def layout_of(self, dest: str):
         """A layout flag as given, or as the checkpoint was saved."""

@@ -22,10 +22,11 @@ from presharded.engine_output import engine_refusals
 from presharded.errors import UserError, exits_cleanly
 from presharded.flags import AddFlags, parse_engine_flags, parse_for_checks, parse_size, positive_size
 from presharded.formats import SAVE_FORMAT
-from presharded.manifest import CopiedFile, Manifest, Shard, hash_file, hash_header, read_manifest, render, write_manifest
+from presharded.manifest import (CopiedFile, Manifest, Shard, hash_file, hash_header, read_manifest, render,
+                                 write_manifest)
 from presharded import progress, s3
 from presharded.nodes import Liveness, Node
-from presharded.save_checks import HOOK_DROP, check_save
+from presharded.save_checks import HOOK_DROP, SaveTarget, check_save
 from presharded.save_messages import SAVE_RECORDS, RankRecord, SaveRequest, check_records
 from presharded.shutdown import engine_dies_with_this_process, fail, interrupted
 from presharded.source_model import copy_model_files
@@ -53,29 +54,39 @@ def add_save_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class Save:
-    """One save. Made before vLLM is imported: it parses the flags the checks
-    need and checks the request (the source, the output, the file pattern)."""
+    """One save, from the checks made before vLLM is imported to the report: made by `Save.check`
+    (the constructor keeps what it is given); each step the script calls fills in what it learns."""
 
-    def __init__(self, argv: list[str], add_flags: AddFlags, doc: str) -> None:
-        self.started = time.perf_counter()
-        self.argv, self.add_flags, self.doc = argv, add_flags, doc
-        self.early = parse_for_checks(argv, add_flags, doc)
-        progress.decide(quiet=self.early.json)  # bars on a terminal; also the workers' (presharded/writer.py)
-        self.target = check_save(self.early)
-        self.node = Node.from_args(self.early)
-        self.nodes = Liveness(self.node, "the save", fail) if self.node.count > 1 else None  # a dead node ends all
-        if self.nodes:  # every node saves the same model the same way, or none starts
-            target, early = self.target, self.early
-            self.nodes.agree({"model": early.model, "output": str(target.upload or target.output),
-                              "tensor_parallel_size": target.tensor_parallel_size,
-                              "pipeline_parallel_size": target.pipeline_parallel_size,
-                              "file_pattern": target.file_pattern, "max_file_size": early.max_file_size,
-                              "load_format": early.load_format})
+    def __init__(self, argv: list[str], add_flags: AddFlags, doc: str, early: argparse.Namespace,
+                 target: SaveTarget, node: Node, nodes: Liveness | None, started: float) -> None:
+        self.argv, self.add_flags, self.doc, self.early, self.target = argv, add_flags, doc, early, target
+        self.node, self.nodes, self.started = node, nodes, started  # nodes: with --nnodes, each watching the others
+        self.folder: Path | None = None  # the staging folder the workers write into
+        self.args: argparse.Namespace | None = None  # every engine flag, once vLLM is imported
+        self.llm = None  # the engine, on the driver
         self.manifest: Manifest | None = None
         self.records: list[RankRecord] = []
         self.caches: str | None = None
         self.uploaded: dict[str, str] = {}  # with s3:// across nodes: the ETags of what the other nodes uploaded
         self.seconds: dict[str, float] = {}
+
+    @classmethod
+    def check(cls, argv: list[str], add_flags: AddFlags, doc: str) -> "Save":
+        """Before vLLM is imported: the flags the checks need parsed, the request checked (the source,
+        the output, the file pattern); across nodes, every node agreeing on what it saves."""
+        started = time.perf_counter()
+        early = parse_for_checks(argv, add_flags, doc)
+        progress.decide(quiet=early.json)  # bars on a terminal; also the workers' (presharded/writer.py)
+        target = check_save(early)
+        node = Node.from_args(early)
+        nodes = Liveness(node, "the save", fail) if node.count > 1 else None  # a dead node ends all
+        if nodes:  # every node saves the same model the same way, or none starts
+            nodes.agree({"model": early.model, "output": str(target.upload or target.output),
+                         "tensor_parallel_size": target.tensor_parallel_size,
+                         "pipeline_parallel_size": target.pipeline_parallel_size,
+                         "file_pattern": target.file_pattern, "max_file_size": early.max_file_size,
+                         "load_format": early.load_format})
+        return cls(argv, add_flags, doc, early, target, node, nodes, started)
 
     @contextmanager
     def output_locked(self) -> Iterator[None]:
@@ -332,7 +343,7 @@ def main() -> None:
     cannot run the script (it is not in the package): one node, a folder, the script's flags. The
     reference, each step explained, is save_sharded_state.py."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results
-    save = Save(sys.argv[1:], add_save_flags, __doc__)
+    save = Save.check(sys.argv[1:], add_save_flags, __doc__)
     with save.output_locked():
         from vllm import LLM, EngineArgs
 

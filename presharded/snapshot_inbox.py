@@ -19,7 +19,8 @@ from presharded.workspace import WORKSPACE, open_lock, private_folder
 # is ready to be dumped; restored, it reads the request and says what it did (its output in ENGINE_LOG).
 READY, REQUEST, DONE, ENGINE_LOG = "ready.json", "request.json", "done.json", "engine.log"
 # What the engine asks of its workers (presharded/snapshot_worker.py), by name through collective_rpc.
-ASLEEP, KEEP_WEIGHTS, RESTORED, REFILL = "presharded_asleep", "presharded_keep", "presharded_restored", "presharded_refill"
+ASLEEP, KEEP_WEIGHTS = "presharded_asleep", "presharded_keep"
+RESTORED, REFILL = "presharded_restored", "presharded_refill"
 KEEP = "keep.json"  # in the inbox while a snapshot is made: where the engine writes what it keeps (KEPT)
 
 
