@@ -6,9 +6,12 @@ Not one process for all: on vLLM 0.26 a second engine in a process can give
 other tokens than the first, whatever its format
 (dev/results/moe-fp8-2026-11-30-h200x2/).
 A load that the load script would refuse (vLLM 0.26's sharded_state on
-weights quantized while loading) is recorded as refused, not run.
+weights quantized while loading) is recorded as refused, not run. With
+--hook, each is also saved through vLLM's own save hook (save_sharded_state.py
+--vllm-save-hook) and loaded both ways: `hook_sharded_state`,
+`hook_fast_sharded_state`, or `hook: refused: ...` with the save's one line.
 
-    PYTHONPATH=. python3 dev/gpu_matrix.py --out $OUT/bf16 [--archs qwen2,opt] [ENGINE FLAGS...]
+    PYTHONPATH=. python3 dev/gpu_matrix.py --out $OUT/bf16 [--archs qwen2,opt] [--hook] [ENGINE FLAGS...]
 
 Prints one JSON line per architecture and writes them to OUT/matrix.jsonl.
 """
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]  # the results so far used these two
 
 
-def one(arch: str, work: Path, flags: list[str]) -> dict:
+def one(arch: str, work: Path, flags: list[str], hook: bool = False) -> dict:
     source = build_tiny(work / arch, arch, num_layers=2)
     checkpoint = work / f"{arch}-ckpt"
     save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
@@ -49,6 +52,27 @@ def one(arch: str, work: Path, flags: list[str]) -> dict:
             continue
         tokens = greedy_tokens([(checkpoint, load_format)], flags, PROMPTS)[0]["token_ids"]
         result[load_format] = "identical" if tokens == result["auto"] else {"differs": tokens}
+    if hook:
+        result.update(through_the_hook(arch, source, work, flags, result["auto"]))
+    return result
+
+
+def through_the_hook(arch: str, source: Path, work: Path, flags: list[str], auto: list) -> dict:
+    """The same source saved through vLLM's own save hook, loaded back both ways."""
+    checkpoint = work / f"{arch}-hook"
+    save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
+                           "--output", str(checkpoint), "--replace", "--no-start-caches", "--vllm-save-hook", *flags],
+                          capture_output=True, text=True)
+    if save.returncode != 0:
+        (work / f"{arch}-hook-save.err").write_text(save.stderr)
+        return {"hook": f"refused: {(save.stderr.strip().splitlines() or ['no message'])[-1]}"}
+    result = {}
+    for load_format in ("sharded_state", "fast_sharded_state"):
+        try:
+            tokens = greedy_tokens([(checkpoint, load_format)], flags, PROMPTS)[0]["token_ids"]
+            result[f"hook_{load_format}"] = "identical" if tokens == auto else {"differs": tokens}
+        except UserError as e:
+            result[f"hook_{load_format}"] = f"failed: {e}"
     return result
 
 
@@ -57,12 +81,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/presharded-matrix"))
+    parser.add_argument("--hook", action="store_true", help="also save through vLLM's own save hook")
     args, flags = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for arch in args.archs.split(","):
         start = time.perf_counter()
         try:
-            result = one(arch, args.work, flags)
+            result = one(arch, args.work, flags, args.hook)
         except Exception as e:  # one architecture's failure must not hide the others
             result = {"arch": arch, "error": f"{type(e).__name__}: {e}"[:2000]}
         result["seconds"] = round(time.perf_counter() - start, 1)

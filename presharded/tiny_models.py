@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 CORPUS = """\
@@ -42,6 +42,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
 )
 VOCAB = len(SPECIALS) + len(WORDS)  # one id per word: the model says nothing a tokenizer cannot spell
+# transformers 5 gives a Qwen2 model its own tokenizer class, which rebuilds a byte-level BPE from the
+# vocabulary whatever the files say: the tiny Qwen2 has a BPE tokenizer trained on CORPUS, of this size.
+BPE_VOCAB = 384
 # Shapes shared by the decoder-only architectures below: 4 heads of 32, 2 KV heads.
 DECODER = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256)
@@ -49,7 +52,7 @@ DECODER = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_att
 ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(DECODER, tie_word_embeddings=False)),
     "llama-tied": ("LlamaConfig", dict(DECODER, tie_word_embeddings=True)),
-    "qwen2": ("Qwen2Config", dict(DECODER, tie_word_embeddings=True)),  # q/k/v biases, tied
+    "qwen2": ("Qwen2Config", dict(DECODER, vocab_size=BPE_VOCAB, tie_word_embeddings=True)),  # q/k/v biases, tied
     "qwen3": ("Qwen3Config", dict(DECODER, head_dim=32, tie_word_embeddings=False)),  # q/k norms
     "mistral": ("MistralConfig", dict(DECODER, sliding_window=None)),
     "gemma2": ("Gemma2Config", dict(DECODER, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
@@ -72,9 +75,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def build_bpe_tokenizer(vocab_size: int = BPE_VOCAB) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on CORPUS (its text is pieces of words)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 def build_tiny(out: Path, arch: str = "llama", *, num_layers: int = 4, seed: int = 0) -> Path:
     """Write a tiny model of `arch` (config, safetensors weights, tokenizer) to `out`."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_bpe_tokenizer() if arch == "qwen2" else build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     config_class, kwargs = ARCHITECTURES[arch]
     config = getattr(transformers, config_class)(

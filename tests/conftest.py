@@ -27,31 +27,34 @@ PROMPT = "The quick brown fox"
 REFUSALS: dict[str, str] = {}
 
 
-def script_env(world_size: int = 1) -> dict[str, str]:
+def script_env(world_size: int = 1, engine_process: bool = False) -> dict[str, str]:
+    """The environment of a script a test runs. Its engine core runs in the script's own process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0: 2 s to start at TP=1, not 15; 7 s less at TP=2, whose workers
+    are processes of their own either way) unless the test is about that process (`engine_process`)."""
     # On vLLM's CPU build an engine's workers do not exit within vLLM's 5 s grace at shutdown (they get
     # SIGTERM after it): 1 s spares 4-8 s per multi-process engine, once the work is done.
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS="1")
-    if world_size == 1:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in-process: 2 s to start, not 15
+    if not engine_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 
 def run_script(script: str, *args: str, world_size: int = 1, timeout: float = 300,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+               env: dict[str, str] | None = None, engine_process: bool = False) -> subprocess.CompletedProcess:
     """A root script (`save_sharded_state.py`) or a module (`presharded.verify_cli`), run as a user runs it."""
     cmd = [sys.executable, str(ROOT / script)] if script.endswith(".py") else [sys.executable, "-m", script]
-    return subprocess.run([*cmd, *args], cwd=ROOT, env={**script_env(world_size), **(env or {})},
+    return subprocess.run([*cmd, *args], cwd=ROOT, env={**script_env(world_size, engine_process), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
 def refused(case: str | None, script: str, *args: str, within: float | None = 5.0, unchanged: Path | None = None,
-            world_size: int = 1, env: dict[str, str] | None = None) -> str:
+            world_size: int = 1, env: dict[str, str] | None = None, engine_process: bool = False) -> str:
     """Run a bad input; assert exit 1, nothing on stdout, one `error:` line and
     no traceback, in time, and that the folder `unchanged` is. Returns the line,
     kept for docs/refusals.md under `case` (if one is given)."""
     before = snapshot(unchanged) if unchanged else None
     start = time.perf_counter()
-    proc = run_script(script, *args, world_size=world_size, env=env)
+    proc = run_script(script, *args, world_size=world_size, env=env, engine_process=engine_process)
     elapsed = time.perf_counter() - start
     if unchanged:
         assert snapshot(unchanged) == before
@@ -129,7 +132,7 @@ def serving(model: Path, *flags: str, env: dict[str, str] | None = None, entry: 
     """vLLM's OpenAI server on `model` (or `entry`'s: server.SERVE for presharded-serve), up; yields
     complete(served name, prompt) -> the greedy choice. Its stderr goes to `log` (a file, not a pipe
     that a talkative server could fill)."""
-    env = dict(script_env(2), VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
+    env = dict(script_env(2, engine_process=True), VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
     with tempfile.TemporaryDirectory() as scratch:
         log = log or Path(scratch) / "server.log"
         with open(log, "w") as err, server.running(model, list(flags), env, timeout=240, stderr=err,
@@ -268,7 +271,7 @@ def on_two_nodes(script: str, *args: str, disks: tuple[Path, Path] | None = None
         if disks:
             cmd = ["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
                    str(disks[node]), str(mount), *cmd]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=script_env(world_size=2), stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=script_env(2, engine_process=True), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     results = []
     for proc in reversed(procs):  # node 0, node 1

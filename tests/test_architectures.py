@@ -1,8 +1,10 @@
 """Architectures beyond the tiny Llama: each a toy-sized model of a real
-architecture's config (presharded/tiny_models.py), saved at TP=2, loaded
-with vLLM's sharded_state and with fast_sharded_state, gives the greedy
-tokens that auto gives on the source. The engines of one layout run one
-after another in one process, to spare an import of vLLM each."""
+architecture's config (presharded/tiny_models.py), saved at TP=2 and loaded
+back, gives the greedy tokens that auto gives on the source. Both formats
+read the same files by the same names, so each architecture at TP=2 loads
+with one of them (the other is tested on the tiny Llama at TP=2, and both
+on Qwen2 at TP=1). The engines of one test run one after another in one
+process, to spare an import of vLLM each."""
 
 import functools
 import json
@@ -11,16 +13,17 @@ from pathlib import Path
 import pytest
 
 from conftest import save, script_env
-from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.generate import greedy_tokens
-from presharded.tiny_models import ARCHITECTURES, build_tiny
+from presharded.tiny_models import build_tiny
 
 # The tiny Llama: test_round_trip.py. vLLM's Mistral and Phi-3 are its Llama class (a forward tweak; a
 # packed-weights mapping for reading the source), and we save and load vLLM's parameters: on CPU the
-# Llama's round trips cover them; the GPU matrix (docs/gpu.md) runs all nine.
-# Qwen2 at TP=1 only: its biases split at TP=2 as OPT's do, and its tied embeddings as Gemma 2's.
-ARCHS = [arch for arch in ARCHITECTURES if arch not in ("llama", "llama-tied", "mistral", "phi3", "qwen2")]
+# Llama's round trips cover them; the GPU matrix (docs/gpu.md) runs all nine. Qwen3's attention (q/k
+# norms) is Qwen3-MoE's. Qwen2 at TP=1 only: its biases split at TP=2 as OPT's do, and its tied
+# embeddings as Gemma 2's.
+FORMAT_AT_TP2 = {"opt": SHARDED_STATE, "gemma2": SHARDED_STATE, "qwen3-moe": FAST_FORMAT}
+ARCHS = list(FORMAT_AT_TP2)
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]
 
 
@@ -40,16 +43,20 @@ def source(tmp_path_factory):
 # TP=2 exercises per architecture all that TP=1 does, and the sharding; TP=1: Qwen2 (biases, tied
 # embeddings), the tiny Llama in test_round_trip.py, and all nine on a GPU (docs/gpu.md). Pipeline
 # stages: the tied tiny Llama in test_round_trip.py, and across two nodes in test_nodes.py.
-@pytest.mark.parametrize("arch,tp", [(arch, 2) for arch in ARCHS] + [("qwen2", 1)],
-                         ids=[f"{arch}-tp2" for arch in ARCHS] + ["qwen2-tp1"])
-def test_round_trip_per_architecture(source, tmp_path, arch, tp):
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"{arch}-tp2-{FORMAT_AT_TP2[arch]}" for arch in ARCHS])
+def test_round_trip_per_architecture(source, tmp_path, arch):
     model = source(arch)
-    checkpoint = save(model, tmp_path / "ckpt", tp=tp)
-    flags = ["-tp", str(tp)]
-    auto, sharded, fast = greedy([(model, "auto"), (checkpoint, SHARDED_STATE), (checkpoint, FAST_FORMAT)], *flags,
-                                 world_size=tp)
-    assert sharded == auto, f"{arch} at TP={tp}: sharded_state differs from auto"
-    assert fast == auto, f"{arch} at TP={tp}: fast_sharded_state differs from auto"
+    checkpoint = save(model, tmp_path / "ckpt", tp=2)
+    auto, loaded = greedy([(model, "auto"), (checkpoint, FORMAT_AT_TP2[arch])], "-tp", "2", world_size=2)
+    assert loaded == auto, f"{arch} at TP=2: {FORMAT_AT_TP2[arch]} differs from auto"
+
+
+def test_round_trip_qwen2_tp1(source, tmp_path):
+    model = source("qwen2")
+    checkpoint = save(model, tmp_path / "ckpt")
+    auto, sharded, fast = greedy([(model, "auto"), (checkpoint, SHARDED_STATE), (checkpoint, FAST_FORMAT)],
+                                 world_size=1)
+    assert sharded == auto and fast == auto
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +69,5 @@ def test_expert_parallel_save(expert_parallel):
     assert sorted(p.name for p in expert_parallel.glob("*.safetensors")) == [
         "model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors"]
 
-
-@pytest.mark.xfail(strict=True, raises=UserError, reason="on vLLM 0.32's CPU build the source itself (auto) dies in "
-                   "its first step with --enable-expert-parallel at TP=2 (EngineDeadError: cancelled)")
-def test_expert_parallel_loads(source, expert_parallel):
-    auto, sharded, fast = greedy([(source("qwen3-moe"), "auto"), (expert_parallel, SHARDED_STATE),
-                                  (expert_parallel, FAST_FORMAT)], "-tp", "2", "--enable-expert-parallel",
-                                 world_size=2)
-    assert sharded == auto and fast == auto
+# Not loaded back here: on vLLM 0.32's CPU build the source itself (auto) dies in its first step with
+# --enable-expert-parallel at TP=2 (EngineDeadError: cancelled; docs/guarantees.md).

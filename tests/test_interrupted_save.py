@@ -15,10 +15,11 @@ from presharded.load_checks import check_for_load
 from presharded.staging import UNFINISHED_MARKER, staging_folders
 
 
-def start_save(model: Path, output: Path, *flags: str, world_size: int = 1) -> subprocess.Popen:
+def start_save(model: Path, output: Path, *flags: str, world_size: int = 1,
+               engine_process: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(model), "--output", str(output), *flags],
-        cwd=ROOT, env=script_env(world_size), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=script_env(world_size, engine_process), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -81,7 +82,7 @@ def test_ctrl_c_mid_save_leaves_nothing(tiny_model, tmp_path):
 def test_ctrl_c_while_the_engine_starts_ends_the_save_at_once(tiny_model, tmp_path):
     # vLLM waits for its engine process in a zmq poll that swallows the KeyboardInterrupt: this took 600 s.
     output = tmp_path / "ckpt"
-    proc = start_save(tiny_model, output, world_size=2)  # the engine in a process of its own
+    proc = start_save(tiny_model, output, world_size=2, engine_process=True)  # the engine in a process of its own
     engine = engine_processes(proc)
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
@@ -94,7 +95,7 @@ def test_ctrl_c_while_the_engine_starts_ends_the_save_at_once(tiny_model, tmp_pa
 
 def test_kill_9_ends_the_engine_too(tiny_model, tmp_path):
     # Seen: the engine process ran on for minutes, parent 1 (on a GPU it holds the GPU's memory).
-    proc = start_save(tiny_model, tmp_path / "ckpt", world_size=2)
+    proc = start_save(tiny_model, tmp_path / "ckpt", world_size=2, engine_process=True)
     engine = engine_processes(proc)
     proc.kill()
     proc.wait()

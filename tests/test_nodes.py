@@ -16,6 +16,8 @@ import pytest
 
 from conftest import (PROMPT, REFUSALS, ROOT, cmdline, free_port, on_two_nodes, own_disks_possible, refused, run_script,
                       script_env)
+from presharded.formats import FAST_FORMAT, SHARDED_STATE
+from presharded.generate import greedy_tokens
 from presharded.manifest import read_manifest
 
 
@@ -62,7 +64,7 @@ def test_load_across_nodes_with_own_disks(own_disks, reference_tokens):
 def test_a_node_without_its_files_is_refused(own_disks):
     disks, _ = own_disks
     line = refused("a node without its ranks' files", "load_sharded_state.py", "--model", str(disks[0] / "ckpt"),
-                   "--nnodes", "2", "--node-rank", "1", world_size=2)
+                   "--nnodes", "2", "--node-rank", "1", world_size=2, engine_process=True)
     assert "model-rank-1-part-0.safetensors is missing on node 1 of 2, which runs rank pp=0 tp=1" in line
     line = refused("one node's folder loaded alone", "load_sharded_state.py", "--model", str(disks[1] / "ckpt"),
                    world_size=2)
@@ -81,18 +83,22 @@ def test_gathered_folders_are_one_checkpoint(own_disks, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_shared_folder_pipeline_stages(tiny_model, tmp_path, reference_tokens):
-    """PP=2, one stage per node, both writing into one folder (as on NFS): the
-    driver gathers a complete checkpoint that any one node loads."""
+def test_shared_folder_pipeline_stages(tied_model, tmp_path):
+    """PP=2, one stage per node, both writing into one folder (as on NFS): the driver gathers a
+    complete checkpoint that one node loads at PP=2 (loads across nodes: above). The model's
+    embeddings are tied, saved once: the embedding on the first stage, the head on the last; the
+    files have vLLM's pipeline-stage names, the sizes come from the manifest."""
     output = tmp_path / "ckpt"
-    on_two_nodes("save_sharded_state.py", "--model", str(tiny_model), "--output", str(output), "-pp", "2")
+    on_two_nodes("save_sharded_state.py", "--model", str(tied_model), "--output", str(output), "-pp", "2")
     manifest = read_manifest(output)
-    assert sorted(p.name for p in output.glob("*.safetensors")) == sorted(s.path for s in manifest.shards)
+    assert sorted(p.name for p in output.glob("*.safetensors")) == [
+        "model-pp-0-tp-0-part-0.safetensors", "model-pp-1-tp-0-part-0.safetensors"]
     assert [s.node for s in manifest.shards] == [0, 1]
     assert not list(tmp_path.glob(".ckpt.presharded-*"))
-    driver, _ = on_two_nodes("load_sharded_state.py", "--model", str(output), "--prompt", PROMPT,
-                             "--max-tokens", "24", "--json", "--load-format", "fast_sharded_state")
-    assert tokens(driver) == reference_tokens(pp=2)
+    auto, sharded, fast = greedy_tokens([(tied_model, "auto"), (output, SHARDED_STATE), (output, FAST_FORMAT)],
+                                        ["-pp", "2", "--max-tokens", "12"], [PROMPT], env=script_env(2), timeout=900)
+    assert sharded["pipeline_parallel_size"] == fast["pipeline_parallel_size"] == 2
+    assert sharded["token_ids"] == fast["token_ids"] == auto["token_ids"]
 
 
 def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple[list[subprocess.CompletedProcess], float]:
@@ -105,7 +111,7 @@ def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple
     for n in (1, 0):
         cmd = [sys.executable, str(ROOT / script), *args, "--nnodes", "2", "--node-rank", str(n),
                "--master-addr", "127.0.0.1", "--master-port", port]
-        procs[n] = subprocess.Popen(cmd, cwd=ROOT, env=script_env(world_size=2), stdout=subprocess.PIPE,
+        procs[n] = subprocess.Popen(cmd, cwd=ROOT, env=script_env(2, engine_process=True), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
     started: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + 300

@@ -9,7 +9,7 @@ from conftest import generate, save
 from presharded.manifest import read_manifest
 
 
-# PP=2: the tied round trip below. TP=1 reads the weights ahead (--prefetch) too: the same tokens.
+# PP=2: tied, saved across two nodes (tests/test_nodes.py). TP=1 reads the weights ahead (--prefetch) too.
 @pytest.mark.parametrize("tp,pp,flags", [(1, 1, ["--prefetch"]), (2, 1, [])], ids=["tp1-prefetch", "tp2"])
 def test_round_trip(checkpoints, reference_tokens, tp, pp, flags):
     checkpoint = checkpoints(tp, pp)
@@ -47,19 +47,6 @@ def test_small_max_file_size_splits_into_parts(tiny_model, reference_tokens, tmp
     parts = sorted(p.name for p in output.glob("*.safetensors"))
     assert len(parts) > 3 and all(p.startswith("model-rank-0-part-") for p in parts)
     assert generate(output)["token_ids"] == reference_tokens(1, 1)
-
-
-def test_tied_embeddings_across_pipeline_stages(tied_model, tmp_path):
-    """Tied embeddings, saved once, with the embedding on the first stage and the head on the last;
-    the sizes come from the manifest, the files have vLLM's pipeline-stage names. (Tied at TP=1:
-    Qwen2 in test_architectures.py.)"""
-    reference = generate(tied_model, "--load-format", "auto", "-pp", "2", world_size=2)["token_ids"]
-    checkpoint = save(tied_model, tmp_path / "tied", pp=2)
-    assert sorted(p.name for p in checkpoint.glob("*.safetensors")) == [
-        "model-pp-0-tp-0-part-0.safetensors", "model-pp-1-tp-0-part-0.safetensors"]
-    out = generate(checkpoint, world_size=2)
-    assert (out["load_format"], out["tensor_parallel_size"], out["pipeline_parallel_size"]) == ("sharded_state", 1, 2)
-    assert out["token_ids"] == reference
 
 
 def test_manifest_records_the_checkpoint(checkpoints, tiny_model):
