@@ -1,9 +1,11 @@
 """How long load_sharded_state.py takes before its first import of vLLM, and which of our modules it
-imports by then, per set of flags: `python -X importtime`, summed up to the first `vllm` line.
+imports by then, per set of flags: `python -X importtime`, summed up to the first `vllm` line; the
+median of five runs.
 
     python dev/script_imports.py CHECKPOINT
 """
 
+import statistics
 import subprocess
 import sys
 
@@ -31,5 +33,6 @@ def before_vllm(checkpoint: str, flags: list[str]) -> tuple[float, list[str]]:
 
 if __name__ == "__main__":
     for case, flags in CASES.items():
-        seconds, ours = before_vllm(sys.argv[1], flags)
-        print(f"{case:12} {seconds:.3f} s of imports before vLLM's; ours: {' '.join(sorted(ours))}")
+        runs = [before_vllm(sys.argv[1], flags) for _ in range(5)]
+        seconds, ours = statistics.median(r[0] for r in runs), runs[0][1]
+        print(f"{case:12} {seconds:.3f} s of imports before vLLM's; {len(ours)} of ours: {' '.join(sorted(ours))}")
