@@ -7,16 +7,24 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, script_env
 from presharded.bench import resident_pages, starts
 
 
-def test_bench_runs_each_format_and_reports_phases(tmp_path):
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The bench's work folder, kept between the two runs below: the second finds the tiny model saved."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def test_bench_runs_each_format_and_reports_phases(tmp_path, work):
     formats = ["sharded_state", "fast_sharded_state", "fast_sharded_state:chunk_mib=1:threads=2"]
     proc = subprocess.run(
         [sys.executable, "-m", "presharded.bench", "--synthetic", "tiny", "--tp", "1", "--repeats", "1",
          "--no-cold", "--no-throwaway", "--formats", ",".join(formats), "--max-tokens", "4",
-         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--enforce-eager"],
+         "--work", str(work), "--out", str(tmp_path / "out"), "--enforce-eager"],
         cwd=ROOT, env=script_env(1), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
@@ -38,11 +46,11 @@ def test_bench_runs_each_format_and_reports_phases(tmp_path):
     assert "| 1 | fast_sharded_state:chunk_mib=1:threads=2 | warm | 1 |" in proc.stdout
 
 
-def test_bench_names_the_engines_root_cause_when_a_start_fails(tmp_path):
+def test_bench_names_the_engines_root_cause_when_a_start_fails(tmp_path, work):
     proc = subprocess.run(
         [sys.executable, "-m", "presharded.bench", "--synthetic", "tiny", "--repeats", "1", "--no-cold",
-         "--no-throwaway", "--formats", "fast_sharded_state:bogus=1",
-         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--enforce-eager"],
+         "--no-throwaway", "--no-save", "--formats", "fast_sharded_state:bogus=1",
+         "--work", str(work), "--out", str(tmp_path / "out"), "--enforce-eager"],
         cwd=ROOT, env=script_env(1), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     head = proc.stderr.split("failed:\n", 1)[1][:2000]  # before the front end's traceback

@@ -62,14 +62,11 @@ def test_fast_loader_round_trip_tp2(checkpoints, reference_tokens):
 
 
 def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, reference_tokens):
-    """At TP=1: through vLLM's server, and through the load script (the round trip at TP=1)."""
+    """At TP=1, through vLLM's server (through the load script: at TP=2 above, and on Gemma 2 at TP=1)."""
     checkpoint = checkpoints(1, 1)
     with serving(checkpoint, "--load-format", "fast_sharded_state", "--enforce-eager") as complete:
         choice = complete(str(checkpoint), PROMPT)
-    out = generate(checkpoint, "--load-format", "fast_sharded_state")
-    assert out["load_format"] == "fast_sharded_state"
-    assert choice["token_ids"] == out["token_ids"] == reference_tokens(1, 1)
-    assert choice["text"] == out["text"]
+    assert choice["token_ids"] == reference_tokens(1, 1)
 
 
 def test_a_refusal_inside_vllm_serve_ends_on_its_line(checkpoints):

@@ -16,7 +16,7 @@ from conftest import PROMPT, ROOT, run_script, script_env, serving
 from presharded import start_caches
 from presharded.load_checks import cached_entries, check_for_load, check_hashes
 from presharded.manifest import CACHES_DIR, hash_file, read_manifest, write_manifest
-from presharded.workspace import WORKSPACE
+from presharded.workspace import WORKSPACE, stamp
 from presharded.start_caches import KINDS, files_under
 from presharded.env import TRUST_ENV
 from presharded.trust import TRUST_FLAG
@@ -297,7 +297,7 @@ def test_a_payload_planted_in_the_workspace_runs_only_if_the_victim_made_it(cach
     if whose == "victim":
         subprocess.run(["chown", "-R", f"{os.getuid()}:{os.getgid()}", str(top)], check=True)
         subprocess.run(["chmod", "-R", "go-w", str(top)], check=True)
-    sealed.write_text(start_caches.stamp(target.lstat(), entry))
+    sealed.write_text(stamp(target.lstat(), entry))
     os.chown(sealed, *(2 * ([ATTACKER] if whose == "attacker" else [os.getuid()])))
     os.chown(top, os.getuid(), os.getgid())  # what the victim fixed
     top.chmod(0o700)
