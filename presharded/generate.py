@@ -35,8 +35,11 @@ def main() -> None:
     results = []
     for model, load_format in runs:
         load = Load.check(["--model", model, "--load-format", load_format, *flags], add_flags, __doc__)
-        restored = load.from_snapshot({"prompt": load.early.prompts[0], "max_tokens": load.early.max_tokens,
-                                       "temperature": 0.0, "top_p": 1.0})
+        if load.early.snapshot and load.early.prompts:  # restored and asked the first prompt, if it can be
+            restored = load.from_snapshot({"prompt": load.early.prompts[0], "max_tokens": load.early.max_tokens,
+                                           "temperature": 0.0, "top_p": 1.0})
+        else:
+            restored = None
         if restored:
             results.append({"token_ids": [restored.token_ids], **load.result()})
             continue
