@@ -3,8 +3,9 @@
 # intermediate 28672, vocab 128256) with LAYERS of its 80 layers, random bf16, made here once, at TP
 # (default: every GPU). One phase per call, in this order; the source stays in /root/bench while the
 # machine is up, and a phase that saves deletes the checkpoint first (the disk holds the source and one
-# checkpoint; `--replace` would hold two). Each fits a 10-minute call at 40 layers and TP=4 (72.6 GB):
-#   bash dev/wide_tp.sh save TP LAYERS $OUT      # the model made, saved: per rank against dd with as many writers
+# checkpoint; `--replace` would hold two). The bench times what save_sharded_state.py saved.
+# Each fits a 10-minute call at 40 layers and TP=4 (72.6 GB):
+#   bash dev/wide_tp.sh save TP LAYERS $OUT      # the model made, saved: each rank's write speed
 #   bash dev/wide_tp.sh warm TP LAYERS $OUT      # warm starts of auto, sharded_state, ours and dummy, 32 greedy
 #                                                # tokens compared; then the host's ceilings, every rank at once
 #   bash dev/wide_tp.sh cold TP LAYERS $OUT      # cold page cache: sharded_state and ours, against dd
@@ -24,28 +25,29 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade 
 cd /root  # as a user would: the package installed, the checkpoint anywhere
 bench() { python3 -m presharded.bench --synthetic llama-3-70b --layers "$layers" --tp "$tp" --work /root/bench \
   --no-throwaway --repeats 1 "$@"; }
+source_model=/root/bench/source-llama-3-70b-$layers-layers
+save() { rm -rf "/root/bench/tp$tp"; python3 "$repo/save_sharded_state.py" --model "$source_model" \
+  --output "/root/bench/tp$tp" -tp "$tp" --json "$@"; }
 case $phase in
   save)
-    rm -rf "/root/bench/tp$tp"
-    bench --no-warm --no-cold --out "$out/save" --enforce-eager > "$out/save/table.md" ;;
+    [ -d "$source_model" ] || python3 -c "from pathlib import Path; from presharded.bench import synthesize; synthesize('llama-3-70b', Path('$source_model'), $layers)"
+    save --no-start-caches --enforce-eager > "$out/save/save.json" ;;
   warm)
-    bench --no-save --no-cold --max-tokens 32 --formats auto,sharded_state,fast_sharded_state,dummy \
+    bench --no-cold --max-tokens 32 --formats auto,sharded_state,fast_sharded_state,dummy \
       --out "$out/warm" --enforce-eager > "$out/warm/table.md"
     python3 "$repo/dev/host_ceiling.py" "/root/bench/tp$tp" --threads 16 > "$out/warm/ceiling.jsonl" ;;
   cold)
-    bench --no-save --no-warm --formats sharded_state,fast_sharded_state --out "$out/cold" --enforce-eager \
+    bench --no-warm --formats sharded_state,fast_sharded_state --out "$out/cold" --enforce-eager \
       > "$out/cold/table.md" ;;
   caches)
-    rm -rf "/root/bench/tp$tp"
-    python3 -m save_sharded_state --model "/root/bench/source-llama-3-70b-$layers-layers" --output "/root/bench/tp$tp" \
-      -tp "$tp" --start-caches --json > "$out/caches/save.json" ;;
+    save --start-caches > "$out/caches/save.json" ;;
   fresh)
-    bench --fresh --no-save --fresh-variants sharded_state,ours-caches --out "$out/fresh" > "$out/fresh/table.md" ;;
+    bench --fresh --fresh-variants sharded_state,ours-caches --out "$out/fresh" > "$out/fresh/table.md" ;;
   snapshot)
     source "$repo/dev/stage_criu.sh"
-    bench --fresh --no-save --fresh-variants snapshot --out "$out/snapshot" > "$out/snapshot/table.md" ;;
+    bench --fresh --fresh-variants snapshot --out "$out/snapshot" > "$out/snapshot/table.md" ;;
   fp8)
-    rm -rf "/root/bench/tp$tp"
+    save --no-start-caches --quantization fp8 --enforce-eager > "$out/fp8/save.json"
     bench --no-cold --max-tokens 32 --formats auto,fast_sharded_state --out "$out/fp8" --quantization fp8 \
       --enforce-eager > "$out/fp8/table.md" ;;
   *) echo "unknown phase $phase: save, warm, cold, caches, fresh, snapshot or fp8" >&2; exit 1 ;;

@@ -1,9 +1,9 @@
 """Benchmark the whole start-up, per load format, cold and warm.
 
-For a checkpoint's source model (or a synthetic model in a real
-architecture's shapes, made here) and each TP size: save it pre-sharded
-(timing the writes), then start vLLM from it with each load format in a fresh
-process, with the page cache dropped (cold) or filled (warm), a few times.
+For a model (or a synthetic model in a real architecture's shapes, made
+here) and, at each TP size, the checkpoint saved from it in --work (the
+bench says how to save one where there is none): start vLLM with each load
+format in a fresh process, with the page cache dropped (cold) or filled (warm), a few times.
 Reports per rank the weights' seconds and GB/s, and the start-up split into
 import, engine start, model init, weights, profiling + KV cache + warm-up,
 and first token; plus `dummy` (no weights read: vLLM's own floor) and what
@@ -11,8 +11,7 @@ and first token; plus `dummy` (no weights read: vLLM's own floor) and what
 
     presharded-bench --synthetic llama-3-8b --tp 1,2 --out results/
 
-Saves run `python -m presharded.save` and starts `python -m presharded.generate`,
-the package's own runs of the steps save_sharded_state.py and load_sharded_state.py show.
+Each start runs `python -m presharded.generate`, the package's own engine start.
 
 `--fresh` measures a new node instead: every start with empty compile caches
 and a cold page cache (the weights and the Python packages), for vLLM's
@@ -30,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -43,6 +43,7 @@ import torch
 from safetensors.torch import save_file
 
 from presharded.env import LOAD_REPORT_ENV
+from presharded.errors import UserError, exits_cleanly
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.manifest import read_manifest
 from presharded.snapshot_sets import IMAGES
@@ -166,18 +167,6 @@ def dd_gbps(path: Path) -> float:
     return dd(f"if={path}", "of=/dev/null", "bs=64M")
 
 
-def dd_write_gbps(folder: Path, nbytes: int, writers: int = 1) -> list[float]:
-    """How fast the disk takes as much as a rank wrote, at most 4 GiB, flushed,
-    with as many writers at once as a save has ranks (what a save is compared with)."""
-    paths = [folder / f"dd-write-{i}.tmp" for i in range(writers)]
-    count = max(1, min(64, nbytes // writers // 2**26))
-    try:
-        return dd_at_once([("if=/dev/zero", f"of={p}", "bs=64M", f"count={count}", "conv=fsync") for p in paths])
-    finally:
-        for path in paths:
-            path.unlink(missing_ok=True)
-
-
 def parse_format(spec: str) -> tuple[str, dict]:
     """`fast_sharded_state:chunk_mib=64:threads=8` -> the load format and its loader options."""
     name, *options = spec.split(":")
@@ -232,29 +221,28 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return work, out, source
 
 
+def saved(work: Path, source: Path, tp: int, extra: list[str], caches: bool = False) -> Path:
+    """The checkpoint the user saved of `source` at this TP size in --work (with its start-up caches for a
+    new node); where there is none, the one line that says how to save it."""
+    checkpoint = work / f"tp{tp}"
+    manifest = read_manifest(checkpoint)
+    if manifest is None or (caches and not manifest.caches):
+        save = ["presharded-save", "--model", str(source), "--output", str(checkpoint), "-tp", str(tp),
+                "--replace", "--start-caches" if caches else "--no-start-caches", *extra]
+        raise UserError(f"no checkpoint{' with start-up caches' if caches else ''} at {checkpoint}: save it with "
+                        f"`{shlex.join(save)}` (save_sharded_state.py), then run this again")
+    return checkpoint
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> dict:
     work, out, source = folders(args)
     source_files = sorted(source.glob("*.safetensors"))
     report: dict = {"source": str(source), "source_bytes": sum(f.stat().st_size for f in source_files),
-                    "runs": [], "saves": [], "dd": []}
+                    "runs": [], "dd": []}
+    checkpoints = {tp: saved(work, source, tp, extra) for tp in args.tp}
     if args.throwaway:  # a machine's first engine start pays one-time warm-up (kernel JIT, caches): not counted
         timed_start(source, "dummy", args.tp[0], extra)
-    for tp in args.tp:
-        checkpoint = work / f"tp{tp}"
-        if args.save or read_manifest(checkpoint) is None:
-            start = time.perf_counter()
-            save = subprocess.run([sys.executable, "-m", "presharded.save", "--model", str(source),
-                                   "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json",
-                                   "--no-start-caches", *extra],  # formats compared as they load; --fresh: caches
-                                  capture_output=True, text=True)
-            if save.returncode != 0:
-                raise RuntimeError(f"save at TP={tp} failed:\n{save.stderr[-3000:]}")
-            saved = json.loads(save.stdout)
-            by_dd = [round(x, 3) for x in dd_write_gbps(work, saved["bytes"], writers=len(saved["ranks"]))]
-            report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2), **saved,
-                                    "dd_write_gbps": by_dd})
-            print(f"TP={tp} save: {saved['write_gbps']} GB/s, per rank {[r['write_gbps'] for r in saved['ranks']]} "
-                  f"GB/s, dd with as many writers at once {by_dd} GB/s", file=sys.stderr, flush=True)
+    for tp, checkpoint in checkpoints.items():
         manifest = read_manifest(checkpoint)
         rank_files = [checkpoint / s.path for s in manifest.shards if s.tp_rank == 0]
         rank_bytes = sum(f.stat().st_size for f in rank_files)
@@ -339,18 +327,9 @@ def new_node(files: list[Path]) -> str:
 def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
     """A new node's start per format, then the same node warm, at each TP size."""
     work, out, source = folders(args)
-    report: dict = {"source": str(source), "runs": [], "saves": []}
-    for tp in args.tp:
-        checkpoint = work / f"tp{tp}"
-        if args.save or not getattr(read_manifest(checkpoint), "caches", None):
-            start = time.perf_counter()  # the save makes the start-up caches with the engine flags given
-            save = subprocess.run([sys.executable, "-m", "presharded.save", "--model", str(source),
-                                   "--output", str(checkpoint), "-tp", str(tp), "--replace", "--json",
-                                   "--start-caches", *extra], capture_output=True, text=True)
-            if save.returncode != 0 or json.loads(save.stdout.strip().splitlines()[-1])["caches"] is None:
-                raise RuntimeError(f"save with start-up caches at TP={tp} failed:\n{save.stderr[-3000:]}")
-            report["saves"].append({"tp": tp, "wall_seconds": round(time.perf_counter() - start, 2),
-                                    **json.loads(save.stdout.strip().splitlines()[-1])})
+    report: dict = {"source": str(source), "runs": []}
+    checkpoints = {tp: saved(work, source, tp, extra, caches=True) for tp in args.tp}
+    for tp, checkpoint in checkpoints.items():
         if "snapshot" in args.fresh_variants and not read_manifest(checkpoint).snapshots:
             made = subprocess.run([sys.executable, "-m", "presharded.snapshot_cli", str(checkpoint), "--json",
                                    TRUST_FLAG, "-tp", str(tp), *extra], capture_output=True, text=True)
@@ -486,6 +465,7 @@ def chart(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+@exits_cleanly
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -497,8 +477,6 @@ def main() -> None:
                         default=["dummy", "auto", SHARDED_STATE, FAST_FORMAT],
                         help="load formats to start with; dummy reads no weights: vLLM's own floor; "
                         "FORMAT:KEY=VALUE passes loader options, e.g. fast_sharded_state:chunk_mib=64")
-    parser.add_argument("--no-save", dest="save", action="store_false",
-                        help="reuse the checkpoint a previous run saved in --work")
     parser.add_argument("--no-throwaway", dest="throwaway", action="store_false",
                         help="skip the uncounted first start that takes the machine's one-time warm-up")
     parser.add_argument("--repeats", type=int, default=2)

@@ -8,7 +8,6 @@ the driver (node 0) writes the manifest and publishes."""
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -19,15 +18,14 @@ from pathlib import Path
 
 from presharded.engine_defaults import apply_engine_defaults
 from presharded.engine_output import engine_refusals
-from presharded.errors import UserError, exits_cleanly
+from presharded.errors import UserError
 from presharded.flags import AddFlags, parse_engine_flags, parse_for_checks, parse_size, positive_size
-from presharded.formats import SAVE_FORMAT
 from presharded.manifest import (CopiedFile, Manifest, Shard, hash_file, hash_header, read_manifest, render,
                                  write_manifest)
 from presharded import progress, s3
 from presharded.nodes import Liveness, Node
 from presharded.save_checks import HOOK_DROP, SaveTarget, check_save
-from presharded.save_messages import SAVE_RECORDS, RankRecord, SaveRequest, check_records
+from presharded.save_messages import RankRecord, SaveRequest, check_records
 from presharded.shutdown import engine_dies_with_this_process, fail, interrupted
 from presharded.source_model import copy_model_files
 from presharded.staging import output_locked, publish, staging_for
@@ -337,28 +335,3 @@ def finish_other_node(staging: Path, source: Path, node: Node) -> Manifest | Non
                             "save from the same model files on every node")
     return manifest
 
-
-def main() -> None:
-    """`python -m presharded.save`: the package's own save, for its commands (presharded-bench), which
-    cannot run the script (it is not in the package): one node, a folder, the script's flags. The
-    reference, each step explained, is save_sharded_state.py."""
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results
-    save = Save.check(sys.argv[1:], add_save_flags, __doc__)
-    with save.output_locked():
-        from vllm import LLM, EngineArgs
-
-        args = save.engine_flags()
-        with save.staging():
-            engine_args = EngineArgs.from_cli_args(args)
-            engine_args.model_loader_extra_config = save.request(engine_args)
-            engine_args.load_format, engine_args.worker_extension_cls = SAVE_FORMAT, SAVE_RECORDS
-            with save.engine_start():
-                llm = LLM.from_engine_args(engine_args)
-            save.write_manifest(llm.collective_rpc("presharded_record"), llm)
-        if save.wants_start_caches():
-            save.add_start_caches()
-    save.report()
-
-
-if __name__ == "__main__":
-    exits_cleanly(main)()
