@@ -23,6 +23,47 @@ from presharded.env import REFUSAL_ENV
 from presharded.shutdown import on_stuck_interrupt, watched
 
 
+class HeldOutput:
+    """What the engine writes to our pipe, held `hold` seconds, then written to the
+    terminal, or to the log once a refusal's note exists."""
+
+    def __init__(self, read_end: int, terminal: int, note: Path, hold: float) -> None:
+        self.read_end, self.terminal, self.note, self.hold = read_end, terminal, note, hold
+        self.held: deque[tuple[float, bytes]] = deque()
+        self.lock = threading.Lock()
+
+    def release(self, everything: bool = False) -> None:
+        with self.lock:
+            diverted = self.note.exists()
+            while self.held and (everything or diverted or time.monotonic() - self.held[0][0] >= self.hold):
+                chunk = self.held.popleft()[1]
+                if diverted:
+                    with open(self.note.parent / "engine.log", "ab") as f:
+                        f.write(chunk)
+                else:
+                    os.write(self.terminal, chunk)
+
+    def pump(self) -> bool:
+        """Move what waits in the pipe to `held`, under the lock (so nothing read is ever
+        in flight outside it); False once every writer has gone."""
+        with self.lock:
+            while True:
+                try:
+                    chunk = os.read(self.read_end, 65536)
+                except BlockingIOError:
+                    return True
+                if not chunk:
+                    return False
+                self.held.append((time.monotonic(), chunk))
+
+    def forward(self) -> None:
+        """Until every writer has gone: at once on one node, every 0.2 s while held."""
+        while self.pump():
+            self.release()
+            select.select([self.read_end], [], [], 0.2 if self.hold else None)
+        self.release(everything=True)
+
+
 @contextmanager
 def engine_refusals() -> Iterator[None]:
     """Around starting vLLM's engine: a refusal raised inside it ends the script
@@ -31,7 +72,6 @@ def engine_refusals() -> Iterator[None]:
     Across several nodes the engine's output is held back 2 s first: vLLM
     sees a dead node's sockets close a moment before our watcher names it."""
     note = Path(tempfile.mkdtemp(prefix="presharded-")) / "refusal"
-    log = note.parent / "engine.log"
     os.environ[REFUSAL_ENV] = str(note)
     terminal = os.dup(2)
     read_end, write_end = os.pipe()
@@ -39,50 +79,10 @@ def engine_refusals() -> Iterator[None]:
     os.close(write_end)
     os.set_blocking(read_end, False)
     on_stuck_interrupt(lambda: os.dup2(terminal, 2))  # so that `interrupted` reaches the terminal
-    hold = 2.0 if watched() else 0.0
-    held: deque[tuple[float, bytes]] = deque()
-    lock = threading.Lock()
-
-    def release(everything: bool = False) -> None:
-        with lock:
-            diverted = note.exists()
-            while held and (everything or diverted or time.monotonic() - held[0][0] >= hold):
-                chunk = held.popleft()[1]
-                if diverted:
-                    with open(log, "ab") as f:
-                        f.write(chunk)
-                else:
-                    os.write(terminal, chunk)
-
-    def pump() -> bool:
-        """Move what waits in the pipe to `held`, under the lock (so nothing read is ever
-        in flight outside it); False once every writer has gone."""
-        with lock:
-            while True:
-                try:
-                    chunk = os.read(read_end, 65536)
-                except BlockingIOError:
-                    return True
-                if not chunk:
-                    return False
-                held.append((time.monotonic(), chunk))
-
-    def forward() -> None:
-        while not hold:  # one node: at once, as it comes
-            select.select([read_end], [], [])
-            if not pump():
-                return release(everything=True)
-            release()
-        while True:
-            select.select([read_end], [], [], 0.2)
-            if not pump():
-                break
-            release()
-        release(everything=True)
-
-    threading.Thread(target=forward, daemon=True).start()
-    atexit.register(release, everything=True)
-    before_the_error_line(lambda: (pump(), release(everything=True)))  # the engine's words that came first, first
+    output = HeldOutput(read_end, terminal, note, hold=2.0 if watched() else 0.0)
+    threading.Thread(target=output.forward, daemon=True).start()
+    atexit.register(output.release, everything=True)
+    before_the_error_line(lambda: (output.pump(), output.release(everything=True)))  # the engine's words first
     try:
         yield
     except Exception:
@@ -91,7 +91,7 @@ def engine_refusals() -> Iterator[None]:
         _drained(read_end)  # the engine's last words, before ours
         if note.exists() and (reasons := note.read_text().splitlines()):
             raise UserError(reasons[0]) from None
-        release(everything=True)
+        output.release(everything=True)
         raise
     else:  # the note stays while the engine runs: a node lost later diverts its output too
         atexit.register(shutil.rmtree, note.parent, ignore_errors=True)

@@ -40,11 +40,10 @@ from typing import IO
 import presharded
 from presharded.errors import UserError
 from presharded.load_checks import checked_manifest
-from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, hash_file, write_manifest
+from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, Manifest, hash_file, write_manifest
 from presharded.snapshot_inbox import KEEP, READY, inbox, put, rpc_folder, wait_for
 from presharded.snapshot_sets import COMPILED, KEPT, META, compared_flags, is_kept, set_name, tool, unsupported
-from presharded.workspace import private_folder
-from presharded.workspace import WORKSPACE, link_model, swap_in
+from presharded.workspace import WORKSPACE, link_model, private_folder, swap_in
 from presharded.start_caches import KINDS, use_set
 from presharded.processes import holds_gpu, kill_tree, mapped_inodes, ns_pid, tree
 from presharded.trust import record
@@ -102,63 +101,20 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
     `checkpoint` with the flags `argv`, added to the checkpoint; its name and what it took."""
     manifest = checked_manifest(checkpoint)
     flags = compared_flags(argv, server)
-    if problem := unsupported(manifest, 1, flags):
-        raise UserError(f"cannot snapshot {checkpoint}: {problem}")
-    uring = Path("/proc/sys/kernel/io_uring_disabled")
-    if uring.exists() and uring.read_text().strip() != "2":
-        raise UserError("CRIU cannot dump the io_uring that the engine opens: run "
-                        "`sysctl kernel.io_uring_disabled=2` first")
+    check_can_snapshot(checkpoint, manifest, flags)
     name = set_name(flags, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, server)
     use_set(checkpoint, manifest, 1, 1, trust_caches)  # the start-up caches in the workspace if trusted: faster
     workspace = private_folder(WORKSPACE) / manifest.id
     link_model(workspace, checkpoint)
-    caches = {var: str(workspace / kind) for kind, var in KINDS.items()}  # whatever it compiles: kept with the image
     new = checkpoint / SNAPSHOTS_DIR / f".{name}.new-{os.getpid()}"
-    module = "presharded.snapshot_server" if server else "presharded.snapshot_engine"
-    seconds: dict[str, float] = {}
     with inbox(manifest) as box:
         (new / KEPT).mkdir(parents=True)
         put(box / KEEP, {"folder": str(new / KEPT), "kept_as": f"{SNAPSHOTS_DIR}/{name}/{KEPT}"})
-        cmd = [*NAMESPACE, sys.executable, "-m", module, str(box), "--model", str(workspace / "model"), *flags]
         print(f"starting vLLM on {checkpoint} for the snapshot {name}", file=sys.stderr, flush=True)
-        env = snapshot_env({**caches, "VLLM_RPC_BASE_PATH": str(rpc_folder())}, server)
-        # Pipes, not this process's own files: a file opened outside the namespace is on a mount that
-        # CRIU cannot find inside it (and every process vLLM starts inherits them).
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
-        proc.stdin.close()
-        quiet = threading.Event()
-        threading.Thread(target=echo, args=(proc.stdout, quiet), daemon=True).start()
+        proc, quiet = start_to_dump(box, workspace, flags, server)
         try:
-            ready = wait_for(box / READY, lambda: proc.poll() is None, 3600, "vLLM for the snapshot")
-            quiet.set()
-            root = tree(proc.pid)[1]  # under unshare: init of the new namespace
-            pids = tree(root)
-            cuda = [pid for pid in pids if holds_gpu(pid)]
-            cuda_inside = [ns_pid(pid) for pid in cuda]  # the PIDs a restore gives them again
-            t = time.perf_counter()
-            for pid in cuda:
-                tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
-            seconds["cuda_checkpoint"] = time.perf_counter() - t
-            unlink_shared_files(pids)
-            seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(root), "-D", str(new), "-W", str(box),
-                                   *CRIU_FLAGS, *NAMESPACE_FLAGS, *SHARED_FILES, "-o", "dump.log",
-                                   log=box / "dump.log")
-            proc.wait(timeout=60)
-            if not any((new / KEPT).iterdir()):  # the checkpoint's files give back every weight
-                (new / KEPT).rmdir()
-            meta = {"name": name, "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "engine_flags": flags, "python": os.path.realpath(sys.executable),
-                    "vllm": importlib.util.find_spec("vllm").origin, "tokens": ready["tokens"],
-                    "cuda_pids": cuda_inside, "asleep_gib": ready["asleep_gib"],
-                    "kept_bytes": ready["kept_bytes"]}
-            (new / META).write_text(json.dumps(meta, indent=1) + "\n")
-            for kind in KINDS:  # the process maps what it compiled (Inductor's .so files): it must be there
-                if (workspace / kind).is_dir():
-                    shutil.copytree(workspace / kind, new / COMPILED / kind)
-            files = sorted(p for p in new.rglob("*") if p.is_file())
-            entries = [CopiedFile(f"{SNAPSHOTS_DIR}/{name}/{p.relative_to(new).as_posix()}", p.stat().st_size,
-                                  hash_file(p)) for p in files]
+            ready, cuda_pids, seconds = dump(proc, quiet, box, new)
+            entries = finish_set(new, name, flags, ready, cuda_pids, workspace)
             swap_in(new, checkpoint / SNAPSHOTS_DIR / name)
         except BaseException:
             kill_tree(proc.pid)
@@ -172,3 +128,67 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
     made = {"image_bytes": sum(e.size for e in entries) - kept, "kept_bytes": kept,
             "start_seconds": ready["start_seconds"], "asleep_gib": ready["asleep_gib"]}
     return name, {**made, **{k: round(v, 3) for k, v in seconds.items()}}
+
+
+def check_can_snapshot(checkpoint: Path, manifest: Manifest, flags: list[str]) -> None:
+    if problem := unsupported(manifest, 1, flags):
+        raise UserError(f"cannot snapshot {checkpoint}: {problem}")
+    uring = Path("/proc/sys/kernel/io_uring_disabled")
+    if uring.exists() and uring.read_text().strip() != "2":
+        raise UserError("CRIU cannot dump the io_uring that the engine opens: run "
+                        "`sysctl kernel.io_uring_disabled=2` first")
+
+
+def start_to_dump(box: Path, workspace: Path, flags: list[str], server: bool) -> tuple[subprocess.Popen, threading.Event]:
+    """vLLM (or its server) started in a namespace of its own, on the workspace's link to the checkpoint, to
+    fall asleep and say so in `box`; its output echoed until `quiet` is set."""
+    module = "presharded.snapshot_server" if server else "presharded.snapshot_engine"
+    cmd = [*NAMESPACE, sys.executable, "-m", module, str(box), "--model", str(workspace / "model"), *flags]
+    caches = {var: str(workspace / kind) for kind, var in KINDS.items()}  # whatever it compiles: kept with the image
+    env = snapshot_env({**caches, "VLLM_RPC_BASE_PATH": str(rpc_folder())}, server)
+    # Pipes, not this process's own files: a file opened outside the namespace is on a mount that
+    # CRIU cannot find inside it (and every process vLLM starts inherits them).
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
+    proc.stdin.close()
+    quiet = threading.Event()
+    threading.Thread(target=echo, args=(proc.stdout, quiet), daemon=True).start()
+    return proc, quiet
+
+
+def dump(proc: subprocess.Popen, quiet: threading.Event, box: Path, new: Path) -> tuple[dict, list[int], dict]:
+    """Once the engine is asleep: its CUDA state moved to host memory, then the whole process tree dumped
+    by CRIU into `new`. What the engine said when ready, its CUDA processes' PIDs inside the namespace
+    (a restore gives them again), and the seconds each step took."""
+    ready = wait_for(box / READY, lambda: proc.poll() is None, 3600, "vLLM for the snapshot")
+    quiet.set()
+    root = tree(proc.pid)[1]  # under unshare: init of the new namespace
+    pids = tree(root)
+    cuda = [pid for pid in pids if holds_gpu(pid)]
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    for pid in cuda:
+        tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
+    seconds["cuda_checkpoint"] = time.perf_counter() - t
+    unlink_shared_files(pids)
+    seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(root), "-D", str(new), "-W", str(box),
+                           *CRIU_FLAGS, *NAMESPACE_FLAGS, *SHARED_FILES, "-o", "dump.log", log=box / "dump.log")
+    proc.wait(timeout=60)
+    return ready, [ns_pid(pid) for pid in cuda], seconds
+
+
+def finish_set(new: Path, name: str, flags: list[str], ready: dict, cuda_pids: list[int],
+               workspace: Path) -> list[CopiedFile]:
+    """The set's description and what the engine compiled written beside the image; every file's entry."""
+    if not any((new / KEPT).iterdir()):  # the checkpoint's files give back every weight
+        (new / KEPT).rmdir()
+    meta = {"name": name, "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "engine_flags": flags, "python": os.path.realpath(sys.executable),
+            "vllm": importlib.util.find_spec("vllm").origin, "tokens": ready["tokens"],
+            "cuda_pids": cuda_pids, "asleep_gib": ready["asleep_gib"], "kept_bytes": ready["kept_bytes"]}
+    (new / META).write_text(json.dumps(meta, indent=1) + "\n")
+    for kind in KINDS:  # the process maps what it compiled (Inductor's .so files): it must be there
+        if (workspace / kind).is_dir():
+            shutil.copytree(workspace / kind, new / COMPILED / kind)
+    return [CopiedFile(f"{SNAPSHOTS_DIR}/{name}/{p.relative_to(new).as_posix()}", p.stat().st_size, hash_file(p))
+            for p in sorted(p for p in new.rglob("*") if p.is_file())]
