@@ -104,7 +104,7 @@ class Load:
                 raise UserError(f"an s3:// checkpoint loads with --load-format {FAST_FORMAT}: vLLM's "
                                 f"{early.load_format} reads only folders")
             self.s3, early.load_format, early.model = early.model, FAST_FORMAT, str(s3.fetch(early.model))
-        self.caches = CachesInUse("none", Path(early.model), {})
+            self.caches = CachesInUse("none", Path(early.model), {})
         load_format = early.load_format or SHARDED_STATE
         if load_format not in CHECKPOINT_FORMATS:
             return

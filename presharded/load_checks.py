@@ -55,14 +55,17 @@ def saved_layout(folder: Path, manifest: Manifest | None) -> dict:
 
 def check_for_load(folder: Path, *, tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
                    load_format: str | None = None, node: Node = Node(), rank: tuple[int, int] | None = None,
-                   verify_hashes: bool = False, s3_url: str | None = None) -> Manifest | None:
+                   verify_hashes: bool = False, s3_url: str | None = None, required: bool = False) -> Manifest | None:
     """What a load checks before any engine starts: the checkpoint's manifest once every check passes;
     None (with a warning) for a checkpoint made without one, such as vLLM's own example writes. The
     weights of the ranks `node` runs (of one `rank`) are required, their tensor tables hashed, the
     copied files (config, tokenizer) hashed; the weights too with `verify_hashes`. With `s3_url` the
-    folder is an S3 checkpoint's local copy (presharded/s3.py): its weights are checked there."""
+    folder is an S3 checkpoint's local copy (presharded/s3.py): its weights are checked there.
+    `required`: a checkpoint without a manifest is refused."""
     check_folder(folder, load_format)
     manifest = read_manifest(folder)
+    if manifest is None and required:
+        raise UserError(f"{folder} has no {MANIFEST_NAME}: there is nothing to verify it against")
     if manifest is None:
         if names := layout_from_names(folder):
             check_layout(folder, names, tensor_parallel_size, pipeline_parallel_size)
@@ -86,19 +89,13 @@ def check_for_load(folder: Path, *, tensor_parallel_size: int | None = None, pip
 
 def checked_manifest(folder: Path, s3_url: str | None = None) -> Manifest:
     """A load's checks, of a checkpoint that must have a manifest (what adds to it, or serves it)."""
-    check_folder(folder)
-    if read_manifest(folder) is None:
-        raise UserError(f"{folder} has no {MANIFEST_NAME}: there is nothing to verify it against")
-    return check_for_load(folder, s3_url=s3_url)
+    return check_for_load(folder, s3_url=s3_url, required=True)
 
 
 def verify_checkpoint(folder: Path, node: Node = Node(), s3_url: str | None = None) -> Manifest:
     """presharded-verify's: a load's checks with every hash, the start-up caches and engine snapshots
     hashed too, and no file in the folder that the manifest does not list."""
-    check_folder(folder)
-    if read_manifest(folder) is None:
-        raise UserError(f"{folder} has no {MANIFEST_NAME}: there is nothing to verify it against")
-    manifest = check_for_load(folder, node=node, verify_hashes=True, s3_url=s3_url)
+    manifest = check_for_load(folder, node=node, verify_hashes=True, s3_url=s3_url, required=True)
     cached = cached_entries(manifest)
     check_sizes(folder, manifest, cached, node)
     check_listed(folder, manifest, folder.rglob("*"))
