@@ -17,9 +17,9 @@ Each start runs `python -m presharded.generate`, the package's own engine start.
 and a cold page cache (the weights and the Python packages), for vLLM's
 `sharded_state`, ours without and with the checkpoint's start-up caches (and
 with the weights read ahead), the checkpoint's engine snapshot restored
-(`snapshot`: made first with presharded-snapshot; beside it the time `cat`
-takes to read the image and the weights cold), each followed by the same
-node warm. A new node's page cache is written back (`sync`) and dropped, then
+(`snapshot`: made first with presharded-snapshot; right before each, the
+time `cat` takes to read the image and the weights cold), each followed by
+the same node warm, --repeats times. A new node's page cache is written back (`sync`) and dropped, then
 checked: a start is not timed while any page of the weights or the image is
 still cached. Every start is also timed whole, from outside its process
 (`process`), beside the script's own phases; the ratios use those.
@@ -340,19 +340,21 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
         rank_files = [checkpoint / s.path for s in manifest.shards]
         rank_bytes = sum(f.stat().st_size for f in rank_files) // tp
         image = [checkpoint / e.path for entries in manifest.snapshots.values() for e in entries]
-        if image:
-            report["floor_seconds"] = read_seconds(image + rank_files)  # what a restore reads, cold
         user_caches = {name: work / "user-caches" / name for name in FRESH}
         # Each warm start right after its own new-node start: what that start left (the checked image copy,
         # the workspace) is there, as on that node; the next new-node start removes it.
-        for cache, name in [(cache, name) for name in args.fresh_variants for cache in ("fresh", "warm")
-                            if cache == "fresh" or name in WARM_AGAIN]:
+        for repeat, cache, name in [(repeat, cache, name) for repeat in range(args.repeats)
+                                    for name in args.fresh_variants for cache in ("fresh", "warm")
+                                    if cache == "fresh" or name in WARM_AGAIN]:
             load_format, flags = FRESH[name]
             env = {var: str(user_caches[name] / kind) for kind, var in KINDS.items()}
+            floor = None
             if cache == "fresh":
                 shutil.rmtree(user_caches[name], ignore_errors=True)
                 shutil.rmtree(WORKSPACE / manifest.id, ignore_errors=True)
                 shutil.rmtree(IMAGES / f"presharded-{os.getuid()}", ignore_errors=True)  # the checked image copy
+                if name == "snapshot":  # what a restore reads, cold, right before it
+                    floor = read_seconds(image + rank_files)
                 report["evicted"] = new_node(image + rank_files)
             else:
                 set_cache(rank_files, warm=True)
@@ -360,18 +362,20 @@ def run_fresh(args: argparse.Namespace, extra: list[str]) -> dict:
                 row = start_restored(checkpoint, tp, extra, tokens=args.max_tokens)
             else:
                 row = timed_start(checkpoint, load_format, tp, [*flags, *extra], env, tokens=args.max_tokens)
-            row.update(tp=tp, format=name, cache=cache, repeat=0, rank_bytes=rank_bytes,
+            row.update(tp=tp, format=name, cache=cache, repeat=repeat, rank_bytes=rank_bytes, floor=floor,
                        gbps=round(rank_bytes / row["weights"] / 1e9, 2) if row["weights"] else None)
             report["runs"].append(row)
             (out / "bench.json").write_text(json.dumps(report, indent=1))
             print(f"TP={tp} {name:<24} {cache}: caches {row['caches']}, weights {row['weights']:.2f} s, "
-                  f"total {row['total']:.1f} s, whole process {row['process']:.1f} s", file=sys.stderr, flush=True)
+                  f"total {row['total']:.1f} s, whole process {row['process']:.1f} s"
+                  + (f", cat of what it reads {floor:.1f} s" if floor else ""), file=sys.stderr, flush=True)
     return report
 
 
-def ratios(rows: list[dict], floor: float | None = None) -> list[str]:
-    """A new node's start against the same node warm, vLLM's sharded_state and the disk's floor (`cat`
-    of what a restore reads), each from whole processes timed from outside."""
+def ratios(rows: list[dict], runs: list[dict]) -> list[str]:
+    """A new node's start against the same node warm and vLLM's sharded_state (medians), and each restored
+    new node against `cat` of its image and weights run right before it; all from whole processes timed
+    from outside."""
     lines = []
     for tp in sorted({r["tp"] for r in rows}):
         took = {(r["format"], r["cache"]): r["process"] for r in rows if r["tp"] == tp}
@@ -382,13 +386,13 @@ def ratios(rows: list[dict], floor: float | None = None) -> list[str]:
             if ("sharded_state", "fresh") in took:
                 lines.append(f"TP={tp}: new node sharded_state / {name} = "
                              f"{took['sharded_state', 'fresh'] / took[name, 'fresh']:.2f}")
+        for run in [r for r in runs if r["tp"] == tp and r["format"] == "snapshot" and r.get("floor")]:
+            lines.append(f"TP={tp}: new node snapshot, run {run['repeat'] + 1}: {run['process']:.2f} s / cat of its "
+                         f"image and weights {run['floor']:.2f} s = {run['process'] / run['floor']:.2f}")
         if ("snapshot", "fresh") in took:
-            restored = took["snapshot", "fresh"]
-            if floor:
-                lines.append(f"TP={tp}: new node snapshot {restored:.2f} s / cat of its image and weights "
-                             f"{floor:.2f} s = {restored / floor:.2f}")
             for other in ("ours-caches", "ours-caches-prefetch", "sharded_state"):
                 if (other, "fresh") in took:
+                    restored = took["snapshot", "fresh"]
                     lines.append(f"TP={tp}: new node {other} / snapshot = {took[other, 'fresh'] / restored:.2f}")
     return lines
 
@@ -496,7 +500,7 @@ def main() -> None:
     report = run_fresh(args, extra) if args.fresh else run(args, extra)
     rows = summarize(report)
     report["summary"] = rows
-    report["ratios"] = (ratios(rows, report.get("floor_seconds")) if args.fresh else []) + same_tokens(report["runs"])
+    report["ratios"] = (ratios(rows, report["runs"]) if args.fresh else []) + same_tokens(report["runs"])
     Path(args.out, "bench.json").write_text(json.dumps(report, indent=1))
     print(table(rows))
     print("\n".join(report["ratios"]))

@@ -131,9 +131,9 @@ class Load:
 
     def from_snapshot(self, request: dict | None = None):
         """With --snapshot: the engine restored from the checkpoint's snapshot, asked `request`
-        (prompt, max_tokens, temperature, top_p; by default the flags'), with the rank's weights
-        read into the page cache meanwhile; None (one warning) when it cannot be: vLLM then
-        starts as usual."""
+        (prompt, max_tokens, temperature, top_p; by default the flags'), the rank's weights read into
+        the page cache once its image is (the image first: the restore waits for all of it); None
+        (one warning) when it cannot be: vLLM then starts as usual."""
         early = self.early
         if not getattr(early, "snapshot", False):
             return None
@@ -143,11 +143,15 @@ class Load:
             return None
         from presharded import prefetch, snapshot_restore
 
-        if not self.prefetching:
-            self.prefetching = prefetch.read_ahead([Path(early.model) / s.path for s in self.manifest.shards]) is not None
+        def read_weights_ahead() -> None:  # once the image is read: the weights, for the refill after the wake
+            if not self.prefetching:
+                weights = [Path(early.model) / s.path for s in self.manifest.shards]
+                self.prefetching = prefetch.read_ahead(weights) is not None
+
         request = request or {k: getattr(early, k) for k in ("prompt", "max_tokens", "temperature", "top_p")}
         self.snapshot = snapshot_restore.restore(Path(early.model), self.manifest,
-                                                 engine_argv(self.argv, self.add_flags), request, early.trust_snapshot)
+                                                 engine_argv(self.argv, self.add_flags), request, early.trust_snapshot,
+                                                 image_ready=read_weights_ahead)
         if self.snapshot.used:
             early.load_format = FAST_FORMAT
             early.tensor_parallel_size = self.manifest.tensor_parallel_size

@@ -2,11 +2,14 @@
 with its size and hash. Written last: a folder without one is not finished."""
 
 import dataclasses
+import itertools
 import json
 import os
 import re
 import stat
 import string
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,33 @@ def render(pattern: str, *, pp_rank: int, tp_rank: int, part: int | str) -> str:
 
 def hash_file(path: Path) -> str:
     return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+
+
+COPY_CHUNK = 32 * 2**20
+
+
+def copy_hashed(source: Path, target: Path, threads: int = 8) -> str:
+    """`source` copied to `target` (made, or overwritten) in one pass, hashed as it is copied: its hash.
+    Chunks are read and written by `threads` at once, a few ahead of the hash, so that the disk always
+    has reads waiting; the hash takes them in order."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+
+        def copy(offset: int) -> bytes:
+            chunk = os.pread(src.fileno(), min(COPY_CHUNK, size - offset), offset)
+            os.pwrite(dst.fileno(), chunk, offset)
+            return chunk
+
+        offsets = iter(range(0, size, COPY_CHUNK))
+        with ThreadPoolExecutor(threads) as pool:
+            ahead = deque(pool.submit(copy, offset) for offset in itertools.islice(offsets, 2 * threads))
+            while ahead:
+                chunk = ahead.popleft().result()
+                if (offset := next(offsets, None)) is not None:
+                    ahead.append(pool.submit(copy, offset))
+                hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def hash_header(path: Path) -> str:

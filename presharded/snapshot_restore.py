@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,14 +160,17 @@ def bring_back(image: Path, box: Path, seconds: dict) -> int:
     return pid
 
 
-def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict, trust: bool = False) -> Restore:
+def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict, trust: bool = False,
+            image_ready: Callable[[], object] = lambda: None) -> Restore:
     """The verb of `load_sharded_state.py --snapshot`: the checkpoint's snapshot for this machine and these
     engine flags, restored, asked `request`: its answer in `output`; none, with one warning, when it
-    cannot be (the caller then starts vLLM)."""
+    cannot be (the caller then starts vLLM). `image_ready` is called once the image is in memory and
+    checked, before the restore: the disk is free then for what the engine reads next."""
     status = Restore()
     start = time.perf_counter()
     if (ready := ready_image(checkpoint, manifest, compared_flags(argv), trust, status, False)) is None:
         return status
+    image_ready()
     seconds = status.seconds
     image, workspace = ready
     with inbox(manifest) as box:

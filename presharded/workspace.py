@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from presharded.errors import UserError
-from presharded.manifest import CACHES_DIR, MANIFEST_NAME, CopiedFile, Manifest, hash_file
+from presharded.manifest import CACHES_DIR, MANIFEST_NAME, CopiedFile, Manifest, copy_hashed, hash_file
 from presharded.progress import bar
 
 WORKSPACE = Path(tempfile.gettempdir()) / f"presharded-{os.getuid()}"
@@ -237,12 +237,11 @@ def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedF
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{os.getpid()}")
-        try:
-            if source.stat().st_size == entry.size:
-                shutil.copyfile(source, temporary)
+        try:  # read once: hashed as it is copied (a short or changed file does not hash as in the manifest)
+            same = source.stat().st_size == entry.size and copy_hashed(source, temporary) == entry.blake3
         except OSError:
-            pass
-        if not matches(temporary, entry):
+            same = False
+        if not same or not is_file_of_size(temporary, entry.size):
             temporary.unlink(missing_ok=True)
             print(f"warning: {source} is missing or damaged (not as in {MANIFEST_NAME}): starting without "
                   f"{what} {name}", file=sys.stderr)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, script_env
-from presharded.bench import resident_pages, starts
+from presharded.bench import ratios, resident_pages, starts
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,14 @@ def test_pages_in_the_page_cache_are_counted(tmp_path):
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
     assert resident_pages([path]) == (0, total)
+
+
+def test_each_restored_new_node_is_compared_with_the_cat_right_before_it():
+    runs = [{"tp": 1, "format": "snapshot", "cache": "fresh", "repeat": i, "process": p, "floor": f}
+            for i, (p, f) in enumerate([(10.0, 9.0), (9.9, 9.0)])]
+    runs.append({"tp": 1, "format": "snapshot", "cache": "warm", "repeat": 0, "process": 2.5, "floor": None})
+    rows = [{"tp": 1, "format": "snapshot", "cache": "fresh", "process": 9.95},
+            {"tp": 1, "format": "snapshot", "cache": "warm", "process": 2.5}]
+    assert ratios(rows, runs) == [
+        "TP=1: new node snapshot, run 1: 10.00 s / cat of its image and weights 9.00 s = 1.11",
+        "TP=1: new node snapshot, run 2: 9.90 s / cat of its image and weights 9.00 s = 1.10"]

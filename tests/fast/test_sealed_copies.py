@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import presharded.workspace as private
-from presharded.manifest import CopiedFile, hash_file
+import presharded.manifest
+from presharded.manifest import CopiedFile, copy_hashed, hash_file
 from presharded.workspace import SEALS, put_in_place
 
 
@@ -25,14 +26,19 @@ def source(tmp_path: Path) -> tuple[Path, list[CopiedFile]]:
 
 @pytest.fixture
 def hashed(monkeypatch) -> list[Path]:
-    """The files hashed from here on."""
+    """The files hashed from here on (a copy is hashed as it is written)."""
     calls: list[Path] = []
 
     def counting(path: Path) -> str:
         calls.append(Path(path))
         return hash_file(path)
 
+    def counting_copy(source: Path, target: Path) -> str:
+        calls.append(Path(target))
+        return copy_hashed(source, target)
+
     monkeypatch.setattr(private, "hash_file", counting)
+    monkeypatch.setattr(private, "copy_hashed", counting_copy)
     return calls
 
 
@@ -96,3 +102,14 @@ def test_a_seal_of_another_file_is_not_trusted(source, hashed, tmp_path):
     hashed.clear()
     assert put(source, workspace)
     assert workspace / "a.img" in hashed and (workspace / "a.img").read_bytes() == new
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 10 * 4096 + 17])
+def test_a_copy_is_hashed_as_it_is_written(tmp_path, monkeypatch, size):
+    """One read of the source: chunks copied by several threads, hashed in order."""
+    monkeypatch.setattr(presharded.manifest, "COPY_CHUNK", 4096)
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(os.urandom(size))
+    target.write_bytes(b"x" * (size + 5000))  # a longer file there before: overwritten, not kept
+    assert copy_hashed(source, target, threads=3) == hash_file(source)
+    assert target.read_bytes() == source.read_bytes()
