@@ -165,6 +165,7 @@ def dump(proc: subprocess.Popen, quiet: threading.Event, box: Path, new: Path) -
     root = tree(proc.pid)[1]  # under unshare: init of the new namespace
     pids = tree(root)
     cuda = [pid for pid in pids if holds_gpu(pid)]
+    cuda_inside = [ns_pid(pid) for pid in cuda]  # while they run: a restore gives them these PIDs again
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     for pid in cuda:
@@ -174,7 +175,7 @@ def dump(proc: subprocess.Popen, quiet: threading.Event, box: Path, new: Path) -
     seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(root), "-D", str(new), "-W", str(box),
                            *CRIU_FLAGS, *NAMESPACE_FLAGS, *SHARED_FILES, "-o", "dump.log", log=box / "dump.log")
     proc.wait(timeout=60)
-    return ready, [ns_pid(pid) for pid in cuda], seconds
+    return ready, cuda_inside, seconds
 
 
 def finish_set(new: Path, name: str, flags: list[str], ready: dict, cuda_pids: list[int],

@@ -4,6 +4,7 @@ CRIU keeps them in the image, the tree it kills."""
 
 import os
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -55,3 +56,40 @@ def status(pid: int) -> str:
         return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
     except (OSError, StopIteration):
         return "Z"
+
+
+def test_the_gpu_processes_pids_are_taken_before_the_dump_ends_them(tmp_path, monkeypatch):
+    """A dump ends the processes it writes: their PIDs inside the namespace (which a restore gives them
+    again, and cuda-checkpoint is pointed at) must be read while they run. Seen on an H100: read after
+    the dump, they were None, and every restore fell back to a normal start."""
+    from presharded import snapshot
+    from presharded.snapshot_inbox import READY, put
+
+    alive = {101, 102}
+    calls = []
+
+    def tool(path, *args, log=None):
+        calls.append(args[0])
+        if args[0] == "dump":
+            alive.clear()
+        return 0.1
+
+    monkeypatch.setattr(snapshot, "tree", lambda pid: [pid, 101, 102] if pid == 100 else [101, 102])
+    monkeypatch.setattr(snapshot, "holds_gpu", lambda pid: pid == 102)
+    monkeypatch.setattr(snapshot, "ns_pid", lambda pid: {101: 1, 102: 7}[pid] if pid in alive else None)
+    monkeypatch.setattr(snapshot, "tool", tool)
+    monkeypatch.setattr(snapshot, "unlink_shared_files", lambda pids: None)
+    monkeypatch.setattr(snapshot.shutil, "which", lambda name: name)
+    put(tmp_path / READY, {"tokens": [], "asleep_gib": [], "kept_bytes": 0, "start_seconds": 1.0})
+
+    class Engine:
+        pid = 100
+
+        def poll(self):
+            return None
+
+        def wait(self, timeout=None):
+            return 0
+
+    ready, cuda_pids, seconds = snapshot.dump(Engine(), threading.Event(), tmp_path, tmp_path / "new")
+    assert cuda_pids == [7] and calls == ["--toggle", "dump"] and set(seconds) == {"cuda_checkpoint", "dump"}
