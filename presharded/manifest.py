@@ -9,6 +9,7 @@ import re
 import stat
 import string
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,15 +46,21 @@ COPY_CHUNK = 32 * 2**20
 
 
 def copy_hashed(source: Path, target: Path, threads: int = 8) -> str:
-    """`source` copied to `target` (made, or overwritten) in one pass, hashed as it is copied: its hash.
-    Chunks are read and written by `threads` at once, a few ahead of the hash, so that the disk always
-    has reads waiting; the hash takes them in order."""
+    """`source` copied to `target` (made, or overwritten) in one read, hashed as it is copied: its hash."""
+    with open(source, "rb") as src:
+        return write_hashed(lambda offset, n: os.pread(src.fileno(), n, offset), os.fstat(src.fileno()).st_size,
+                            target, threads)
+
+
+def write_hashed(read: Callable[[int, int], bytes], size: int, target: Path, threads: int = 8) -> str:
+    """The `size` bytes that `read(offset, length)` gives written to `target` (made, or overwritten), hashed
+    as they arrive: their hash. Chunks are read and written by `threads` at once, a few ahead of the hash,
+    so that the disk (or the server) always has reads waiting; the hash takes them in order."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        size = os.fstat(src.fileno()).st_size
+    with open(target, "wb") as dst:
 
         def copy(offset: int) -> bytes:
-            chunk = os.pread(src.fileno(), min(COPY_CHUNK, size - offset), offset)
+            chunk = read(offset, min(COPY_CHUNK, size - offset))
             os.pwrite(dst.fileno(), chunk, offset)
             return chunk
 

@@ -15,7 +15,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -223,28 +223,43 @@ def is_file_of_size(path: Path, size: int) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
-def put_in_place(workspace: Path, folder: Path, name: str, entries: list[CopiedFile], kind: str = CACHES_DIR,
-                 what: str = "the start-up caches") -> bool:
-    """The set's files in the workspace, each copied there and checked there, where no one
-    else can change it (and sealed there: a later start finds it checked); False (with a
-    warning) if one is missing or damaged. What another start already put there stays: it
-    may be running from it."""
+Copy = Callable[[CopiedFile, Path], str]  # an entry's file written to a path, hashed as it is: its hash
+
+
+def local_copy(folder: Path) -> Copy:
+    """Copies from the checkpoint in `folder`, each read once (a file not of the manifest's size: not copied)."""
+
+    def copy(entry: CopiedFile, target: Path) -> str:
+        source = folder / entry.path
+        return copy_hashed(source, target) if source.stat().st_size == entry.size else ""
+
+    return copy
+
+
+def put_in_place(workspace: Path, folder: Path | str, name: str, entries: list[CopiedFile], kind: str = CACHES_DIR,
+                 what: str = "the start-up caches", copy: Copy | None = None) -> bool:
+    """The set's files in the workspace, each copied there from the checkpoint at `folder` (by `copy`
+    where it is not a local folder) and checked there, where no one else can change it (and sealed
+    there: a later start finds it checked); False (with a warning) if one is missing or damaged. What
+    another start already put there stays: it may be running from it."""
+    copy = copy or local_copy(Path(folder))
     copied = []
     for entry in counted(entries, f"putting {what} {name} in place"):
         relative = entry.path.removeprefix(f"{kind}/{name}/")
-        source, target, sealed = folder / entry.path, workspace / relative, workspace / SEALS / relative
+        target, sealed = workspace / relative, workspace / SEALS / relative
         if matches(target, entry, sealed):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{os.getpid()}")
         try:  # read once: hashed as it is copied (a short or changed file does not hash as in the manifest)
-            same = source.stat().st_size == entry.size and copy_hashed(source, temporary) == entry.blake3
-        except OSError:
+            same = copy(entry, temporary) == entry.blake3
+        except (OSError, UserError):
             same = False
         if not same or not is_file_of_size(temporary, entry.size):
             temporary.unlink(missing_ok=True)
-            print(f"warning: {source} is missing or damaged (not as in {MANIFEST_NAME}): starting without "
-                  f"{what} {name}", file=sys.stderr)
+            where = f"{str(folder).rstrip('/')}/{entry.path}"
+            print(f"warning: {where} is missing or damaged (not as in {MANIFEST_NAME}): starting without {what} {name}",
+                  file=sys.stderr)
             return False
         os.replace(temporary, target)
         copied.append((target, entry, sealed))

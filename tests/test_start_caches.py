@@ -233,34 +233,25 @@ def take_first(shared_tmp: Path, victim: int, attacker: int, ckpt: Path, victim_
 
 
 @as_root_only
-def test_a_workspace_another_user_made_first_is_not_used(cached, reference, own_caches, tmp_path, shared_tmp):
-    marker = tmp_path / "planted-code-ran"
-    evil = planted(cached, shared_tmp / "evil", marker)
-    victim_file = tmp_path / "victims-file"
-    victim_file.write_text("precious")
-    take_first(shared_tmp, os.getuid(), ATTACKER, evil, victim_file)
-    out, stderr = start(cached, tmp_path, env={"TMPDIR": str(shared_tmp)}, caches=own_caches)
-    assert out["caches"] == "none" and out["token_ids"] == reference
-    assert not marker.exists() and victim_file.read_text() == "precious"
-    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and f"belongs to uid {ATTACKER}" in warnings[0], warnings
-
-
-@as_root_only
 def test_a_user_who_is_not_root_starts_from_the_caches(cached, reference, tmp_path, shared_tmp):
-    """The same attack on a user who is not root, then that user's own start: a check that
-    refused every user but root would fail here."""
+    """Another user made this user's workspace first (writable by all, the lock a link to one of the
+    victim's files, compiled code of their own inside): not used, one warning, nothing of theirs run and
+    the victim's file untouched. Then the same user's own start from the caches: a check that refused
+    every user but root would fail there."""
     ckpt = shutil.copytree(cached, shared_tmp / "ckpt")
+    marker = shared_tmp / "planted-code-ran"
+    evil = planted(cached, shared_tmp / "evil", marker)
     home = shared_tmp / "home"
     home.mkdir(mode=0o700)
-    os.chown(home, NON_ROOT, NON_ROOT)
+    (home / "victims-file").write_text("precious")
+    subprocess.run(["chown", "-R", f"{NON_ROOT}:{NON_ROOT}", str(home)], check=True)
     results = {}
     for attacked in (True, False):
         tmp = shared_tmp / f"tmp-{attacked}"
         tmp.mkdir(mode=0o1777)
         tmp.chmod(0o1777)
         if attacked:
-            take_first(tmp, NON_ROOT, ATTACKER, ckpt, home / "victims-file")
+            take_first(tmp, NON_ROOT, ATTACKER, evil, home / "victims-file")
         env = {**script_env(1), "HOME": str(home), "TMPDIR": str(tmp), **user_caches(home)}
         eager = ["--enforce-eager"] if attacked else []  # the refusal is what counts here; root's checks the tokens
         proc = as_user(NON_ROOT, sys.executable, str(ROOT / "load_sharded_state.py"), "--model", str(ckpt),
@@ -268,6 +259,9 @@ def test_a_user_who_is_not_root_starts_from_the_caches(cached, reference, tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[attacked] = (json.loads(proc.stdout), proc.stderr)
     assert results[True][0]["caches"] == "none" and f"belongs to uid {ATTACKER}" in results[True][1]
+    warnings = [line for line in results[True][1].splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert not marker.exists() and (home / "victims-file").read_text() == "precious"
     assert results[False][0]["caches"] == "hit"
     assert results[False][0]["token_ids"] == reference
 
