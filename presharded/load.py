@@ -137,21 +137,21 @@ class Load:
         early = self.early
         if not getattr(early, "snapshot", False):
             return None
-        if self.manifest is None or self.node.count > 1 or self.s3:
-            print("warning: not restoring an engine snapshot: it needs a checkpoint folder with a manifest, on one "
+        if self.manifest is None or self.node.count > 1:
+            print("warning: not restoring an engine snapshot: it needs a checkpoint with a manifest, on one "
                   "node; starting vLLM instead", file=sys.stderr)
             return None
         from presharded import prefetch, snapshot_restore
 
         def read_weights_ahead() -> None:  # once the image is read: the weights, for the refill after the wake
-            if not self.prefetching:
+            if not self.prefetching and not self.s3:  # in S3 the refill reads them by ranged GETs
                 weights = [Path(early.model) / s.path for s in self.manifest.shards]
                 self.prefetching = prefetch.read_ahead(weights) is not None
 
         request = request or {k: getattr(early, k) for k in ("prompt", "max_tokens", "temperature", "top_p")}
         self.snapshot = snapshot_restore.restore(Path(early.model), self.manifest,
                                                  engine_argv(self.argv, self.add_flags), request, early.trust_snapshot,
-                                                 image_ready=read_weights_ahead)
+                                                 image_ready=read_weights_ahead, s3_url=self.s3)
         if self.snapshot.used:
             early.load_format = FAST_FORMAT
             early.tensor_parallel_size = self.manifest.tensor_parallel_size

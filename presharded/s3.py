@@ -19,7 +19,7 @@ from pathlib import Path
 
 from presharded.errors import UserError
 from presharded.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, hash_header_of, read_manifest,
-                                 write_manifest)
+                                 write_hashed)
 
 SCHEME = "s3://"
 THREADS = 16
@@ -129,6 +129,23 @@ def objects(url: str, manifest: Manifest, paths: list[str]) -> list[S3Object]:
     sizes = {e.path: e.size for e in manifest.entries()}
     return [S3Object(f"{url.rstrip('/')}/{p}", bucket, prefix + p, sizes[p], manifest.etags.get(p, "*"))
             for p in paths]
+
+
+def copier(url: str, manifest: Manifest):
+    """A snapshot's files streamed from `url` into local files (this user's memory, for a restore), each
+    hashed as it arrives, with no copy on a disk first: put_in_place's `copy`."""
+
+    def copy(entry, target: Path) -> str:
+        [obj] = objects(url, manifest, [entry.path])
+        return write_hashed(obj.read, entry.size, target, THREADS)
+
+    return copy
+
+
+def aws_environment() -> dict[str, str]:
+    """What the standard AWS chain reads from the environment here (credentials, endpoint, region):
+    a restored engine, whose environment is its snapshot's, needs it to read the weights."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
 def check_objects(listed: list[S3Object]) -> None:
@@ -298,10 +315,9 @@ def upload(folder: Path, url: str, elsewhere: dict[str, str] | None = None) -> M
     entries = manifest.entries()
     manifest.etags = {**upload_files(folder, url, [e.path for e in entries if e.path not in elsewhere]), **elsewhere}
     check_objects(objects(url, manifest, list(elsewhere)))  # there, of the size and ETag they were uploaded with
-    write_manifest(folder, manifest)
     where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
-    call(where, "put_object", Bucket=bucket, Key=prefix + MANIFEST_NAME, Body=(folder / MANIFEST_NAME).read_bytes())
-    return manifest
+    call(where, "put_object", Bucket=bucket, Key=prefix + MANIFEST_NAME, Body=manifest.to_json().encode())
+    return manifest  # the folder's own manifest is left as it was
 
 
 def hash_object(obj: S3Object, chunk: int = CHUNK) -> str:

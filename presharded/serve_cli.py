@@ -11,7 +11,8 @@ A restored server binds the host and port given now and takes the server's
 own flags as given now (--port, --api-key, --served-model-name, ...); every
 other flag must be as when the snapshot was made. An s3:// checkpoint is
 checked as a load checks it (its small files fetched, its objects' sizes and
-ETags), then vLLM's server reads the weights from S3 with our loader.
+ETags); its server snapshot streams from S3 into memory, or vLLM's server
+reads the weights from S3 with our loader.
 """
 
 import argparse
@@ -51,7 +52,9 @@ def main() -> None:
             raise UserError(f"presharded-serve reads s3:// with {FAST_FORMAT}; for vLLM's own {load_format} "
                             f"run `vllm serve {args.checkpoint} --load-format {load_format}` (without our checks)")
         url, model = args.checkpoint, s3.fetch(args.checkpoint)
-        checked_manifest(model, s3_url=url)
+        manifest = checked_manifest(model, s3_url=url)
+        if (served := restore_server(model, manifest, flags, args.trust, s3_url=url)).used:
+            sys.exit(served.exit_code)
         ours += ["--model-loader-extra-config", json.dumps({"s3": url})]
         ours += [] if early.served_model_name else ["--served-model-name", url]
     else:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import blake3
 
+from presharded import s3
 from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.workspace import private_folder
@@ -64,10 +65,12 @@ def skip(status: Restore, reason: str) -> None:
 
 
 def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: bool, status: Restore,
-                server: bool) -> tuple[Path, Path] | None:
+                server: bool, s3_url: str | None = None) -> tuple[Path, Path] | None:
     """The checkpoint's set for this machine and `flags`, trusted, copied into this user's memory
     folder and checked there, its compile caches in the workspace: (the image, the workspace);
-    None, with one warning (and the reason in `status`), when there is none that can run here."""
+    None, with one warning (and the reason in `status`), when there is none that can run here.
+    With `s3_url`, `checkpoint` holds its small files: the set streams from S3, its kept weights
+    into that folder, where the restored engine reads them."""
     status.huge_pages = huge_pages()
     start = time.perf_counter()
     kind = "server snapshot (presharded-snapshot --server)" if server else "engine snapshot (presharded-snapshot)"
@@ -93,10 +96,15 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
             shutil.rmtree(other, ignore_errors=True)
     compiled = compiled_of(entries, name)
     kept = [e for e in entries if is_kept(e.path, name)]  # weights: read from the checkpoint, checked as its own
+    source, copy = (s3_url, s3.copier(s3_url, manifest)) if s3_url else (checkpoint, None)
+    if s3_url and not put_in_place(checkpoint / SNAPSHOTS_DIR / name, s3_url, name, kept, SNAPSHOTS_DIR,
+                                   "the snapshot", copy):
+        status.reason = "its weights are missing or damaged"  # put_in_place warned
+        return None
     if damaged := [e.path for e in kept if not is_file_of_size(checkpoint / e.path, e.size)]:
         return skip(status, f"its weights {damaged[0]} are missing or not of the size in the manifest")
-    if not put_in_place(image, checkpoint, name, [e for e in entries if e not in compiled + kept], SNAPSHOTS_DIR,
-                        "the snapshot"):
+    if not put_in_place(image, source, name, [e for e in entries if e not in compiled + kept], SNAPSHOTS_DIR,
+                        "the snapshot", copy):
         status.reason = "its image is missing or damaged"  # put_in_place warned
         return None
     if (made_with := meta_of(image).get("python")) != os.path.realpath(sys.executable):
@@ -106,8 +114,8 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
         return skip(status, problem)
     # Its compiled code goes where the image expects it, the workspace's caches: last, and taken back
     # if the restore does not happen, so that no later start uses what only this snapshot was trusted for.
-    if not put_in_place(workspace, checkpoint, COMPILED, compiled, f"{SNAPSHOTS_DIR}/{name}",
-                        f"the snapshot {name}'s"):
+    if not put_in_place(workspace, source, COMPILED, compiled, f"{SNAPSHOTS_DIR}/{name}", f"the snapshot {name}'s",
+                        copy):
         withdraw(workspace, compiled, name)
         status.reason = "its compiled code is missing or damaged"  # put_in_place warned
         return None
@@ -161,20 +169,21 @@ def bring_back(image: Path, box: Path, seconds: dict) -> int:
 
 
 def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict, trust: bool = False,
-            image_ready: Callable[[], object] = lambda: None) -> Restore:
+            image_ready: Callable[[], object] = lambda: None, s3_url: str | None = None) -> Restore:
     """The verb of `load_sharded_state.py --snapshot`: the checkpoint's snapshot for this machine and these
     engine flags, restored, asked `request`: its answer in `output`; none, with one warning, when it
     cannot be (the caller then starts vLLM). `image_ready` is called once the image is in memory and
-    checked, before the restore: the disk is free then for what the engine reads next."""
+    checked, before the restore: the disk is free then for what the engine reads next. With `s3_url`
+    the set comes from S3 (`checkpoint`: its small files), and the engine reads its weights there."""
     status = Restore()
     start = time.perf_counter()
-    if (ready := ready_image(checkpoint, manifest, compared_flags(argv), trust, status, False)) is None:
+    if (ready := ready_image(checkpoint, manifest, compared_flags(argv), trust, status, False, s3_url)) is None:
         return status
     image_ready()
     seconds = status.seconds
     image, workspace = ready
     with inbox(manifest) as box:
-        put(box / REQUEST, {**request, "log": str(box / ENGINE_LOG)})
+        put(box / REQUEST, {**request, "log": str(box / ENGINE_LOG), **weights_from(s3_url)})
         become_subreaper()  # the restored process becomes this one's child: waited for, and killed with it
         try:
             pid = bring_back(image, box, seconds)
@@ -186,6 +195,8 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
                 return status
             take_back(status, manifest, workspace)
             raise
+        finally:
+            (box / REQUEST).unlink(missing_ok=True)  # it may hold credentials
         reap(pid)
         relay(box / ENGINE_LOG)
     if "error" in done:
@@ -200,13 +211,15 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
     return status
 
 
-def restore_server(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = False) -> Restore:
+def restore_server(checkpoint: Path, manifest: Manifest, argv: list[str], trust: bool = False,
+                   s3_url: str | None = None) -> Restore:
     """The verb of presharded-serve: the checkpoint's server snapshot for this machine and these flags,
     restored to serve as `argv` asks (its port, its key): the server's exit code in `exit_code` once it
-    stops; none, with one warning, when it cannot be restored (the caller then starts vLLM's server)."""
+    stops; none, with one warning, when it cannot be restored (the caller then starts vLLM's server).
+    With `s3_url`, as `restore`."""
     status = Restore()
     start = time.perf_counter()
-    if (ready := ready_image(checkpoint, manifest, compared_flags(argv, True), trust, status, True)) is None:
+    if (ready := ready_image(checkpoint, manifest, compared_flags(argv, True), trust, status, True, s3_url)) is None:
         return status
     seconds = status.seconds
     image, workspace = ready
@@ -218,9 +231,12 @@ def restore_server(checkpoint: Path, manifest: Manifest, argv: list[str], trust:
         with following(log):
             with inbox(manifest) as box:  # another restore of this checkpoint waits here only while this one starts
                 put(box / REQUEST, {"argv": ["--model", str(workspace / "model"), *argv],
-                                           "name": str(checkpoint), "log": str(log)})
-                pid = bring_back(image, box, seconds)
-                done = wait_for(box / DONE, lambda: alive(pid), 600, "the restored server")
+                                    "name": s3_url or str(checkpoint), "log": str(log), **weights_from(s3_url)})
+                try:
+                    pid = bring_back(image, box, seconds)
+                    done = wait_for(box / DONE, lambda: alive(pid), 600, "the restored server")
+                finally:
+                    (box / REQUEST).unlink(missing_ok=True)  # it may hold the key and credentials
             if "error" in done:
                 raise UserError(f"the restored server failed: {done['error']} (its log is above)")
             seconds.update(done["seconds"], total=time.perf_counter() - start)
@@ -241,6 +257,12 @@ def restore_server(checkpoint: Path, manifest: Manifest, argv: list[str], trust:
         raise
     finally:
         log.unlink(missing_ok=True)
+
+
+def weights_from(s3_url: str | None) -> dict:
+    """For a request: where the restored engine reads the checkpoint's weights, if not from its folder
+    (S3, with what this process's AWS chain reads from the environment: the image's holds none)."""
+    return {"s3": {"url": s3_url, "env": s3.aws_environment()}} if s3_url else {}
 
 
 def huge_pages() -> str:

@@ -26,9 +26,9 @@ def fall_asleep(sleep: bool, keep: dict) -> Steps:
 
 def wake(request: dict, sleep: bool) -> Steps:
     """Restored: the output to the request's log; if it slept, awake and its weights refilled from the
-    checkpoint. Returns the seconds of each."""
+    checkpoint (in S3 where the request says so). Returns the seconds of each."""
     seconds = {}
-    yield "collective_rpc", (RESTORED,), {"args": (request["log"], sleep)}
+    yield "collective_rpc", (RESTORED,), {"args": (request["log"], sleep, request.get("s3"))}
     if sleep:
         t = time.perf_counter()
         yield "wake_up", (), {}

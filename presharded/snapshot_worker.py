@@ -3,6 +3,7 @@ workers, asleep before the dump, keep what the checkpoint cannot give back,
 and refill their weights after the restore. Called by name through
 collective_rpc: a function cannot cross the server's socket to its engine core."""
 
+import os
 from pathlib import Path
 
 import psutil
@@ -55,12 +56,16 @@ class SnapshotWorker:
                        buffers)
         return kept_bytes(self.presharded_plan)
 
-    def presharded_restored(self, log: str, weights: bool) -> None:
+    def presharded_restored(self, log: str, weights: bool, s3: dict | None = None) -> None:
         """Restored, before the wake: the output to `log`; if the weights were freed (sleep level 2),
-        our loader made now, so that its staging buffers are pinned while the engine wakes."""
+        our loader made now, so that its staging buffers are pinned while the engine wakes; with `s3`,
+        it reads them from the checkpoint there, with the restoring command's AWS environment."""
         redirect(log)
         if weights:
             self.presharded_loader = FastShardedStateLoader(self.vllm_config.load_config)
+            if s3:
+                os.environ.update(s3["env"])
+                self.presharded_loader.s3 = s3["url"]
 
     def presharded_refill(self) -> None:
         """Woken: the weights back from the checkpoint's files and the snapshot's own, as presharded_keep

@@ -4,6 +4,7 @@ user runs them, in fresh processes, against real vLLM on CPU."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,9 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from presharded import server
+from presharded import s3, server
 from presharded.server import free_port  # noqa: F401 (the tests take it from here)
-from presharded.manifest import hash_file
+from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
+from presharded.snapshot_sets import compared_flags, set_name
 from presharded.staging import staging_folders
 from presharded.tiny_models import build_tiny_llama
 
@@ -280,3 +282,84 @@ def on_two_nodes(script: str, *args: str, disks: tuple[Path, Path] | None = None
     for node, result in enumerate(results):
         assert result.returncode == 0, f"node {node}:\n{result.stderr[-3000:]}"
     return results
+
+
+BUCKET = "checkpoints"
+
+
+def moto_server(**env: str) -> tuple[subprocess.Popen, str]:
+    """moto's standalone S3 server on a free port of 127.0.0.1, up; its endpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env})
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+MOTO: dict[str, subprocess.Popen] = {}  # endpoint: its server
+
+
+def bucket_at(endpoint: str) -> None:
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    s3._clients.clear()  # one made for another server would still point there
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """moto's S3 server, and the variables that point boto3 at it, for the scripts and for this process."""
+    moto, endpoint = moto_server()
+    MOTO[endpoint] = moto
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    bucket_at(endpoint)
+    yield env
+    for each in MOTO.values():
+        each.terminate()
+        each.wait()
+    MOTO.clear()
+    s3._clients.clear()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def s3_up(env: dict[str, str]) -> dict[str, str]:
+    """`env` with its S3 server up, an empty one started if something ended it (an in-process restore
+    ends every process under this one, as a load's does under the script)."""
+    if MOTO[env["AWS_ENDPOINT_URL"]].poll() is not None:
+        moto, env["AWS_ENDPOINT_URL"] = moto_server()
+        MOTO[env["AWS_ENDPOINT_URL"]] = moto
+        bucket_at(env["AWS_ENDPOINT_URL"])
+    return env
+
+
+def with_snapshot(checkpoint: Path, dest: Path, flags: tuple[str, ...] = ("--enforce-eager",),
+                  python: str = sys.executable, server: bool = False, kept: bytes | None = None) -> str:
+    """A copy of `checkpoint` at `dest` with a snapshot set (of the server if `server`) for this
+    machine and `flags`, with `kept` as its kept weights if given; the set's name."""
+    shutil.copytree(checkpoint, dest)
+    name = set_name(compared_flags(list(flags), server), 1, 1, server)
+    files = {"pages-1.img": os.urandom(1 << 20), "snapshot.json": json.dumps({"python": os.path.realpath(python)}),
+             **({"weights/rank-pp0-tp0.safetensors": kept} if kept is not None else {})}
+    manifest = read_manifest(dest)
+    manifest.snapshots[name] = []
+    for file, data in files.items():
+        path = dest / "snapshots" / name / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+        manifest.snapshots[name].append(CopiedFile(path.relative_to(dest).as_posix(), path.stat().st_size,
+                                                   hash_file(path)))
+    write_manifest(dest, manifest)
+    return name

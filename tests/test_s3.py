@@ -6,52 +6,18 @@ source; what S3 refuses or answers wrongly is one line."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import PROMPT, on_two_nodes, own_disks_possible, refused, run_script, script_env, serving
+from conftest import (BUCKET, PROMPT, moto_server, on_two_nodes, own_disks_possible, refused, run_script, script_env,
+                      serving, with_snapshot)
 from presharded import s3, server
 from presharded.manifest import MANIFEST_NAME
 
-BUCKET = "checkpoints"
-
-
-def moto_server(**env: str) -> tuple[subprocess.Popen, str]:
-    """moto's standalone S3 server on a free port of 127.0.0.1, up; its endpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, **env})
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory):
-    """moto's S3 server, and the variables that point boto3 at it, for the scripts and for this process."""
-    server, endpoint = moto_server()
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield env
-    server.terminate()
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def objects(prefix: str) -> dict[str, int]:
@@ -88,8 +54,9 @@ def test_a_save_uploads_every_file_and_the_manifest_with_their_etags(uploaded):
 
 
 def test_a_load_from_s3_gives_the_sources_tokens(uploaded, s3_env, reference_tokens):
-    out = load(uploaded, s3_env, "--verify-hashes")
+    out = load(uploaded, s3_env, "--verify-hashes", "--snapshot")  # no snapshot there: started as usual
     assert out["load_format"] == "fast_sharded_state" and out["token_ids"] == reference_tokens(1, 1)
+    assert out["snapshot"]["used"] is False and "has no engine snapshot" in out["snapshot"]["reason"], out
 
 
 RUNAI = """
@@ -282,3 +249,55 @@ def test_a_server_that_dies_mid_read_is_one_line(monkeypatch):
     with pytest.raises(UserError, match="the read broke off|the server ended the read"):
         obj.read_into(memoryview(bytearray(4096)), 0)
     listener.close()
+
+
+def test_a_snapshot_streams_from_s3_into_memory_checked_as_it_arrives(checkpoints, s3_env, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A node with nothing local: the set's image and compiled code stream from S3 into this user's
+    private folders, hashed as they arrive, its kept weights into the small files' folder; every
+    rule holds as for a folder: a set this user did not make runs only if trusted, an object changed
+    after its manifest or missing is not used (one warning each, and nothing of it left in place)."""
+    from presharded import snapshot_restore
+    from presharded.manifest import read_manifest
+
+    folder, kept = tmp_path / "ckpt", os.urandom(3 << 20)
+    name = with_snapshot(checkpoints(1, 1), folder, kept=kept)
+    url = f"s3://{BUCKET}/with-snapshot"
+    s3.upload(folder, url)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # no trust records
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "criu").write_text("#!/bin/sh\nexit 1\n")  # there (the restore itself is not run here)
+    (tmp_path / "bin" / "criu").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setattr(snapshot_restore, "IMAGES", tmp_path / "shm")
+    monkeypatch.setattr(snapshot_restore, "WORKSPACE", tmp_path / "workspace")
+
+    def ready(trust: bool = True):
+        local = s3.fetch(url)
+        manifest = read_manifest(local)
+        status = snapshot_restore.Restore()
+        result = snapshot_restore.ready_image(local, manifest, ["--enforce-eager"], trust, status, False, url)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        return local, result, warnings
+
+    local, result, warnings = ready()
+    assert result is not None and warnings == [], warnings
+    image, _ = result
+    assert (image / "pages-1.img").read_bytes() == (folder / "snapshots" / name / "pages-1.img").read_bytes()
+    assert (local / "snapshots" / name / "weights" / "rank-pp0-tp0.safetensors").read_bytes() == kept
+    assert not [p for p in image.glob(".*") if p.name != ".checked"], "a temporary copy left"
+
+    local, result, warnings = ready(trust=False)
+    assert result is None and len(warnings) == 1 and "--trust-snapshot" in warnings[0], warnings
+
+    import boto3
+
+    client, key = boto3.client("s3"), f"with-snapshot/snapshots/{name}/pages-1.img"
+    shutil.rmtree(tmp_path / "shm")
+    client.put_object(Bucket=BUCKET, Key=key, Body=os.urandom(1 << 20))  # changed after the manifest
+    local, result, warnings = ready()
+    assert result is None and len(warnings) == 1 and "missing or damaged" in warnings[0] and url in warnings[0]
+    assert not [p for p in (tmp_path / "shm").rglob("*") if p.is_file()], "a changed object left in place"
+    client.delete_object(Bucket=BUCKET, Key=key)  # missing
+    local, result, warnings = ready()
+    assert result is None and len(warnings) == 1 and "missing or damaged" in warnings[0], warnings

@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PROMPT, cmdline, generate, refused, run_script, serving
-from presharded import server, snapshot, snapshot_restore, snapshot_sets
+from conftest import BUCKET, PROMPT, cmdline, generate, refused, run_script, s3_up, serving, with_snapshot
+from presharded import s3, server, snapshot, snapshot_restore, snapshot_sets
 from presharded.errors import UserError
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
 from presharded.snapshot_sets import compared_flags, set_name
@@ -30,25 +30,6 @@ from presharded.trust import record
 
 FLAGS = ["--enforce-eager"]  # conftest.generate's engine flags
 REQUEST = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0.0, "top_p": 1.0}
-
-
-def with_snapshot(checkpoint: Path, dest: Path, flags: list[str] = FLAGS, python: str = sys.executable,
-                  server: bool = False) -> str:
-    """A copy of `checkpoint` at `dest` with a snapshot set (of the server if `server`) for this
-    machine and `flags`; the set's name."""
-    shutil.copytree(checkpoint, dest)
-    name = set_name(compared_flags(flags, server), 1, 1, server)
-    files = {"pages-1.img": os.urandom(1 << 20), "snapshot.json": json.dumps({"python": os.path.realpath(python)})}
-    manifest = read_manifest(dest)
-    manifest.snapshots[name] = []
-    for file, data in files.items():
-        path = dest / "snapshots" / name / file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
-        manifest.snapshots[name].append(CopiedFile(path.relative_to(dest).as_posix(), path.stat().st_size,
-                                                   hash_file(path)))
-    write_manifest(dest, manifest)
-    return name
 
 
 @pytest.fixture
@@ -171,25 +152,39 @@ result["scrambled"] = tokens()
 llm.collective_rpc("presharded_restored", args=(str(out.with_suffix(".log")), True))
 llm.collective_rpc("presharded_refill")
 result["after"] = tokens()
+if len(sys.argv) > 4:  # again, the checkpoint's weights read from S3 (a node with nothing local)
+    for weights in model.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".elsewhere"))
+    llm.collective_rpc(scramble)
+    llm.collective_rpc("presharded_restored", args=(str(out.with_suffix(".log")), True, json.loads(sys.argv[4])))
+    llm.collective_rpc("presharded_refill")
+    result["after_s3"] = tokens()
 out.write_text(json.dumps(result))
 """
 
 
-def test_an_engines_weights_come_back_as_planned(checkpoints, tmp_path):
+def test_an_engines_weights_come_back_as_planned(checkpoints, tmp_path, s3_env):
     """A snapshot's refill in a real engine (on the CPU: no sleep mode, no CRIU, so every storage the model
     holds counts as freed, its KV cache too): the worker plans what the checkpoint's file gives back and
     keeps the rest (the rotary cache, the attention scales, the KV cache), every one of those storages is
-    overwritten as sleep leaves it (the tokens go wrong), and the refill brings back the tokens."""
+    overwritten as sleep leaves it (the tokens go wrong), and the refill brings back the tokens; again with
+    the checkpoint's weights in S3, read with the AWS environment the restoring command passes on."""
+    s3_env = s3_up(s3_env)
     folder = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
+    url = f"s3://{BUCKET}/refill"
+    write_manifest(folder, s3.upload(folder, url))  # with each object's ETag, as a fetch of it has it
     (folder / "kept").mkdir()
     out = tmp_path / "refill.json"
-    proc = subprocess.run([sys.executable, "-c", REFILL, str(folder), str(out), PROMPT], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                                                       "VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    aws = {k: v for k, v in s3_env.items() if k.startswith("AWS_")}
+    engine_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # as in a snapshot's image
+    proc = subprocess.run([sys.executable, "-c", REFILL, str(folder), str(out), PROMPT,
+                           json.dumps({"url": url, "env": aws})], capture_output=True, text=True, timeout=300,
+                          env={**engine_env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    log = out.with_suffix(".log")  # where the engine writes once "restored"
+    assert proc.returncode == 0, proc.stderr[-3000:] + (log.read_text()[-3000:] if log.exists() else "")
     result = json.loads(out.read_text())
     assert result["scrambled"] != result["before"]
-    assert result["after"] == result["before"]
+    assert result["after"] == result["before"] and result["after_s3"] == result["before"]
     assert result["kept"] > 0 and [p.name for p in (folder / "kept").iterdir()] == ["rank-pp0-tp0.safetensors"]
 
 
@@ -281,18 +276,25 @@ def io_uring_off():
 
 
 def test_a_snapshot_is_made_in_a_namespace_and_kept_in_the_checkpoint(checkpoints, tmp_path, monkeypatch,
-                                                                       io_uring_off):
+                                                                       io_uring_off, s3_env):
     """presharded-snapshot with a real engine and a `criu` that dumps as CRIU does (CI has none that runs):
     the engine runs as init of a PID namespace of its own, the set goes into the manifest with its
-    files' hashes, verify passes, and nothing of the engine is left."""
+    files' hashes, verify passes, and nothing of the engine is left; with --upload, the checkpoint and
+    its set are in S3 after, under a manifest that lists the set with every object's ETag."""
     if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode:
         pytest.skip("unshare --pid --mount-proc is not allowed here")
     monkeypatch.setenv("PATH", fake_tools(tmp_path / "bin", criu=DUMPS))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     folder = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
-    made = run_script("presharded.snapshot_cli", str(folder), *FLAGS, "--json", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    url, s3_env = f"s3://{BUCKET}/snapshotted", s3_up(s3_env)
+    made = run_script("presharded.snapshot_cli", str(folder), *FLAGS, "--json", "--upload", url,
+                      env={"VLLM_CPU_KVCACHE_SPACE": "1", **s3_env})
     assert made.returncode == 0, made.stderr[-3000:]
     name = json.loads(made.stdout)["snapshot"]
+    assert json.loads(made.stdout)["uploaded"] == url
+    uploaded = read_manifest(s3.fetch(url))
+    assert uploaded.snapshots == read_manifest(folder).snapshots
+    assert {e.path for e in uploaded.snapshots[name]} <= set(uploaded.etags)
     assert name == set_name(FLAGS, 1, 1) and "_cpu_" in name
     entries = {e.path for e in read_manifest(folder).snapshots[name]}
     assert {f"snapshots/{name}/pages-1.img", f"snapshots/{name}/snapshot.json"} <= entries
