@@ -8,6 +8,7 @@
 #   bash dev/new_node_gpu.sh prepare $OUT      # the 8B shape made, saved with start-up caches, snapshotted
 #   bash dev/new_node_gpu.sh compare $OUT 3    # RUNS rounds: before and after, each new node then warm
 #   bash dev/new_node_gpu.sh bench $OUT 3      # presharded-bench --fresh --fresh-variants snapshot --repeats 3
+#   bash dev/new_node_gpu.sh image-copy $OUT   # the image alone, cold: cat against copy_hashed by 1, 2, 8 threads
 # The before tree: git archive COMMIT presharded load_sharded_state.py pyproject.toml README.md \
 #   | (mkdir -p .whl/before && tar x -C .whl/before)
 set -euo pipefail
@@ -80,6 +81,8 @@ for run in range(1, runs + 1):
               f"warm {w['snapshot']['seconds']}")
 PY
     ;;
+  image-copy)  # the image alone: cat against copy_hashed by threads, cold
+    python3 "$repo/dev/image_copy.py" "$ckpt" --threads 1,2,8 --repeats 2 > "$out/image-copy.json" ;;
   bench)
     python3 -m presharded.bench --synthetic llama-3-8b --tp 1 --fresh --fresh-variants snapshot \
       --repeats "$runs" --work /root/bench --out "$out/bench" > "$out/bench.md" ;;
