@@ -75,11 +75,12 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
     start = time.perf_counter()
     kind = "server snapshot (presharded-snapshot --server)" if server else "engine snapshot (presharded-snapshot)"
     sets = [s for s in manifest.snapshots if s.startswith(SERVER) == server]
+    where = s3_url or checkpoint
     if not sets:
-        return skip(status, f"{checkpoint} has no {kind}")
+        return skip(status, f"{where} has no {kind}")
     name = status.set = set_name(flags, manifest.tensor_parallel_size, manifest.pipeline_parallel_size, server)
     if name not in sets:
-        return skip(status, f"{checkpoint} has {', '.join(sorted(sets))}, none for {name} "
+        return skip(status, f"{where} has {', '.join(sorted(sets))}, none for {name} "
                     "(this GPU, driver, vLLM, torch, layout and engine flags)")
     entries = manifest.snapshots[name]
     if not (trusted_by_user(trust, TRUST_SNAPSHOT_ENV) or made_here(name, entries, SNAPSHOTS_DIR)):
