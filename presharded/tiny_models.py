@@ -62,6 +62,21 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                          moe_intermediate_size=64, decoder_sparse_step=1)),
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_attention_heads=4,
                               word_embed_proj_dim=128, max_position_embeddings=256, pad_token_id=0)),
+    # MLA (low-rank q and compressed kv with a rope part) and MoE: 8 routed experts, a shared one, a dense first layer
+    "deepseek-v2": ("DeepseekV2Config", dict(DECODER, num_key_value_heads=4, moe_intermediate_size=64,
+                                             q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
+                                             qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                                             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                                             topk_method="greedy", n_group=1, topk_group=1,
+                                             tie_word_embeddings=False)),
+    # sliding-window and global layers in turn, q/k norms, scaled embeddings
+    "gemma3": ("Gemma3TextConfig", dict(DECODER, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                                        sliding_window_pattern=2)),
+    # state-space (Mamba-2) layers between attention layers: conv and SSM weights per rank
+    "granite-hybrid": ("GraniteMoeHybridConfig", dict(DECODER, shared_intermediate_size=256, num_local_experts=0,
+                                                      num_experts_per_tok=0, mamba_n_heads=8, mamba_d_head=32,
+                                                      mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4,
+                                                      mamba_expand=2, tie_word_embeddings=False)),
 }
 
 
@@ -91,6 +106,8 @@ def build_tiny(out: Path, arch: str = "llama", *, num_layers: int = 4, seed: int
     tokenizer = build_bpe_tokenizer() if arch == "qwen2" else build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     config_class, kwargs = ARCHITECTURES[arch]
+    if arch == "granite-hybrid":  # state-space layers, then attention, in turn
+        kwargs = dict(kwargs, layer_types=["mamba", "attention"] * (num_layers // 2) + ["mamba"] * (num_layers % 2))
     config = getattr(transformers, config_class)(
         **kwargs, num_hidden_layers=num_layers, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, torch_dtype="float32",

@@ -26,6 +26,13 @@ def test_file_names_are_vllms(checkpoints):
         "model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors"]
 
 
+def test_saved_checkpoint_has_config_and_tokenizer_but_no_source_weights(checkpoints):
+    names = {p.name for p in checkpoints(1, 1).iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+            "chat_template.jinja"} <= names
+    assert "model.safetensors" not in names
+
+
 def test_ranks_hold_their_own_slices(checkpoints, tiny_model):
     """Each TP rank holds half of a column-parallel weight, not all of it."""
     keys = {}

@@ -24,10 +24,3 @@ def test_copy_filter(tmp_path):
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == sorted(KEEP)
     assert (dest / "config.json").read_text() == "config.json"
     assert sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()) == sorted(KEEP + DROP)
-
-
-def test_saved_checkpoint_has_config_and_tokenizer_but_no_source_weights(checkpoints, tiny_model):
-    names = {p.name for p in checkpoints(1, 1).iterdir()}
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-            "chat_template.jinja"} <= names
-    assert "model.safetensors" not in names
