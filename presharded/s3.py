@@ -135,9 +135,11 @@ def copier(url: str, manifest: Manifest):
     """A snapshot's files streamed from `url` into local files (this user's memory, for a restore), each
     hashed as it arrives, with no copy on a disk first: put_in_place's `copy`."""
 
+    paths = [e.path for entries in manifest.snapshots.values() for e in entries]
+    listed = dict(zip(paths, objects(url, manifest, paths)))  # once: objects() reads the whole manifest
+
     def copy(entry, target: Path) -> str:
-        [obj] = objects(url, manifest, [entry.path])
-        return write_hashed(obj.read, entry.size, target, THREADS)
+        return write_hashed(listed[entry.path].read, entry.size, target, THREADS)
 
     return copy
 
