@@ -17,6 +17,8 @@ import psutil
 import pytest
 
 from presharded import s3, server
+from presharded.formats import FAST_FORMAT
+from presharded.generate import greedy_tokens
 from presharded.server import free_port  # noqa: F401 (the tests take it from here)
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
 from presharded.snapshot_sets import compared_flags, set_name
@@ -183,15 +185,35 @@ def tied_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_tokens(tiny_model):
+def reference_tokens(tiny_model, tp2_fast):
     """Greedy tokens of the source model loaded with load_format=auto, per (tp, pp)."""
     cache: dict[tuple[int, int], list[int]] = {}
 
     def tokens(tp: int = 1, pp: int = 1) -> list[int]:
+        if (tp, pp) == (2, 1):
+            return tp2_fast()["auto"]
         if (tp, pp) not in cache:
             out = generate(tiny_model, "--load-format", "auto", "-tp", str(tp), "-pp", str(pp), world_size=tp * pp)
             cache[tp, pp] = out["token_ids"]
         return cache[tp, pp]
+
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def tp2_fast(tiny_model, checkpoints):
+    """At TP=2, auto on the source and our loader on its TP=2 checkpoint, in one process (a TP=2
+    engine's processes take 20 s to import vLLM here): each one's greedy tokens, by load format."""
+    cache: dict[str, list[int]] = {}
+
+    def tokens() -> dict[str, list[int]]:
+        if not cache:
+            runs = [(tiny_model, "auto"), (checkpoints(2, 1), FAST_FORMAT)]
+            results = greedy_tokens(runs, ["-tp", "2", "--enforce-eager", "--max-tokens", "24"], [PROMPT],
+                                    env=script_env(2), timeout=600)
+            assert results[1]["load_format"] == FAST_FORMAT and results[1]["tensor_parallel_size"] == 2
+            cache.update(zip(("auto", FAST_FORMAT), (r["token_ids"][0] for r in results)))
+        return cache
 
     return tokens
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PROMPT, ROOT, free_port, generate, link_weight_out, refused, script_env, serving
+from conftest import PROMPT, ROOT, free_port, link_weight_out, refused, script_env, serving
 from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT
 from presharded.reader import Staging, load_files
@@ -55,10 +55,9 @@ def test_load_files_reads_exact_tensors_refuses_other_shapes_and_always_releases
         load_files([path], {k: torch.empty_like(v) for k, v in tensors.items()}, Staging(2, 1000, torch.device("cpu")))
 
 
-def test_fast_loader_round_trip_tp2(checkpoints, reference_tokens):
-    out = generate(checkpoints(2, 1), "--load-format", "fast_sharded_state", world_size=2)
-    assert out["load_format"] == "fast_sharded_state"
-    assert out["token_ids"] == reference_tokens(2, 1)
+def test_fast_loader_round_trip_tp2(tp2_fast):
+    tokens = tp2_fast()  # started in the process of the TP=2 reference (conftest.py)
+    assert tokens[FAST_FORMAT] == tokens["auto"]
 
 
 def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, reference_tokens):
@@ -69,24 +68,8 @@ def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, refer
     assert choice["token_ids"] == reference_tokens(1, 1)
 
 
-def test_a_refusal_inside_vllm_serve_ends_on_its_line(checkpoints):
-    """The plugin, in every vLLM process: tracebacks leave vLLM's log once we refused; the server's last line
-    is ours, exit 1. (Python's multiprocessing still prints the engine process's own traceback.)"""
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoints(1, 1)),
-         "--load-format", FAST_FORMAT, "--model-loader-extra-config", '{"bogus": 1}', "--enforce-eager",
-         "--host", "127.0.0.1", "--port", "0"],
-        cwd=ROOT, env=dict(script_env(2, engine_process=True), VLLM_CPU_KVCACHE_SPACE="1"), capture_output=True,
-        text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: unknown model_loader_extra_config keys for fast_sharded_state: ['bogus']"), last
-    assert proc.stderr.count("Traceback") <= 1, proc.stderr[-3000:]
-    assert f'File "{ROOT / "presharded"}' not in proc.stderr, proc.stderr[-3000:]  # no frames of ours
-
-
 def test_a_refusal_inside_the_engine_is_one_line(checkpoints):
-    # In an engine process of its own: the worker refusal at TP=2 below, and under vLLM's server above.
+    # In an engine process of its own: the worker refusal at TP=2 and under vLLM's server, below.
     line = refused("fast_sharded_state: an unknown loader option (engine in-process)",
                    "load_sharded_state.py", "--model", str(checkpoints(1, 1)), "--load-format", FAST_FORMAT,
                    "--model-loader-extra-config", '{"bogus": 1}', "--enforce-eager", within=None)
@@ -115,13 +98,18 @@ def test_a_worker_refusal_at_tp2_is_one_line(checkpoints, tmp_path):
 
 
 def test_the_loader_under_vllms_server_refuses_a_path_that_leads_out(checkpoints, tmp_path):
-    """`vllm serve` with our loader: no script checked the checkpoint first."""
+    """`vllm serve` with our loader: no script checked the checkpoint first. The plugin, in every vLLM
+    process: tracebacks leave vLLM's log once we refused; the server's last line is ours, exit 1.
+    (Python's multiprocessing still prints the engine process's own traceback.)"""
     ckpt = shutil.copytree(checkpoints(1, 1), tmp_path / "ckpt")
     link_weight_out(ckpt)
     proc = subprocess.run(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
-         "--load-format", "fast_sharded_state", "--host", "127.0.0.1", "--port", str(free_port())],
-        cwd=ROOT, env=dict(script_env(1), VLLM_CPU_KVCACHE_SPACE="1"), capture_output=True, text=True, timeout=300)
+         "--load-format", FAST_FORMAT, "--enforce-eager", "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=ROOT, env=dict(script_env(1, engine_process=True), VLLM_CPU_KVCACHE_SPACE="1"), capture_output=True,
+        text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and lines[-1].startswith("error: "), proc.stderr[-3000:]
     assert "leads out of the checkpoint" in lines[-1]
+    assert proc.stderr.count("Traceback") <= 1, proc.stderr[-3000:]
+    assert f'File "{ROOT / "presharded"}' not in proc.stderr, proc.stderr[-3000:]  # no frames of ours

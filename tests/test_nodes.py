@@ -126,9 +126,14 @@ def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple
     other = procs[1 - node].communicate(timeout=120)
     elapsed = time.monotonic() - signalled
     mine = procs[node].communicate(timeout=120)
-    time.sleep(3)  # a guard ends what a killed script started, and removes what it left in /dev/shm
-    assert not [cmdline(p) for p in started.values() if cmdline(p)]
-    left = {n for n in set(os.listdir("/dev/shm")) - shared_before if n.startswith(("psm_", "vllm"))}
+    deadline = time.monotonic() + 10  # a guard ends what a killed script started, and removes what it left in /dev/shm
+    while True:
+        running = [cmdline(p) for p in started.values() if cmdline(p)]
+        left = {n for n in set(os.listdir("/dev/shm")) - shared_before if n.startswith(("psm_", "vllm"))}
+        if not (running or left) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not running, running
     assert not left, f"the nodes' engines left {sorted(left)} in /dev/shm"
     outs = {node: mine, 1 - node: other}
     return [subprocess.CompletedProcess(procs[n].args, procs[n].returncode, *outs[n]) for n in (0, 1)], elapsed

@@ -222,9 +222,9 @@ def test_a_restored_engine_that_ends_before_answering_starts_vllm(snapshotted, t
     assert status["used"] is False
 
 
-def test_a_failed_restore_starts_vllm_with_the_same_tokens(snapshotted, tmp_path):
+def test_a_failed_restore_starts_vllm_with_the_same_tokens(snapshotted, reference_tokens, tmp_path):
     """Trusted and intact, but CRIU fails (as on any machine it cannot restore on): one warning, then
-    vLLM starts as usual and gives the tokens a start without --snapshot gives."""
+    vLLM starts as usual and gives the source's tokens, as a start without --snapshot does."""
     proc = run_script("load_sharded_state.py", "--model", str(snapshotted), "--prompt", PROMPT, "--max-tokens", "24",
                       "--enforce-eager", "--json", "--snapshot", "--trust-snapshot",
                       env={"PATH": fake_tools(tmp_path / "bin")})
@@ -234,10 +234,10 @@ def test_a_failed_restore_starts_vllm_with_the_same_tokens(snapshotted, tmp_path
     expected = "criu restore failed (Error (criu/cr-restore.c" if os.geteuid() == 0 else "CRIU needs root"
     assert len(warnings) == 1 and expected in warnings[0], proc.stderr[-3000:]
     assert out["snapshot"]["used"] is False and out["load_format"] == "sharded_state"
-    assert out["token_ids"] == generate(snapshotted)["token_ids"]
+    assert out["token_ids"] == reference_tokens(1, 1)
 
 
-def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, tmp_path):
+def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, reference_tokens, tmp_path):
     """A server snapshot for this machine and these flags, trusted, but CRIU fails: one warning, then
     vLLM's server starts on the checkpoint with our loader and answers with a load's tokens."""
     served = tmp_path / "served"
@@ -252,7 +252,7 @@ def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, t
     warnings = [line for line in log.read_text().splitlines() if line.startswith("warning:")]
     expected = "criu restore failed (Error (criu/cr-restore.c" if os.geteuid() == 0 else "CRIU needs root"
     assert len(warnings) == 1 and expected in warnings[0], log.read_text()[-3000:]
-    assert choice["token_ids"] == generate(served)["token_ids"]
+    assert choice["token_ids"] == reference_tokens(1, 1)
 
 
 # A dump as CRIU's ends: an image written, the process tree killed.
