@@ -8,7 +8,9 @@
 #   bash dev/new_node_gpu.sh prepare $OUT      # the 8B shape made, saved with start-up caches, snapshotted
 #   bash dev/new_node_gpu.sh compare $OUT 3    # RUNS rounds: before and after, each new node then warm
 #   bash dev/new_node_gpu.sh bench $OUT 3      # presharded-bench --fresh --fresh-variants snapshot --repeats 3
-#   bash dev/new_node_gpu.sh image-copy $OUT   # the image alone, cold: cat against copy_hashed by 1, 2, 8 threads
+#   bash dev/new_node_gpu.sh image-copy $OUT   # the image alone, cold: cat, the old copy and copy_hashed by threads
+# Each cat and each new-node start also records what the disks read and how long they were busy
+# (/proc/vmstat pgpgin, /sys/block/*/stat io_ticks): `disk-*.json`.
 # The before tree: git archive COMMIT presharded load_sharded_state.py pyproject.toml README.md \
 #   | (mkdir -p .whl/before && tar x -C .whl/before)
 set -euo pipefail
@@ -51,25 +53,44 @@ import sys; from pathlib import Path; from presharded.bench import resident_page
 resident, total = resident_pages([Path(p) for p in sys.argv[1:]])
 assert resident == 0, f'{resident} of {total} pages still cached'" $files
     }
+    versions="after"; [ -d "$repo/.whl/before" ] && versions="before after"
+    disk() {  # KiB read since boot, and each disk's busy milliseconds
+      python3 -c "
+import json, pathlib
+vm = dict(line.split() for line in open('/proc/vmstat'))
+busy = {d.name: int((d / 'stat').read_text().split()[9]) for d in pathlib.Path('/sys/block').iterdir()
+        if not d.name.startswith(('loop', 'ram', 'zram'))}
+print(json.dumps({'pgpgin_kib': int(vm['pgpgin']), 'busy_ms': busy}))"
+    }
     for run in $(seq 1 "$runs"); do
-      for version in before after; do
+      for version in $versions; do
         site=/root/site; [ $version = before ] && site=/root/site-before:/root/site
         script=$repo/load_sharded_state.py; [ $version = before ] && script=$repo/.whl/before/load_sharded_state.py
         new_node
-        /usr/bin/time -f %e -o "$out/cat-$version-$run.txt" cat $files > /dev/null
+        { disk; /usr/bin/time -f %e -o "$out/cat-$version-$run.txt" cat $files > /dev/null; disk; } \
+          > "$out/disk-cat-$version-$run.json"
         new_node
-        PYTHONPATH=$site /usr/bin/time -f %e -o "$out/process-$version-$run.txt" python3 "$script" --model "$ckpt" \
-          --snapshot --trust-snapshot "${prompt[@]}" > "$out/$version-$run-new.json" 2> "$out/$version-$run-new.err"
+        { disk; PYTHONPATH=$site /usr/bin/time -f %e -o "$out/process-$version-$run.txt" python3 "$script" \
+          --model "$ckpt" --snapshot --trust-snapshot "${prompt[@]}" > "$out/$version-$run-new.json" \
+          2> "$out/$version-$run-new.err"; disk; } > "$out/disk-new-$version-$run.json"
         PYTHONPATH=$site /usr/bin/time -f %e -o "$out/process-$version-$run-warm.txt" python3 "$script" --model "$ckpt" \
           --snapshot --trust-snapshot "${prompt[@]}" > "$out/$version-$run-warm.json" 2> "$out/$version-$run-warm.err"
       done
     done
-    python3 - "$out" "$runs" <<'PY'
+    python3 - "$out" "$runs" $versions <<'PY'
 import json, pathlib, sys
-out, runs = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+out, runs, versions = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 normal = json.loads((out / "normal.json").read_text())["token_ids"]
+
+
+def disk(name: str) -> str:
+    before, after = (json.loads(line) for line in (out / name).read_text().splitlines())
+    busy = max(after["busy_ms"][d] - before["busy_ms"][d] for d in after["busy_ms"]) / 1000
+    return f"read {(after['pgpgin_kib'] - before['pgpgin_kib']) * 1024 / 1e9:.2f} GB, disk busy {busy:.2f} s"
+
+
 for run in range(1, runs + 1):
-    for version in ("before", "after"):
+    for version in versions:
         cat = float((out / f"cat-{version}-{run}.txt").read_text().split()[-1])
         new = float((out / f"process-{version}-{run}.txt").read_text().split()[-1])
         warm = float((out / f"process-{version}-{run}-warm.txt").read_text().split()[-1])
@@ -78,11 +99,13 @@ for run in range(1, runs + 1):
         print(f"run {run} {version}: cat {cat:.2f} s, new node {new:.2f} s ({new / cat:.2f}x), warm {warm:.2f} s; "
               f"restored {r['snapshot']['used']} {w['snapshot']['used']}, tokens as a normal start "
               f"{r['token_ids'] == normal} {w['token_ids'] == normal}; new {r['snapshot']['seconds']}; "
-              f"warm {w['snapshot']['seconds']}")
+              f"warm {w['snapshot']['seconds']}; cat: {disk(f'disk-cat-{version}-{run}.json')}; "
+              f"new node: {disk(f'disk-new-{version}-{run}.json')}")
 PY
     ;;
   image-copy)  # the image alone: cat against copy_hashed by threads, cold
-    python3 "$repo/dev/image_copy.py" "$ckpt" --threads 1,2,8 --repeats 2 > "$out/image-copy.json" ;;
+    python3 "$repo/dev/image_copy.py" "$ckpt" --threads 4,8,16 --repeats 2 > "$out/image-copy.json" \
+      2> "$out/image-copy.err" ;;
   bench)
     python3 -m presharded.bench --synthetic llama-3-8b --tp 1 --fresh --fresh-variants snapshot \
       --repeats "$runs" --work /root/bench --out "$out/bench" > "$out/bench.md" ;;

@@ -55,9 +55,10 @@ def test_load_files_reads_exact_tensors_refuses_other_shapes_and_always_releases
         load_files([path], {k: torch.empty_like(v) for k, v in tensors.items()}, Staging(2, 1000, torch.device("cpu")))
 
 
-def test_fast_loader_round_trip_tp2(tp2_fast):
-    tokens = tp2_fast()  # started in the process of the TP=2 reference (conftest.py)
-    assert tokens[FAST_FORMAT] == tokens["auto"]
+def test_fast_loader_round_trip_tp2(tp2_loads):
+    loads = tp2_loads()  # in the process of the TP=2 reference (conftest.py)
+    assert (loads[FAST_FORMAT]["load_format"], loads[FAST_FORMAT]["tensor_parallel_size"]) == (FAST_FORMAT, 2)
+    assert loads[FAST_FORMAT]["token_ids"] == loads["auto"]["token_ids"]
 
 
 def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, reference_tokens):
