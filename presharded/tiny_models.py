@@ -62,16 +62,18 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                          moe_intermediate_size=64, decoder_sparse_step=1)),
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_attention_heads=4,
                               word_embed_proj_dim=128, max_position_embeddings=256, pad_token_id=0)),
-    # MLA (low-rank q and compressed kv with a rope part) and MoE: 8 routed experts, a shared one, a dense first layer
+    # MLA (low-rank q and compressed kv with a rope part) and MoE: 8 routed experts, a shared one, a dense first
+    # layer. vLLM's CPU MLA kernel takes only DeepSeek's own latent size: kv_lora_rank + qk_rope_head_dim = 576.
     "deepseek-v2": ("DeepseekV2Config", dict(DECODER, num_key_value_heads=4, moe_intermediate_size=64,
-                                             q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
-                                             qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                                             q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=32,
+                                             qk_rope_head_dim=64, v_head_dim=32, n_routed_experts=8,
                                              n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
                                              topk_method="greedy", n_group=1, topk_group=1,
                                              tie_word_embeddings=False)),
-    # sliding-window and global layers in turn, q/k norms, scaled embeddings
+    # sliding-window and global layers in turn, q/k norms, scaled embeddings; untied: tied, its scaled
+    # embeddings outweigh the layers at this size and it says its last word again and again
     "gemma3": ("Gemma3TextConfig", dict(DECODER, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
-                                        sliding_window_pattern=2)),
+                                        sliding_window_pattern=2, tie_word_embeddings=False)),
     # state-space (Mamba-2) layers between attention layers: conv and SSM weights per rank
     "granite-hybrid": ("GraniteMoeHybridConfig", dict(DECODER, shared_intermediate_size=256, num_local_experts=0,
                                                       num_experts_per_tok=0, mamba_n_heads=8, mamba_d_head=32,

@@ -1,10 +1,9 @@
 """Architectures beyond the tiny Llama: each a toy-sized model of a real
-architecture's config (presharded/tiny_models.py), saved at TP=2 and loaded
-back, gives the greedy tokens that auto gives on the source. Both formats
-read the same files by the same names, so each architecture at TP=2 loads
-with one of them (the other is tested on the tiny Llama at TP=2, and both
-on Gemma 2 at TP=1). The engines of one test run one after another in one
-process, to spare an import of vLLM each."""
+architecture's config (presharded/tiny_models.py), saved and loaded back,
+gives the greedy tokens that auto gives on the source. Both formats read the
+same files by the same names, so an architecture loads with one of them
+where the other is tested beside it. The engines of one test run one after
+another in one process, to spare an import of vLLM each."""
 
 import functools
 import json
@@ -17,13 +16,15 @@ from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.generate import greedy_tokens
 from presharded.tiny_models import build_tiny
 
-# The tiny Llama: test_round_trip.py. vLLM's Mistral and Phi-3 are its Llama class (a forward tweak; a
-# packed-weights mapping for reading the source), and we save and load vLLM's parameters: on CPU the
-# Llama's round trips cover them; the GPU matrix (docs/gpu.md) runs all nine. Qwen3's attention (q/k
-# norms) is Qwen3-MoE's; Qwen2's biases split at TP=2 as OPT's do, and its tied embeddings are saved
-# as Gemma 2's (at TP=1 here: tied embeddings split across ranks as untied ones do).
-FORMAT_AT_TP2 = {"opt": SHARDED_STATE, "qwen3-moe": FAST_FORMAT}
-ARCHS = list(FORMAT_AT_TP2)
+# At TP=2, what is sharded in a way no other model here is: DeepSeek-V2's MLA (low-rank q, compressed kv
+# with a rope part, under names SGLang's pre-sharded loader gets wrong) with routed and shared experts,
+# and Granite-4.0-H's state-space layers (conv and SSM weights per rank). At TP=1: Gemma 3 (sliding-window
+# and global layers, q/k norms, scaled embeddings) with both formats, OPT (biases, learned positions),
+# Qwen3-MoE (experts in vLLM's fused layout, saved as logical weights). The tiny Llama at TP=1 and TP=2
+# with both formats and tied across two pipeline stages: test_round_trip.py, test_nodes.py. Qwen2, Qwen3,
+# Mistral, Phi-3 and Gemma 2: the GPU matrix (docs/architectures.md).
+AT_TP2 = {"deepseek-v2": SHARDED_STATE, "granite-hybrid": FAST_FORMAT}
+AT_TP1 = {"gemma3": (SHARDED_STATE, FAST_FORMAT), "opt": (SHARDED_STATE,), "qwen3-moe": (FAST_FORMAT,)}
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]
 
 
@@ -40,25 +41,25 @@ def source(tmp_path_factory):
     return functools.cache(lambda arch: build_tiny(root / arch, arch, num_layers=2))
 
 
-# TP=2 exercises per architecture all that TP=1 does, and the sharding; TP=1: Gemma 2 (tied embeddings)
-# below, the tiny Llama in test_round_trip.py, and all nine on a GPU (docs/gpu.md). Pipeline stages:
-# the tied tiny Llama across two nodes in test_nodes.py.
+def round_trips(source, folder: Path, formats: dict[str, tuple[str, ...]], tp: int) -> None:
+    """Each architecture saved at `tp`, then auto on its source and each format on its checkpoint."""
+    runs, names = [], []
+    for arch, loads in formats.items():
+        checkpoint = save(source(arch), folder / arch, tp=tp)
+        runs += [(source(arch), "auto"), *((checkpoint, f) for f in loads)]
+        names += [(arch, "auto"), *((arch, f) for f in loads)]
+    tokens = dict(zip(names, greedy(runs, "-tp", str(tp), world_size=tp)))
+    for arch, load_format in names:
+        assert tokens[arch, load_format] == tokens[arch, "auto"], f"{arch} at TP={tp}: {load_format} differs from auto"
+    assert all(len(set(t)) > 1 for (_, f), ts in tokens.items() if f == "auto" for t in ts)  # not one word again
+
+
 def test_round_trip_per_architecture_at_tp2(source, tmp_path):
-    runs = []
-    for arch in ARCHS:
-        model = source(arch)
-        runs += [(model, "auto"), (save(model, tmp_path / arch, tp=2), FORMAT_AT_TP2[arch])]
-    tokens = greedy(runs, "-tp", "2", world_size=2)  # all four engines in one process
-    for i, arch in enumerate(ARCHS):
-        assert tokens[2 * i + 1] == tokens[2 * i], f"{arch} at TP=2: {FORMAT_AT_TP2[arch]} differs from auto"
+    round_trips(source, tmp_path, {arch: (f,) for arch, f in AT_TP2.items()}, tp=2)
 
 
-def test_round_trip_gemma2_tp1(source, tmp_path):
-    model = source("gemma2")
-    checkpoint = save(model, tmp_path / "ckpt")
-    auto, sharded, fast = greedy([(model, "auto"), (checkpoint, SHARDED_STATE), (checkpoint, FAST_FORMAT)],
-                                 world_size=1)
-    assert sharded == auto and fast == auto
+def test_round_trip_per_architecture_at_tp1(source, tmp_path):
+    round_trips(source, tmp_path, AT_TP1, tp=1)
 
 
 @pytest.fixture(scope="module")
