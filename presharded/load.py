@@ -203,13 +203,15 @@ class Load:
     @contextmanager
     def request(self) -> Iterator[None]:
         """Around generating: vLLM checks the prompt against the context only here."""
-        from presharded.vllm_compat import REQUEST_ERRORS
+        from presharded.vllm_compat import REQUEST_ERRORS, is_request_error
 
         start = time.perf_counter()
         try:
             yield
         except REQUEST_ERRORS as e:
-            raise UserError(f"{str(e).splitlines()[0]} (--prompt, --max-tokens, --max-model-len)") from None
+            fix = ("--prompt, --max-tokens, --max-model-len" if is_request_error(e)
+                   else "vLLM raised it running the model on the first request")
+            raise UserError(f"{str(e).splitlines()[0]} ({fix})") from None
         self.seconds["generate"] = round(time.perf_counter() - start, 3)
         self.seconds["total"] = round(time.perf_counter() - self.started, 3)
         if self.nodes:

@@ -52,14 +52,14 @@ def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, top_p:
 
 def answer(llm, request: dict, sleep: bool) -> dict:
     """Restored: wake, refill the weights (if it slept), generate."""
-    from presharded.vllm_compat import REQUEST_ERRORS
+    from presharded.vllm_compat import REQUEST_ERRORS, is_request_error
 
     seconds = run(wake(request, sleep), llm)
     t = time.perf_counter()
     try:
         output = generate(llm, request["prompt"], request["max_tokens"], request["temperature"], request["top_p"])
     except REQUEST_ERRORS as e:
-        return {"error": str(e).splitlines()[0], "request": True}
+        return {"error": str(e).splitlines()[0], "request": is_request_error(e)}
     seconds["generate"] = time.perf_counter() - t
     return {"text": output.text, "token_ids": list(output.token_ids), "seconds": seconds}
 

@@ -2,6 +2,7 @@
 Checked against vLLM 0.26 (CUDA) and 0.32 (CPU)."""
 
 import importlib
+import os
 import platform
 from collections import Counter
 
@@ -19,6 +20,7 @@ __all__ = [
     "DefaultModelLoader",
     "FlexibleArgumentParser",
     "REQUEST_ERRORS",
+    "is_request_error",
     "VLLM_VERSION",
     "is_cpu",
     "model_facts",
@@ -43,6 +45,21 @@ try:  # a request vLLM refuses (a prompt longer than the context): ValueError on
     REQUEST_ERRORS: tuple[type[Exception], ...] = (ValueError, VLLMClientError)
 except ImportError:
     REQUEST_ERRORS = (ValueError,)
+# Where vLLM checks a request before running it, on 0.26 and 0.32; a ValueError raised elsewhere during a
+# request is the model failing to run (an in-process engine raises it here as it is).
+REQUEST_CHECKS = ("/vllm/v1/engine/", "/vllm/sampling_params.py", "/vllm/inputs/")
+
+
+def is_request_error(e: BaseException) -> bool:
+    """Whether vLLM refused the request itself, not failed running the model on it."""
+    if not isinstance(e, REQUEST_ERRORS):
+        return False
+    if type(e) is not ValueError:  # 0.32's client errors: the engine's answer to the request
+        return True
+    tb, where = e.__traceback__, ""
+    while tb is not None:
+        where, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return any(part in where.replace(os.sep, "/") for part in REQUEST_CHECKS)
 LOADER_PACKAGE = "vllm.model_executor.model_loader"
 # vLLM's model loaders are imported on first use: importing them is slow, and
 # a process that never loads a model (the front end, the API server) need not.

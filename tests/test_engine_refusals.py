@@ -37,3 +37,21 @@ def test_vllm_save_hook_on_the_cpu_build(tiny_model, tmp_path):
                    str(tmp_path / "out"), "--vllm-save-hook", within=None)
     assert "CPU build" in line and "drop --vllm-save-hook" in line
     nothing_left(tmp_path / "out")
+
+
+def raised_in(path: str) -> ValueError:
+    try:
+        exec(compile("raise ValueError('bad')", path, "exec"))
+    except ValueError as e:
+        return e
+    raise AssertionError("nothing raised")
+
+
+def test_an_error_of_the_model_is_not_blamed_on_the_request():
+    """vLLM's own checks of a request (the prompt above) name the request's flags as the fix; a ValueError
+    raised while the model runs (an in-process engine passes it on as it is: a tiny DeepSeek-V2 with a
+    latent size vLLM's CPU MLA kernel does not take) does not."""
+    from presharded.vllm_compat import is_request_error
+
+    assert is_request_error(raised_in("/site-packages/vllm/v1/engine/input_processor.py"))
+    assert not is_request_error(raised_in("/site-packages/vllm/model_executor/layers/attention/mla_attention.py"))
