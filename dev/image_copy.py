@@ -52,7 +52,9 @@ def direct(source: Path, target: Path, threads: int = 8) -> str:
             buffer, n = free.get(), min(COPY_CHUNK, size - offset)
             view, got = memoryview(buffer)[: -(-n // ALIGN) * ALIGN], 0
             while got < n:
-                got += os.preadv(fd, [view[got:]], offset + got)
+                if not (k := os.preadv(fd, [view[got:]], offset + got)):
+                    raise OSError(f"{source} ended at byte {offset + got}")
+                got += k
             os.pwrite(dst.fileno(), memoryview(buffer)[:n], offset)
             return buffer, n
 

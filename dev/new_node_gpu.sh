@@ -8,7 +8,7 @@
 #   bash dev/new_node_gpu.sh prepare $OUT      # the 8B shape made, saved with start-up caches, snapshotted
 #   bash dev/new_node_gpu.sh compare $OUT 3    # RUNS rounds: before and after, each new node then warm
 #   bash dev/new_node_gpu.sh bench $OUT 3      # presharded-bench --fresh --fresh-variants snapshot --repeats 3
-#   bash dev/new_node_gpu.sh image-copy $OUT   # the image alone, cold: cat, the old copy and copy_hashed by threads
+#   bash dev/new_node_gpu.sh image-copy $OUT   # the image alone, cold: cat, copy_hashed, O_DIRECT by 4, 8, 16 threads
 # Each cat and each new-node start also records what the disks read and how long they were busy
 # (/proc/vmstat pgpgin, /sys/block/*/stat io_ticks): `disk-*.json`.
 # The before tree: git archive COMMIT presharded load_sharded_state.py pyproject.toml README.md \
@@ -103,7 +103,7 @@ for run in range(1, runs + 1):
               f"new node: {disk(f'disk-new-{version}-{run}.json')}")
 PY
     ;;
-  image-copy)  # the image alone: cat against copy_hashed by threads, cold
+  image-copy)  # the image alone, cold: cat against copy_hashed and the O_DIRECT copy (dev/image_copy.py)
     python3 "$repo/dev/image_copy.py" "$ckpt" --threads 4,8,16 --repeats 2 > "$out/image-copy.json" \
       2> "$out/image-copy.err" ;;
   bench)
