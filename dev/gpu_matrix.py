@@ -10,8 +10,11 @@ weights quantized while loading) is recorded as refused, not run. With
 --hook, each is also saved through vLLM's own save hook (save_sharded_state.py
 --vllm-save-hook) and loaded both ways: `hook_sharded_state`,
 `hook_fast_sharded_state`, or `hook: refused: ...` with the save's one line.
+With --snapshot, an engine snapshot of the checkpoint is made (presharded-snapshot,
+with the same engine flags) and restored (the load with --snapshot): `snapshot` says
+whether it was restored and whether its tokens for the first prompt are `auto`'s.
 
-    PYTHONPATH=. python3 dev/gpu_matrix.py --out $OUT/bf16 [--archs qwen2,opt] [--hook] [ENGINE FLAGS...]
+    PYTHONPATH=. python3 dev/gpu_matrix.py --out $OUT/bf16 [--archs qwen2,opt] [--hook] [--snapshot] [ENGINE FLAGS...]
 
 Prints one JSON line per architecture and writes them to OUT/matrix.jsonl.
 """
@@ -32,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]  # the results so far used these two
 
 
-def one(arch: str, work: Path, flags: list[str], hook: bool = False) -> dict:
+def one(arch: str, work: Path, flags: list[str], hook: bool = False, snapshot: bool = False) -> dict:
     source = build_tiny(work / arch, arch, num_layers=2)
     checkpoint = work / f"{arch}-ckpt"
     save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
@@ -54,7 +57,22 @@ def one(arch: str, work: Path, flags: list[str], hook: bool = False) -> dict:
         result[load_format] = "identical" if tokens == result["auto"] else {"differs": tokens}
     if hook:
         result.update(through_the_hook(arch, source, work, flags, result["auto"]))
+    if snapshot:
+        result["snapshot"] = restored(checkpoint, flags, result["auto"][0])
     return result
+
+
+def restored(checkpoint: Path, flags: list[str], auto: list[int]) -> dict | str:
+    """The checkpoint's engine snapshot made with `flags`, then restored and asked the first prompt."""
+    made = subprocess.run([sys.executable, "-m", "presharded.snapshot_cli", str(checkpoint), "--json", *flags],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"not made: {(made.stderr.strip().splitlines() or ['no message'])[-1]}"
+    run = greedy_tokens([(checkpoint, "fast_sharded_state")], [*flags, "--snapshot", "--trust-snapshot"],
+                        PROMPTS[:1])[0]
+    return {"restored": run["snapshot"]["used"], "reason": run["snapshot"].get("reason"),
+            "tokens": "identical" if run["token_ids"][0] == auto else {"differs": run["token_ids"][0]},
+            "made": json.loads(made.stdout), "seconds": run["snapshot"].get("seconds")}
 
 
 def through_the_hook(arch: str, source: Path, work: Path, flags: list[str], auto: list) -> dict:
@@ -82,12 +100,13 @@ def main() -> None:
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/presharded-matrix"))
     parser.add_argument("--hook", action="store_true", help="also save through vLLM's own save hook")
+    parser.add_argument("--snapshot", action="store_true", help="also make and restore an engine snapshot")
     args, flags = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for arch in args.archs.split(","):
         start = time.perf_counter()
         try:
-            result = one(arch, args.work, flags, args.hook)
+            result = one(arch, args.work, flags, args.hook, args.snapshot)
         except Exception as e:  # one architecture's failure must not hide the others
             result = {"arch": arch, "error": f"{type(e).__name__}: {e}"[:2000]}
         result["seconds"] = round(time.perf_counter() - start, 1)
