@@ -1,6 +1,7 @@
 """Load a pre-sharded checkpoint with vLLM and generate from a prompt.
 
     python load_sharded_state.py --model /models/llama-70b-tp8 --prompt "Hello"
+    python load_sharded_state.py --model /models/smolvlm-tp2 --prompt "<image>What is this?" --image photo.png
 
 The checkpoint is checked against its manifest before any engine starts; the
 tensor- and pipeline-parallel sizes, dtype and quantization it was saved for
@@ -23,6 +24,8 @@ from presharded.load import Load, add_checkpoint_flags
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="The quick brown fox")
+    parser.add_argument("--image", help="an image for a vision-language model; --prompt holds its "
+                        "placeholder where the model's prompt format puts one (<image> for LLaVA-style models)")
     parser.add_argument("--max-tokens", type=int, default=32, help="at least 1")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
@@ -45,8 +48,9 @@ def main() -> None:
     with load.engine_start():  # a refusal inside the engine ends this script in one line
         llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    prompt = {"prompt": args.prompt, "multi_modal_data": {"image": load.image}} if load.image else args.prompt
     with load.request():  # vLLM checks the prompt against the context here
-        output = llm.generate([args.prompt], params, use_tqdm=False)[0].outputs[0]
+        output = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
     load.report(output)
 
 

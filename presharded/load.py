@@ -67,6 +67,7 @@ class Load:
         self.prefetching = False
         self.caches = CachesInUse("none", Path(str(early.model)), {})
         self.snapshot: Restore | None = None  # with --snapshot: what became of the restore
+        self.image = None  # --image: its pixels (PIL), read before vLLM is imported
         self.args: argparse.Namespace | None = None  # every engine flag, once vLLM is imported
         self.seconds: dict[str, float] = {}
 
@@ -84,6 +85,7 @@ class Load:
         node = Node.from_args(early)
         nodes = Liveness(node, "the load", fail) if node.count > 1 else None  # a dead node ends all
         load = cls(argv, add_flags, doc, early, node, nodes, started)
+        load.image = read_image(early.image) if getattr(early, "image", None) else None
         load.check_checkpoint()
         if nodes:  # every node runs the same checkpoint and layout, or none starts
             nodes.agree({"checkpoint": load.manifest.id if load.manifest else early.model,
@@ -137,9 +139,9 @@ class Load:
         early = self.early
         if not getattr(early, "snapshot", False):
             return None
-        if self.manifest is None or self.node.count > 1:
+        if self.manifest is None or self.node.count > 1 or self.image is not None:
             print("warning: not restoring an engine snapshot: it needs a checkpoint with a manifest, on one "
-                  "node; starting vLLM instead", file=sys.stderr)
+                  "node, and a prompt without --image; starting vLLM instead", file=sys.stderr)
             return None
         from presharded import prefetch, snapshot_restore
 
@@ -203,14 +205,18 @@ class Load:
     @contextmanager
     def request(self) -> Iterator[None]:
         """Around generating: vLLM checks the prompt against the context only here."""
-        from presharded.vllm_compat import REQUEST_ERRORS, is_request_error
+        from presharded.vllm_compat import REQUEST_ERRORS, is_image_error, is_request_error
 
         start = time.perf_counter()
         try:
             yield
         except REQUEST_ERRORS as e:
-            fix = ("--prompt, --max-tokens, --max-model-len" if is_request_error(e)
-                   else "vLLM raised it running the model on the first request")
+            if is_image_error(e):
+                fix = "put the model's image placeholder in --prompt where the image goes, e.g. <image>"
+            elif is_request_error(e):
+                fix = "--prompt, --max-tokens, --max-model-len"
+            else:
+                fix = "vLLM raised it running the model on the first request"
             raise UserError(f"{str(e).splitlines()[0]} ({fix})") from None
         self.seconds["generate"] = round(time.perf_counter() - start, 3)
         self.seconds["total"] = round(time.perf_counter() - self.started, 3)
@@ -238,6 +244,7 @@ class Load:
 
 def check_sampling(args: argparse.Namespace) -> None:
     for prompt in getattr(args, "prompts", None) or [getattr(args, "prompt", "")]:
+        prompt = prompt["prompt"] if isinstance(prompt, dict) else prompt  # presharded.generate's, with an image
         try:
             prompt.encode()
         except UnicodeEncodeError as e:  # Python keeps bytes that are not UTF-8 as lone surrogates
@@ -250,6 +257,18 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature {temperature}: use 0 (greedy) or more, a finite number")
     if not 0 < getattr(args, "top_p", 1.0) <= 1:  # nan fails it too
         raise UserError(f"--top-p {args.top_p}: use a value above 0, at most 1")
+
+
+def read_image(path: str | Path):
+    """--image: its pixels as RGB (a PIL image), for vLLM's multi-modal input."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read --image {path} ({reason}); pass an image file (PNG, JPEG, ...)") from None
 
 
 def printable(text: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig, PreTrainedTokenizerFast
 
 CORPUS = """\
 A pre-sharded checkpoint stores each rank's slice of every weight in its own
@@ -41,6 +41,13 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
 )
+# A vision-language model's: its messages' content is a list of images and texts.
+VISION_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}</s>{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]  # Idefics3's processor
 VOCAB = len(SPECIALS) + len(WORDS)  # one id per word: the model says nothing a tokenizer cannot spell
 # transformers 5 gives a Qwen2 model its own tokenizer class, which rebuilds a byte-level BPE from the
 # vocabulary whatever the files say: the tiny Qwen2 has a BPE tokenizer trained on CORPUS, of this size.
@@ -79,7 +86,15 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                                       num_experts_per_tok=0, mamba_n_heads=8, mamba_d_head=32,
                                                       mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4,
                                                       mamba_expand=2, tie_word_embeddings=False)),
+    # vision-language (SmolVLM's class): a vision tower of SigLIP's shape, 32x32 pixels in 16 patches that a
+    # pixel shuffle folds into 4 of the Llama's input embeddings; the processor's files saved beside it.
+    # (LLaVA, PaliGemma, Gemma 3's and Qwen2-VL's vLLM classes import torchvision, which the CPU install lacks.)
+    "idefics3": ("Idefics3Config", dict(vision_config=dict(hidden_size=64, intermediate_size=128,
+                                                           num_attention_heads=2, image_size=32, patch_size=8),
+                                        text_config=dict(DECODER, model_type="llama", vocab_size=VOCAB + len(IMAGE_TOKENS)),
+                                        scale_factor=2, pad_token_id=0, tie_word_embeddings=False)),
 }
+VISION = {"idefics3"}  # their layers: in text_config and vision_config
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -108,20 +123,30 @@ def build_tiny(out: Path, arch: str = "llama", *, num_layers: int = 4, seed: int
     tokenizer = build_bpe_tokenizer() if arch == "qwen2" else build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     config_class, kwargs = ARCHITECTURES[arch]
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if arch == "granite-hybrid":  # state-space layers, then attention, in turn
         kwargs = dict(kwargs, layer_types=["mamba", "attention"] * (num_layers // 2) + ["mamba"] * (num_layers % 2))
-    config = getattr(transformers, config_class)(
-        **kwargs, num_hidden_layers=num_layers, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, torch_dtype="float32",
-    )
+    if arch in VISION:
+        tokenizer.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS})
+        kwargs = dict(kwargs, vision_config=dict(kwargs["vision_config"], num_hidden_layers=num_layers),
+                      text_config=dict(kwargs["text_config"], num_hidden_layers=num_layers, **ids),
+                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    else:
+        kwargs = dict(kwargs, num_hidden_layers=num_layers)
+    config = getattr(transformers, config_class)(**kwargs, **ids, torch_dtype="float32")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = (AutoModelForImageTextToText if arch in VISION else AutoModelForCausalLM).from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)  # wide weights: confident logits, stable greedy tokens
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if arch in VISION:  # its image processor (one 32x32 image, not split) and chat template
+        processor = transformers.Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
+                                                        max_image_size={"longest_edge": 32})
+        transformers.Idefics3Processor(processor, tokenizer, image_seq_len=4,
+                                       chat_template=VISION_CHAT_TEMPLATE).save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(out)
     return out
 

@@ -21,6 +21,7 @@ __all__ = [
     "FlexibleArgumentParser",
     "REQUEST_ERRORS",
     "is_request_error",
+    "is_image_error",
     "VLLM_VERSION",
     "is_cpu",
     "model_facts",
@@ -42,24 +43,38 @@ VLLM_VERSION: str = vllm.__version__
 try:  # a request vLLM refuses (a prompt longer than the context): ValueError on 0.26
     from vllm.exceptions import VLLMClientError
 
-    REQUEST_ERRORS: tuple[type[Exception], ...] = (ValueError, VLLMClientError)
+    REQUEST_ERRORS: tuple[type[Exception], ...] = (ValueError, AssertionError, VLLMClientError)
 except ImportError:
-    REQUEST_ERRORS = (ValueError,)
+    REQUEST_ERRORS = (ValueError, AssertionError)
 # Where vLLM checks a request before running it, on 0.26 and 0.32; a ValueError raised elsewhere during a
-# request is the model failing to run (an in-process engine raises it here as it is).
+# request is the model failing to run (an in-process engine raises it here as it is). Its multi-modal
+# processor asserts that the prompt has a place for each image.
 REQUEST_CHECKS = ("/vllm/v1/engine/", "/vllm/sampling_params.py", "/vllm/inputs/")
+IMAGE_CHECKS = ("/vllm/multimodal/",)
+
+
+def raised_in(e: BaseException) -> str:
+    """The file of the frame that raised `e`."""
+    tb, where = e.__traceback__, ""
+    while tb is not None:
+        where, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return where.replace(os.sep, "/")
 
 
 def is_request_error(e: BaseException) -> bool:
     """Whether vLLM refused the request itself, not failed running the model on it."""
     if not isinstance(e, REQUEST_ERRORS):
         return False
-    if type(e) is not ValueError:  # 0.32's client errors: the engine's answer to the request
+    if type(e) not in (ValueError, AssertionError):  # 0.32's client errors: the engine's answer to the request
         return True
-    tb, where = e.__traceback__, ""
-    while tb is not None:
-        where, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
-    return any(part in where.replace(os.sep, "/") for part in REQUEST_CHECKS)
+    return any(part in raised_in(e) for part in REQUEST_CHECKS + IMAGE_CHECKS)
+
+
+def is_image_error(e: BaseException) -> bool:
+    """Whether vLLM's multi-modal processor refused the request (an image without its placeholder)."""
+    return isinstance(e, REQUEST_ERRORS) and any(part in raised_in(e) for part in IMAGE_CHECKS)
+
+
 LOADER_PACKAGE = "vllm.model_executor.model_loader"
 # vLLM's model loaders are imported on first use: importing them is slow, and
 # a process that never loads a model (the front end, the API server) need not.

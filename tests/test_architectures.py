@@ -9,27 +9,33 @@ import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+from safetensors import safe_open
 
 from conftest import save, script_env
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.generate import greedy_tokens
-from presharded.tiny_models import build_tiny
+from presharded.tiny_models import VISION, build_tiny
 
 # At TP=2, what is sharded in a way no other model here is: DeepSeek-V2's MLA (low-rank q, compressed kv
 # with a rope part, under names SGLang's pre-sharded loader gets wrong) with routed and shared experts,
 # and Granite-4.0-H's state-space layers (conv and SSM weights per rank). At TP=1: Gemma 3 (sliding-window
 # and global layers, q/k norms, scaled embeddings) with both formats, OPT (biases, learned positions),
-# Qwen3-MoE (experts in vLLM's fused layout, saved as logical weights). The tiny Llama at TP=1 and TP=2
-# with both formats and tied across two pipeline stages: test_round_trip.py, test_nodes.py. Qwen2, Qwen3,
-# Mistral, Phi-3 and Gemma 2: the GPU matrix (docs/architectures.md).
-AT_TP2 = {"deepseek-v2": SHARDED_STATE, "granite-hybrid": FAST_FORMAT}
+# Qwen3-MoE (experts in vLLM's fused layout, saved as logical weights). At TP=2 also Idefics3 (SmolVLM's
+# class: its vision tower sharded per rank, its processor's files copied), asked about two images and text.
+# The tiny Llama at TP=1 and TP=2 with both formats and tied across two pipeline stages:
+# test_round_trip.py, test_nodes.py. Qwen2, Qwen3, Mistral, Phi-3 and Gemma 2: the GPU matrix
+# (docs/architectures.md).
+AT_TP2 = {"deepseek-v2": (SHARDED_STATE,), "granite-hybrid": (FAST_FORMAT,), "idefics3": (FAST_FORMAT,)}
 AT_TP1 = {"gemma3": (SHARDED_STATE, FAST_FORMAT), "opt": (SHARDED_STATE,), "qwen3-moe": (FAST_FORMAT,)}
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]
 
 
-def greedy(runs: list[tuple[Path, str]], *flags: str, world_size: int) -> list[list[list[int]]]:
-    """Greedy tokens on PROMPTS from each (model, load format), in one process: an import of vLLM for all."""
+def greedy(runs: list[tuple], *flags: str, world_size: int) -> list[list[list[int]]]:
+    """Greedy tokens on PROMPTS (or a run's own) from each (model, load format[, prompts]), in one process:
+    an import of vLLM for all."""
     results = greedy_tokens(runs, ["--enforce-eager", "--max-tokens", "12", *flags], PROMPTS,
                             env={**script_env(world_size)}, timeout=900)
     return [r["token_ids"] for r in results]
@@ -41,21 +47,45 @@ def source(tmp_path_factory):
     return functools.cache(lambda arch: build_tiny(root / arch, arch, num_layers=2))
 
 
-def round_trips(source, folder: Path, formats: dict[str, tuple[str, ...]], tp: int) -> None:
-    """Each architecture saved at `tp`, then auto on its source and each format on its checkpoint."""
-    runs, names = [], []
+def prompts_for(arch: str, folder: Path) -> list:
+    """PROMPTS; for a vision-language model also the first of them asked about each of two images
+    made here (noise, and grey), as load_sharded_state.py --image asks."""
+    if arch not in VISION:
+        return PROMPTS
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    images = []
+    for name, pixels in (("noise.png", noise), ("grey.png", np.full_like(noise, 200))):
+        Image.fromarray(pixels).save(folder / name)
+        images.append({"prompt": f"<image>{PROMPTS[0]}", "image": str(folder / name)})
+    return [*images, *PROMPTS]
+
+
+def round_trips(source, folder: Path, formats: dict[str, tuple[str, ...]], tp: int) -> dict:
+    """Each architecture saved at `tp`, then auto on its source and each format on its checkpoint;
+    the checkpoints."""
+    runs, names, checkpoints = [], [], {}
     for arch, loads in formats.items():
-        checkpoint = save(source(arch), folder / arch, tp=tp)
-        runs += [(source(arch), "auto"), *((checkpoint, f) for f in loads)]
+        checkpoint = checkpoints[arch] = save(source(arch), folder / arch, tp=tp)
+        prompts = prompts_for(arch, folder)
+        runs += [(source(arch), "auto", prompts), *((checkpoint, f, prompts) for f in loads)]
         names += [(arch, "auto"), *((arch, f) for f in loads)]
     tokens = dict(zip(names, greedy(runs, "-tp", str(tp), world_size=tp)))
     for arch, load_format in names:
         assert tokens[arch, load_format] == tokens[arch, "auto"], f"{arch} at TP={tp}: {load_format} differs from auto"
     assert all(len(set(t)) > 1 for (_, f), ts in tokens.items() if f == "auto" for t in ts)  # not one word again
+    for arch in VISION & formats.keys():  # the image is read: two images, two answers
+        assert tokens[arch, "auto"][0] != tokens[arch, "auto"][1]
+    return checkpoints
 
 
 def test_round_trip_per_architecture_at_tp2(source, tmp_path):
-    round_trips(source, tmp_path, {arch: (f,) for arch, f in AT_TP2.items()}, tp=2)
+    checkpoints = round_trips(source, tmp_path, AT_TP2, tp=2)
+    vlm = checkpoints["idefics3"]  # the processor's files, listed and hashed; the vision tower's weights per rank
+    files = {f["path"] for f in json.loads((vlm / "presharded.json").read_text())["files"]}
+    assert {"processor_config.json", "chat_template.jinja", "tokenizer.json"} <= files
+    ranks = [safe_open(vlm / f"model-rank-{r}-part-0.safetensors", "pt") for r in range(2)]
+    vision = [k for k in ranks[0].keys() if "vision_model" in k and k.endswith("fc1.weight")]
+    assert vision and all(r.get_slice(vision[0]).get_shape() == [64, 64] for r in ranks)  # 128 rows, split in two
 
 
 def test_round_trip_per_architecture_at_tp1(source, tmp_path):

@@ -39,10 +39,10 @@ def test_vllm_save_hook_on_the_cpu_build(tiny_model, tmp_path):
     nothing_left(tmp_path / "out")
 
 
-def raised_in(path: str) -> ValueError:
+def raised_in(path: str, error: str = "ValueError") -> Exception:
     try:
-        exec(compile("raise ValueError('bad')", path, "exec"))
-    except ValueError as e:
+        exec(compile(f"raise {error}('bad')", path, "exec"))
+    except Exception as e:
         return e
     raise AssertionError("nothing raised")
 
@@ -55,3 +55,14 @@ def test_an_error_of_the_model_is_not_blamed_on_the_request():
 
     assert is_request_error(raised_in("/site-packages/vllm/v1/engine/input_processor.py"))
     assert not is_request_error(raised_in("/site-packages/vllm/model_executor/layers/attention/mla_attention.py"))
+
+
+def test_an_image_without_its_placeholder():
+    """vLLM's multi-modal processor asserts that the prompt has a place for the image (`Failed to apply
+    prompt replacement for mm_items['image'][0]`): the line says to put the placeholder in --prompt."""
+    from presharded.vllm_compat import is_image_error, is_request_error
+
+    error = raised_in("/site-packages/vllm/multimodal/processing/processor.py", "AssertionError")
+    assert is_image_error(error) and is_request_error(error)
+    elsewhere = raised_in("/site-packages/vllm/model_executor/models/idefics3.py", "AssertionError")
+    assert not is_image_error(elsewhere) and not is_request_error(elsewhere)

@@ -168,6 +168,18 @@ def test_a_prompt_that_is_not_utf8(files_only):
     assert line == "error: --prompt is not UTF-8 text (byte 0xff at character 2); pass UTF-8 text"
 
 
+def test_an_image_that_is_not_one(files_only, tmp_path):
+    # Read before vLLM is imported: a vision-language model's --image that is text, or not there.
+    (tmp_path / "photo.png").write_text("not an image")
+    line = refused("--image that is not an image", LOAD, "--model", str(files_only(1, 1)), "--image",
+                   str(tmp_path / "photo.png"))
+    assert line == f"error: cannot read --image {tmp_path / 'photo.png'} (cannot identify image file " \
+                   f"'{tmp_path / 'photo.png'}'); pass an image file (PNG, JPEG, ...)"
+    line = refused("--image that is not there", LOAD, "--model", str(files_only(1, 1)), "--image",
+                   str(tmp_path / "none.png"))
+    assert "(No such file or directory)" in line
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["-tp", "0"], "--tensor-parallel-size 0: use 1 or more"),
     (["--pipeline-parallel-size", "-1"], "--pipeline-parallel-size -1: use 1 or more"),
