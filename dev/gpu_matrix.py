@@ -28,15 +28,27 @@ from pathlib import Path
 
 from presharded.load_checks import check_for_load
 from presharded.errors import UserError
-from presharded.tiny_models import ARCHITECTURES, build_tiny
+from presharded.tiny_models import ARCHITECTURES, VISION, build_tiny
 from presharded.generate import greedy_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]  # the results so far used these two
 
 
+def prompts_for(arch: str, work: Path) -> list:
+    """PROMPTS; for a vision-language model, an image made here asked about first."""
+    if arch not in VISION:
+        return PROMPTS
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(work / "noise.png")
+    return [{"prompt": f"<image>{PROMPTS[0]}", "image": str(work / "noise.png")}, *PROMPTS]
+
+
 def one(arch: str, work: Path, flags: list[str], hook: bool = False, snapshot: bool = False) -> dict:
     source = build_tiny(work / arch, arch, num_layers=2)
+    prompts = prompts_for(arch, work)
     checkpoint = work / f"{arch}-ckpt"
     save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
                            "--output", str(checkpoint), "--replace", "--no-start-caches", *flags],
@@ -46,19 +58,19 @@ def one(arch: str, work: Path, flags: list[str], hook: bool = False, snapshot: b
         lines = save.stderr.strip().splitlines()
         causes = [i for i, line in enumerate(lines) if "Error" in line and "Engine core initialization" not in line]
         return {"arch": arch, "save": "failed", "error": lines[max(0, causes[0] - 12):causes[0] + 1] if causes else lines[-1:]}
-    result = {"arch": arch, "auto": greedy_tokens([(source, "auto")], flags, PROMPTS)[0]["token_ids"]}
+    result = {"arch": arch, "auto": greedy_tokens([(source, "auto")], flags, prompts)[0]["token_ids"]}
     for load_format in ("sharded_state", "fast_sharded_state"):
         try:
             check_for_load(checkpoint, load_format=load_format)
         except UserError as e:
             result[load_format] = f"refused: {e}"
             continue
-        tokens = greedy_tokens([(checkpoint, load_format)], flags, PROMPTS)[0]["token_ids"]
+        tokens = greedy_tokens([(checkpoint, load_format)], flags, prompts)[0]["token_ids"]
         result[load_format] = "identical" if tokens == result["auto"] else {"differs": tokens}
     if hook:
-        result.update(through_the_hook(arch, source, work, flags, result["auto"]))
+        result.update(through_the_hook(arch, source, work, flags, result["auto"], prompts))
     if snapshot:
-        result["snapshot"] = restored(checkpoint, flags, result["auto"][0])
+        result["snapshot"] = restored(checkpoint, flags, result["auto"][prompts.index(PROMPTS[0])])
     return result
 
 
@@ -75,7 +87,7 @@ def restored(checkpoint: Path, flags: list[str], auto: list[int]) -> dict | str:
             "made": json.loads(made.stdout), "seconds": run["snapshot"].get("seconds")}
 
 
-def through_the_hook(arch: str, source: Path, work: Path, flags: list[str], auto: list) -> dict:
+def through_the_hook(arch: str, source: Path, work: Path, flags: list[str], auto: list, prompts: list) -> dict:
     """The same source saved through vLLM's own save hook, loaded back both ways."""
     checkpoint = work / f"{arch}-hook"
     save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
@@ -87,7 +99,7 @@ def through_the_hook(arch: str, source: Path, work: Path, flags: list[str], auto
     result = {}
     for load_format in ("sharded_state", "fast_sharded_state"):
         try:
-            tokens = greedy_tokens([(checkpoint, load_format)], flags, PROMPTS)[0]["token_ids"]
+            tokens = greedy_tokens([(checkpoint, load_format)], flags, prompts)[0]["token_ids"]
             result[f"hook_{load_format}"] = "identical" if tokens == auto else {"differs": tokens}
         except UserError as e:
             result[f"hook_{load_format}"] = f"failed: {e}"

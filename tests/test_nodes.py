@@ -11,14 +11,18 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import psutil
 import pytest
+from safetensors import safe_open
 
 from conftest import (PROMPT, REFUSALS, ROOT, cmdline, free_port, on_two_nodes, own_disks_possible, refused, run_script,
                       script_env)
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.generate import greedy_tokens
 from presharded.manifest import read_manifest
+from presharded.tiny_models import build_tiny
 
 
 def tokens(result: subprocess.CompletedProcess) -> list[int]:
@@ -83,22 +87,40 @@ def test_gathered_folders_are_one_checkpoint(own_disks, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_shared_folder_pipeline_stages(tied_model, tmp_path):
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory) -> Path:
+    """DeepSeek-V2's shape: MLA, a dense first layer, then routed and shared experts (4 layers)."""
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny-deepseek-v2", "deepseek-v2")
+
+
+def test_shared_folder_pipeline_stages(moe_model, tmp_path):
     """PP=2, one stage per node, both writing into one folder (as on NFS): the driver gathers a
-    complete checkpoint that one node loads at PP=2 (loads across nodes: above). The model's
-    embeddings are tied, saved once: the embedding on the first stage, the head on the last; the
-    files have vLLM's pipeline-stage names, the sizes come from the manifest."""
+    complete checkpoint that one node loads at PP=2 (loads across nodes: above). The model is a
+    mixture of experts with MLA, in pipeline stages, which vLLM's own sharded_state cannot save (PR
+    52110): each stage holds its layers' experts in the layout vLLM loads them into, not the one its
+    kernels repack them to after loading (PR 51496), and MLA's projections by vLLM's names and shapes;
+    the files have vLLM's pipeline-stage names, the sizes come from the manifest."""
     output = tmp_path / "ckpt"
-    on_two_nodes("save_sharded_state.py", "--model", str(tied_model), "--output", str(output), "-pp", "2")
+    on_two_nodes("save_sharded_state.py", "--model", str(moe_model), "--output", str(output), "-pp", "2")
     manifest = read_manifest(output)
     assert sorted(p.name for p in output.glob("*.safetensors")) == [
         "model-pp-0-tp-0-part-0.safetensors", "model-pp-1-tp-0-part-0.safetensors"]
     assert [s.node for s in manifest.shards] == [0, 1]
     assert not list(tmp_path.glob(".ckpt.presharded-*"))
-    auto, sharded, fast = greedy_tokens([(tied_model, "auto"), (output, SHARDED_STATE), (output, FAST_FORMAT)],
+    with safe_open(output / "model-pp-1-tp-0-part-0.safetensors", "pt") as last:  # layers 2 and 3, the head
+        shapes = {name: last.get_slice(name).get_shape() for name in last.keys()}
+    assert {name.split(".")[2] for name in shapes if name.startswith("model.layers.")} == {"2", "3"}
+    layer = "model.layers.3"
+    assert shapes[f"{layer}.mlp.experts.routed_experts.w13_weight"] == [8, 2 * 64, 128]  # experts, gate+up, hidden
+    assert shapes[f"{layer}.mlp.experts.routed_experts.w2_weight"] == [8, 128, 64]
+    assert shapes[f"{layer}.self_attn.fused_qkv_a_proj.weight"] == [64 + 512 + 64, 128]  # q_lora, kv_lora, rope
+    assert shapes[f"{layer}.self_attn.kv_b_proj.weight"] == [4 * (32 + 32), 512]
+    assert "lm_head.weight" in shapes and "model.embed_tokens.weight" not in shapes
+    auto, sharded, fast = greedy_tokens([(moe_model, "auto"), (output, SHARDED_STATE), (output, FAST_FORMAT)],
                                         ["-pp", "2", "--max-tokens", "12"], [PROMPT], env=script_env(2), timeout=900)
     assert sharded["pipeline_parallel_size"] == fast["pipeline_parallel_size"] == 2
     assert sharded["token_ids"] == fast["token_ids"] == auto["token_ids"]
+    assert len(set(auto["token_ids"][0])) > 1
 
 
 def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple[list[subprocess.CompletedProcess], float]:
