@@ -67,10 +67,6 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "phi3": ("Phi3Config", dict(DECODER, pad_token_id=0, tie_word_embeddings=False)),  # fused qkv, gate_up
     "qwen3-moe": ("Qwen3MoeConfig", dict(DECODER, head_dim=32, num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=64, decoder_sparse_step=1)),
-    # its experts split across pipeline stages, its embeddings tied across them
-    "qwen3-moe-tied": ("Qwen3MoeConfig", dict(DECODER, head_dim=32, num_experts=4, num_experts_per_tok=2,
-                                              moe_intermediate_size=64, decoder_sparse_step=1,
-                                              tie_word_embeddings=True)),
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_attention_heads=4,
                               word_embed_proj_dim=128, max_position_embeddings=256, pad_token_id=0)),
     # MLA (low-rank q and compressed kv with a rope part) and MoE: 8 routed experts, a shared one, a dense first
@@ -85,7 +81,8 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     # embeddings outweigh the layers at this size and it says its last word again and again
     "gemma3": ("Gemma3TextConfig", dict(DECODER, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
                                         sliding_window_pattern=2, tie_word_embeddings=False)),
-    # state-space (Mamba-2) layers between attention layers: conv and SSM weights per rank
+    # state-space (Mamba-2) layers between attention layers (conv and SSM weights per rank) with experts, as in
+    # Granite-4.0-H-Tiny and -Small; tied embeddings (saved once, read under two names)
     "granite-hybrid": ("GraniteMoeHybridConfig", dict(DECODER, shared_intermediate_size=256, num_local_experts=4,
                                                       num_experts_per_tok=2, mamba_n_heads=8, mamba_d_head=32,
                                                       mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4,

@@ -20,14 +20,13 @@ from presharded.generate import greedy_tokens
 from presharded.tiny_models import VISION, build_tiny
 
 # At TP=2, what is sharded in a way no other model here is: DeepSeek-V2's MLA (low-rank q, compressed kv
-# with a rope part, under names SGLang's pre-sharded loader gets wrong) with routed and shared experts,
-# and Granite-4.0-H's state-space layers (conv and SSM weights per rank). At TP=1: Gemma 3 (sliding-window
-# and global layers, q/k norms, scaled embeddings) with both formats, OPT (biases, learned positions),
-# Qwen3-MoE (experts in vLLM's fused layout, saved as logical weights). At TP=2 also Idefics3 (SmolVLM's
+# with a rope part, under names SGLang's pre-sharded loader gets wrong) with routed and shared experts;
+# Granite-4.0-H's state-space layers (conv and SSM weights per rank) with experts, tied; Idefics3 (SmolVLM's
 # class: its vision tower sharded per rank, its processor's files copied), asked about two images and text.
-# The tiny Llama at TP=1 and TP=2 with both formats and tied across two pipeline stages:
-# test_round_trip.py, test_nodes.py. Qwen2, Qwen3, Mistral, Phi-3 and Gemma 2: the GPU matrix
-# (docs/architectures.md).
+# At TP=1: Gemma 3 (sliding-window and global layers, q/k norms, scaled embeddings) with both formats, OPT
+# (biases, learned positions), Qwen3-MoE (experts in vLLM's fused layout, saved as logical weights). The
+# tiny Llama at TP=1 and TP=2 with both formats: test_round_trip.py; DeepSeek-V2 across two pipeline
+# stages: test_nodes.py. Qwen2, Qwen3, Mistral, Phi-3 and Gemma 2: the GPU matrix (docs/architectures.md).
 AT_TP2 = {"deepseek-v2": (SHARDED_STATE,), "granite-hybrid": (FAST_FORMAT,), "idefics3": (FAST_FORMAT,)}
 AT_TP1 = {"gemma3": (SHARDED_STATE, FAST_FORMAT), "opt": (SHARDED_STATE,), "qwen3-moe": (FAST_FORMAT,)}
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]

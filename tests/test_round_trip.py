@@ -10,7 +10,7 @@ from presharded.manifest import read_manifest
 
 
 # TP=2 here, sizes given (in the process of the TP=2 reference, conftest.py); sizes from the manifest:
-# across two nodes (tests/test_nodes.py). PP=2: tied, saved across two nodes (there too). TP=1: the
+# across two nodes (tests/test_nodes.py). PP=2: DeepSeek-V2, saved across two nodes (there too). TP=1: the
 # checkpoint in parts below, through the load script.
 def test_round_trip_tp2(tp2_loads):
     loads = tp2_loads()
