@@ -36,8 +36,8 @@ def main() -> None:
     runs, flags = json.loads(sys.argv[1]), sys.argv[2:]
     results = []
     for model, load_format, *own in runs:
-        prompts = ["--prompts", json.dumps(own[0])] if own else []
-        load = Load.check(["--model", model, "--load-format", load_format, *flags, *prompts], add_flags, __doc__)
+        its_prompts = ["--prompts", json.dumps(own[0])] if own else []
+        load = Load.check(["--model", model, "--load-format", load_format, *flags, *its_prompts], add_flags, __doc__)
         if load.early.snapshot and load.early.prompts and isinstance(load.early.prompts[0], str):  # if it can be
             restored = load.from_snapshot({"prompt": load.early.prompts[0], "max_tokens": load.early.max_tokens,
                                            "temperature": 0.0, "top_p": 1.0})
@@ -46,8 +46,9 @@ def main() -> None:
         if restored:
             results.append({"token_ids": [restored.token_ids], **load.result()})
             continue
-        prompts = [p if isinstance(p, str) else {"prompt": p["prompt"], "multi_modal_data": {"image": read_image(p["image"])}}
-                   for p in load.early.prompts]
+        prompts = [p if isinstance(p, str) else {"prompt": p["prompt"],
+                                                 "multi_modal_data": {"image": read_image(p["image"])}}
+                   for p in load.early.prompts]  # images read before vLLM is imported
         from vllm import LLM, EngineArgs, SamplingParams
 
         args = load.engine_flags()
