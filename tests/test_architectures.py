@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors import safe_open
 
 from conftest import save, script_env
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
@@ -21,14 +20,14 @@ from presharded.tiny_models import VISION, build_tiny
 
 # At TP=2, what is sharded in a way no other model here is: DeepSeek-V2's MLA (low-rank q, compressed kv
 # with a rope part, under names SGLang's pre-sharded loader gets wrong) with routed and shared experts;
-# Granite-4.0-H's state-space layers (conv and SSM weights per rank) with experts, tied; Idefics3 (SmolVLM's
-# class: its vision tower sharded per rank, its processor's files copied), asked about two images and text.
-# At TP=1: Gemma 3 (sliding-window and global layers, q/k norms, scaled embeddings) with both formats, OPT
-# (biases, learned positions), Qwen3-MoE (experts in vLLM's fused layout, saved as logical weights). The
-# tiny Llama at TP=1 and TP=2 with both formats: test_round_trip.py; DeepSeek-V2 across two pipeline
-# stages: test_nodes.py. Qwen2, Qwen3, Mistral, Phi-3 and Gemma 2: the GPU matrix (docs/architectures.md).
-AT_TP2 = {"deepseek-v2": (SHARDED_STATE,), "granite-hybrid": (FAST_FORMAT,), "idefics3": (FAST_FORMAT,)}
-AT_TP1 = {"gemma3": (SHARDED_STATE, FAST_FORMAT), "opt": (SHARDED_STATE,), "qwen3-moe": (FAST_FORMAT,)}
+# Granite-4.0-H's state-space layers (conv and SSM weights per rank) with experts, tied. At TP=1: Gemma 3
+# (sliding-window and global layers, q/k norms, scaled embeddings) with both formats, Qwen3-MoE (experts in
+# vLLM's fused layout, saved as logical weights), Idefics3 (SmolVLM's class: a vision tower, its
+# processor's files copied) asked about two images and text. The tiny Llama at TP=1 and TP=2 with both
+# formats: test_round_trip.py; DeepSeek-V2 across two pipeline stages: test_nodes.py. Qwen2, Qwen3, Mistral,
+# Phi-3, Gemma 2, OPT, and these at the other TP: the matrices of docs/architectures.md.
+AT_TP2 = {"deepseek-v2": (SHARDED_STATE,), "granite-hybrid": (FAST_FORMAT,)}
+AT_TP1 = {"gemma3": (SHARDED_STATE, FAST_FORMAT), "qwen3-moe": (FAST_FORMAT,), "idefics3": (FAST_FORMAT,)}
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]
 
 
@@ -78,17 +77,13 @@ def round_trips(source, folder: Path, formats: dict[str, tuple[str, ...]], tp: i
 
 
 def test_round_trip_per_architecture_at_tp2(source, tmp_path):
-    checkpoints = round_trips(source, tmp_path, AT_TP2, tp=2)
-    vlm = checkpoints["idefics3"]  # the processor's files, listed and hashed; the vision tower's weights per rank
-    files = {f["path"] for f in json.loads((vlm / "presharded.json").read_text())["files"]}
-    assert {"processor_config.json", "chat_template.jinja", "tokenizer.json"} <= files
-    ranks = [safe_open(vlm / f"model-rank-{r}-part-0.safetensors", "pt") for r in range(2)]
-    vision = [k for k in ranks[0].keys() if "vision_model" in k and k.endswith("fc1.weight")]
-    assert vision and all(r.get_slice(vision[0]).get_shape() == [64, 64] for r in ranks)  # 128 rows, split in two
+    round_trips(source, tmp_path, AT_TP2, tp=2)
 
 
 def test_round_trip_per_architecture_at_tp1(source, tmp_path):
-    round_trips(source, tmp_path, AT_TP1, tp=1)
+    checkpoints = round_trips(source, tmp_path, AT_TP1, tp=1)
+    files = {f["path"] for f in json.loads((checkpoints["idefics3"] / "presharded.json").read_text())["files"]}
+    assert {"processor_config.json", "chat_template.jinja", "tokenizer.json"} <= files  # listed and hashed
 
 
 @pytest.fixture(scope="module")
