@@ -204,7 +204,7 @@ def make_sparse(path: Path) -> None:
     """The file written again with a hole for every block of zeros: the same bytes when read."""
     zero = bytes(SPARSE_BLOCK)
     sparse = path.with_name(f".{path.name}.sparse")
-    with open(path, "rb") as src, open(sparse, "wb") as dst:
+    with open(path, "rb") as src, open(sparse, "xb") as dst:  # a new file: never through a name already there
         while block := src.read(SPARSE_BLOCK):
             if block == zero[:len(block)]:
                 dst.seek(len(block), os.SEEK_CUR)
