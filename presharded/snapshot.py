@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO
 
 import presharded
+from presharded.criu_pages import trim
 from presharded.errors import UserError
 from presharded.load_checks import checked_manifest
 from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, Manifest, hash_file, write_manifest
@@ -60,10 +61,6 @@ NAMESPACE_FLAGS = ["--ext-mount-map", "auto", "--enable-external-sharing", "--en
 # hundred MB each, sparse, so only their data is kept.
 SHARED_FILES = ["--ghost-limit", "4G", "--ghost-fiemap"]
 SECRETS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")  # left out of the process, hence its image
-# A GPU engine's image is half zeros (dev/results/new-node-2026-12-06-h100-c: 53% of an 8B's pages): its page
-# files keep them as holes, which a new node does not read from the disk.
-SPARSE_BLOCK = 64 * 1024
-
 
 
 def snapshot_env(extra: dict[str, str], server: bool) -> dict[str, str]:
@@ -191,25 +188,10 @@ def finish_set(new: Path, name: str, flags: list[str], ready: dict, cuda_pids: l
             "vllm": importlib.util.find_spec("vllm").origin, "tokens": ready["tokens"],
             "cuda_pids": cuda_pids, "asleep_gib": ready["asleep_gib"], "kept_bytes": ready["kept_bytes"]}
     (new / META).write_text(json.dumps(meta, indent=1) + "\n")
-    for pages in new.glob("pages-*.img"):
-        make_sparse(pages)
+    trim(new)  # half a GPU engine's pages are zeros, which a restore need not read
     for kind in KINDS:  # the process maps what it compiled (Inductor's .so files): it must be there
         if (workspace / kind).is_dir():
             shutil.copytree(workspace / kind, new / COMPILED / kind)
     return [CopiedFile(f"{SNAPSHOTS_DIR}/{name}/{p.relative_to(new).as_posix()}", p.stat().st_size, hash_file(p))
             for p in sorted(p for p in new.rglob("*") if p.is_file())]
 
-
-def make_sparse(path: Path) -> None:
-    """The file written again with a hole for every block of zeros: the same bytes when read."""
-    zero = bytes(SPARSE_BLOCK)
-    sparse = path.with_name(f".{path.name}.sparse")
-    with open(path, "rb") as src, open(sparse, "xb") as dst:  # a new file: never through a name already there
-        while block := src.read(SPARSE_BLOCK):
-            if block == zero[:len(block)]:
-                dst.seek(len(block), os.SEEK_CUR)
-            else:
-                dst.write(block)
-        dst.truncate()  # at the end: trailing zeros are a hole too
-    shutil.copymode(path, sparse)
-    os.replace(sparse, path)
