@@ -4,7 +4,8 @@
 # cached (mincore), `cat` of the image and the rank's weights timed cold, then the same again and the whole
 # `load_sharded_state.py --snapshot` process timed from outside; then the same node warm. Two versions of
 # the package side by side, runs interleaved: BEFORE (a `git archive` of the older tree, carried in
-# .whl/before) and this tree. After ../shared/gpu/README.md's install, with .whl/criu and .whl/before carried:
+# .whl/before) and this tree, each from a snapshot it made itself (BEFORE's in a copy of the checkpoint,
+# its weights hard links: the same files). After ../shared/gpu/README.md's install, with .whl/criu and .whl/before carried:
 #   bash dev/new_node_gpu.sh prepare $OUT      # the 8B shape made, saved with start-up caches, snapshotted
 #   bash dev/new_node_gpu.sh compare $OUT 3    # RUNS rounds: before and after, each new node then warm
 #   bash dev/new_node_gpu.sh bench $OUT 3      # presharded-bench --fresh --fresh-variants snapshot --repeats 3
@@ -34,24 +35,38 @@ prompt=(--prompt "The capital of France is" --max-tokens 16 --json)
 case $phase in
   prepare)
     [ -d "$model" ] || python3 -c "from pathlib import Path; from presharded.bench import synthesize; synthesize('llama-3-8b', Path('$model'))"
-    [ -f "$ckpt/manifest.json" ] || python3 "$repo/save_sharded_state.py" --model "$model" --output "$ckpt" -tp 1 \
+    [ -f "$ckpt/presharded.json" ] || python3 "$repo/save_sharded_state.py" --model "$model" --output "$ckpt" -tp 1 \
       --start-caches --json > "$out/save.json"
+    if [ -d "$repo/.whl/before" ] && [ ! -d "$ckpt-before" ]; then  # before any snapshot: the saved checkpoint
+      cp -al "$ckpt" "$ckpt-before" && cp --remove-destination "$ckpt/presharded.json" "$ckpt-before/"
+    fi
     python3 -m presharded.snapshot_cli "$ckpt" --trust-start-caches --json > "$out/snapshot.json"
+    if [ -d "$ckpt-before" ]; then
+      PYTHONPATH=/root/site-before:/root/site python3 -m presharded.snapshot_cli "$ckpt-before" \
+        --trust-start-caches --json > "$out/snapshot-before.json"
+    fi
+    for c in "$ckpt" "$ckpt-before"; do  # what each set's page files hold: zeros left
+      if [ -d "$c" ]; then python3 "$repo/dev/image_zeros.py" "$c"/snapshots/vllm-*/ > "$out/zeros-${c##*/}.txt"; fi
+    done
     sync
     python3 "$repo/load_sharded_state.py" --model "$ckpt" --load-format fast_sharded_state --trust-start-caches "${prompt[@]}" \
       > "$out/normal.json" 2> "$out/normal.err" ;;
   compare)
-    files=$(python3 -c "
+    files_of() {  # the set's files and the rank's weights
+      python3 -c "
 from pathlib import Path; from presharded.manifest import read_manifest
-m = read_manifest(Path('$ckpt'))
-print(' '.join(str(Path('$ckpt') / e.path) for s in m.snapshots.values() for e in s),
-      ' '.join(str(Path('$ckpt') / s.path) for s in m.shards))")
+m = read_manifest(Path('$1'))
+print(' '.join(str(Path('$1') / e.path) for s in m.snapshots.values() for e in s),
+      ' '.join(str(Path('$1') / s.path) for s in m.shards))"
+    }
+    files_after=$(files_of "$ckpt") files_before=""
+    [ -d "$ckpt-before" ] && files_before=$(files_of "$ckpt-before")
     new_node() {  # written back, dropped, checked; this user's copies and workspace gone
       sync; echo 3 > /proc/sys/vm/drop_caches; rm -rf /dev/shm/presharded-0 /tmp/presharded-0
       python3 -c "
 import sys; from pathlib import Path; from presharded.bench import resident_pages
 resident, total = resident_pages([Path(p) for p in sys.argv[1:]])
-assert resident == 0, f'{resident} of {total} pages still cached'" $files
+assert resident == 0, f'{resident} of {total} pages still cached'" $files_after $files_before
     }
     versions="after"; [ -d "$repo/.whl/before" ] && versions="before after"
     disk() {  # KiB read since boot, and each disk's busy milliseconds
@@ -66,14 +81,16 @@ print(json.dumps({'pgpgin_kib': int(vm['pgpgin']), 'busy_ms': busy}))"
       for version in $versions; do
         site=/root/site; [ $version = before ] && site=/root/site-before:/root/site
         script=$repo/load_sharded_state.py; [ $version = before ] && script=$repo/.whl/before/load_sharded_state.py
+        load=$ckpt files=$files_after
+        [ $version = before ] && [ -d "$ckpt-before" ] && load=$ckpt-before files=$files_before
         new_node
         { disk; /usr/bin/time -f %e -o "$out/cat-$version-$run.txt" cat $files > /dev/null; disk; } \
           > "$out/disk-cat-$version-$run.json"
         new_node
         { disk; PYTHONPATH=$site /usr/bin/time -f %e -o "$out/process-$version-$run.txt" python3 "$script" \
-          --model "$ckpt" --snapshot --trust-snapshot "${prompt[@]}" > "$out/$version-$run-new.json" \
+          --model "$load" --snapshot --trust-snapshot "${prompt[@]}" > "$out/$version-$run-new.json" \
           2> "$out/$version-$run-new.err"; disk; } > "$out/disk-new-$version-$run.json"
-        PYTHONPATH=$site /usr/bin/time -f %e -o "$out/process-$version-$run-warm.txt" python3 "$script" --model "$ckpt" \
+        PYTHONPATH=$site /usr/bin/time -f %e -o "$out/process-$version-$run-warm.txt" python3 "$script" --model "$load" \
           --snapshot --trust-snapshot "${prompt[@]}" > "$out/$version-$run-warm.json" 2> "$out/$version-$run-warm.err"
       done
     done
