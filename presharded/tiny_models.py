@@ -70,10 +70,11 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_attention_heads=4,
                               word_embed_proj_dim=128, max_position_embeddings=256, pad_token_id=0)),
     # MLA (low-rank q and compressed kv with a rope part) and MoE: 8 routed experts, a shared one, a dense first
-    # layer. vLLM's CPU MLA kernel takes only DeepSeek's own latent size: kv_lora_rank + qk_rope_head_dim = 576.
+    # layer. DeepSeek's own head sizes: vLLM's CPU MLA kernel takes only its latent size (kv_lora_rank +
+    # qk_rope_head_dim = 576), vLLM 0.26's MLA prefill on Hopper only its head sizes (nope 128, rope 64, v 128).
     "deepseek-v2": ("DeepseekV2Config", dict(DECODER, num_key_value_heads=4, moe_intermediate_size=64,
-                                             q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=32,
-                                             qk_rope_head_dim=64, v_head_dim=32, n_routed_experts=8,
+                                             q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=128,
+                                             qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=8,
                                              n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
                                              topk_method="greedy", n_group=1, topk_group=1,
                                              tie_word_embeddings=False)),
@@ -88,7 +89,9 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                                       mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4,
                                                       mamba_expand=2, tie_word_embeddings=True)),
     # vision-language (SmolVLM's class): a vision tower of SigLIP's shape, 32x32 pixels in 16 patches that a
-    # pixel shuffle folds into 4 of the Llama's input embeddings; the processor's files saved beside it.
+    # pixel shuffle folds into 4 of the Llama's input embeddings; the processor's files saved beside it. An
+    # image is split into 32x32 tiles and a global one, as SmolVLM's are (unsplit, vLLM 0.26 gives it no
+    # pixels: vLLM issue 48667).
     # (LLaVA, PaliGemma, Gemma 3's and Qwen2-VL's vLLM classes import torchvision, which the CPU install lacks.)
     "idefics3": ("Idefics3Config", dict(vision_config=dict(hidden_size=64, intermediate_size=128,
                                                            num_attention_heads=2, image_size=32, patch_size=8),
@@ -143,8 +146,8 @@ def build_tiny(out: Path, arch: str = "llama", *, num_layers: int = 4, seed: int
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if arch in VISION:  # its image processor (one 32x32 image, not split) and chat template
-        processor = transformers.Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
+    if arch in VISION:  # its image processor (longest side to 64, tiles of 32) and chat template
+        processor = transformers.Idefics3ImageProcessor(do_image_splitting=True, size={"longest_edge": 64},
                                                         max_image_size={"longest_edge": 32})
         transformers.Idefics3Processor(processor, tokenizer, image_seq_len=4,
                                        chat_template=VISION_CHAT_TEMPLATE).save_pretrained(out)

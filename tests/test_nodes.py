@@ -114,7 +114,7 @@ def test_shared_folder_pipeline_stages(moe_model, tmp_path):
     assert shapes[f"{layer}.mlp.experts.routed_experts.w13_weight"] == [8, 2 * 64, 128]  # experts, gate+up, hidden
     assert shapes[f"{layer}.mlp.experts.routed_experts.w2_weight"] == [8, 128, 64]
     assert shapes[f"{layer}.self_attn.fused_qkv_a_proj.weight"] == [64 + 512 + 64, 128]  # q_lora, kv_lora, rope
-    assert shapes[f"{layer}.self_attn.kv_b_proj.weight"] == [4 * (32 + 32), 512]
+    assert shapes[f"{layer}.self_attn.kv_b_proj.weight"] == [4 * (128 + 128), 512]
     assert "lm_head.weight" in shapes and "model.embed_tokens.weight" not in shapes
     auto, sharded, fast = greedy_tokens([(moe_model, "auto"), (output, SHARDED_STATE), (output, FAST_FORMAT)],
                                         ["-pp", "2", "--max-tokens", "12"], [PROMPT], env=script_env(2), timeout=900)
