@@ -57,7 +57,7 @@ def one(arch: str, work: Path, flags: list[str], hook: bool = False, snapshot: b
         (work / f"{arch}-save.err").write_text(save.stderr)
         lines = save.stderr.strip().splitlines()
         causes = [i for i, line in enumerate(lines) if "Error" in line and "Engine core initialization" not in line]
-        return {"arch": arch, "save": "failed", "error": lines[max(0, causes[0] - 12):causes[0] + 1] if causes else lines[-1:]}
+        return {"arch": arch, "save": "failed", "error": lines[max(0, causes[0] - 12):causes[0] + 6] if causes else lines[-1:]}
     result = {"arch": arch, "auto": greedy_tokens([(source, "auto")], flags, prompts)[0]["token_ids"]}
     for load_format in ("sharded_state", "fast_sharded_state"):
         try:
