@@ -9,16 +9,18 @@ mappings (`mm-ID.img`), and its page file (`pages-N.img`) their bytes. A
 file-backed or shared mapping keeps every page: there an absent page is not
 zero. The smaller image is copied, hashed and restored faster, warm too."""
 
+import mmap
 import os
 import struct
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 PAGE = 4096
 MIN_RUN = 16  # pages: a shorter run of zeros stays (each cut is one more entry for CRIU to read)
-CHUNK = 64 * 2**20
+CHUNK_PAGES = 2**14  # 64 MiB of pages checked at a time
 COMMON_MAGIC, PAGEMAP_MAGIC, MM_MAGIC = 0x54564319, 0x56084025, 0x57492820
 ANON_PRIVATE = 1 << 9  # vma_entry.status (criu/include/image.h); and those CRIU restores its own way:
 SPECIAL = sum(1 << bit for bit in (2, 3, 10, 11, 12, 13, 14, 15, 17))  # vsyscall, vdso, SysV, socket, vvar, AIO,
@@ -99,20 +101,19 @@ def anon_private(mm: Path) -> np.ndarray:
     return np.array(rows, dtype=np.uint64).reshape(-1, 2)
 
 
-def droppable(pages: int, offset: int, vaddr: int, count: int, anon: np.ndarray) -> np.ndarray:
-    """Per page of one entry: all zero and inside an anonymous private mapping."""
+def droppable(pages: np.ndarray, first: int, vaddr: int, count: int, anon: np.ndarray) -> np.ndarray:
+    """Per page of one entry (`count` rows of `pages` from `first`): all zero and inside an anonymous
+    private mapping."""
+    if first + count > len(pages):
+        raise ValueError("the page file is shorter than its page map")
     if not count or not len(anon):
         return np.zeros(count, dtype=bool)
-    zero = []
-    for start in range(0, count * PAGE, CHUNK):
-        data = os.pread(pages, min(CHUNK, count * PAGE - start), offset + start)
-        if len(data) % PAGE:
-            raise ValueError("the page file is shorter than its page map")
-        zero.append(~np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE // 8).any(axis=1))
+    zero = np.concatenate([~pages[at:min(at + CHUNK_PAGES, first + count)].any(axis=1)
+                           for at in range(first, first + count, CHUNK_PAGES)])
     addresses = np.uint64(vaddr) + np.arange(count, dtype=np.uint64) * np.uint64(PAGE)
     row = np.searchsorted(anon[:, 0], addresses, side="right") - 1
     inside = (row >= 0) & (addresses < anon[np.maximum(row, 0), 1])
-    return np.concatenate(zero) & inside
+    return zero & inside
 
 
 def kept_runs(drop: np.ndarray) -> list[tuple[int, int]]:
@@ -149,12 +150,23 @@ def present(entry: dict) -> bool:
     return not entry.get(3, 0)
 
 
+def page_rows(f: BinaryIO) -> np.ndarray:
+    """The page file as rows of one page each, mapped: read in place, no copy (unmapped with the array)."""
+    size = os.fstat(f.fileno()).st_size
+    if size % PAGE:
+        raise ValueError("the page file is not whole pages")
+    if not size:
+        return np.zeros((0, PAGE // 8), dtype=np.uint64)
+    return np.frombuffer(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ), dtype=np.uint64).reshape(-1, PAGE // 8)
+
+
 def trim_process(folder: Path, pagemap: Path, mm: Path) -> int:
     """One process's page map and page file without its runs of zeros; the bytes left out."""
     head, *entries = read_image(pagemap, PAGEMAP_MAGIC)
     pages = folder / f"pages-{dict((n, v) for n, _, v in parse(head))[1]}.img"
     anon, kept_entries, kept_bytes, offset = anon_private(mm), [head], [], 0
     with open(pages, "rb") as src:
+        view = page_rows(src)
         for raw in entries:
             fields = parse(raw)
             entry = {n: v for n, _, v in fields}
@@ -162,7 +174,7 @@ def trim_process(folder: Path, pagemap: Path, mm: Path) -> int:
             if not present(entry):
                 kept_entries.append(raw)
                 continue
-            for first, n in kept_runs(droppable(src.fileno(), offset, entry[1], count, anon)):
+            for first, n in kept_runs(droppable(view, offset // PAGE, entry[1], count, anon)):
                 kept_entries.append(with_pages(fields, entry[1] + first * PAGE, n))
                 kept_bytes.append((offset + first * PAGE, n * PAGE))
             offset += count * PAGE

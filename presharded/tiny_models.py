@@ -70,8 +70,9 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_attention_heads=4,
                               word_embed_proj_dim=128, max_position_embeddings=256, pad_token_id=0)),
     # MLA (low-rank q and compressed kv with a rope part) and MoE: 8 routed experts, a shared one, a dense first
-    # layer. DeepSeek's own head sizes: vLLM's CPU MLA kernel takes only its latent size (kv_lora_rank +
-    # qk_rope_head_dim = 576), vLLM 0.26's MLA prefill on Hopper only its head sizes (nope 128, rope 64, v 128).
+    # layer. DeepSeek's own sizes: vLLM's CPU MLA kernel takes only its latent size (kv_lora_rank +
+    # qk_rope_head_dim = 576), vLLM's MLA prefill on Hopper a few head sizes, its (nope 128, rope 64, v 128)
+    # among them (vLLM 0.26 refused 32, 64, 32).
     "deepseek-v2": ("DeepseekV2Config", dict(DECODER, num_key_value_heads=4, moe_intermediate_size=64,
                                              q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=128,
                                              qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=8,
