@@ -10,11 +10,14 @@ weights quantized while loading) is recorded as refused, not run. With
 --hook, each is also saved through vLLM's own save hook (save_sharded_state.py
 --vllm-save-hook) and loaded both ways: `hook_sharded_state`,
 `hook_fast_sharded_state`, or `hook: refused: ...` with the save's one line.
+With --auto-runs N, `auto` starts N times (`auto_again`: each later run against the
+first), which tells a model whose tokens vary from one engine to the next.
 With --snapshot, an engine snapshot of the checkpoint is made (presharded-snapshot,
 with the same engine flags) and restored (the load with --snapshot): `snapshot` says
 whether it was restored and whether its tokens for the first prompt are `auto`'s.
 
-    PYTHONPATH=. python3 dev/gpu_matrix.py --out $OUT/bf16 [--archs qwen2,opt] [--hook] [--snapshot] [ENGINE FLAGS...]
+    PYTHONPATH=. python3 dev/gpu_matrix.py --out $OUT/bf16 [--archs qwen2,opt] [--hook] [--snapshot] [--auto-runs N] \
+        [ENGINE FLAGS...]
 
 Prints one JSON line per architecture and writes them to OUT/matrix.jsonl.
 """
@@ -46,7 +49,8 @@ def prompts_for(arch: str, work: Path) -> list:
     return [{"prompt": f"<image>{PROMPTS[0]}", "image": str(work / "noise.png")}, *PROMPTS]
 
 
-def one(arch: str, work: Path, flags: list[str], hook: bool = False, snapshot: bool = False) -> dict:
+def one(arch: str, work: Path, flags: list[str], hook: bool = False, snapshot: bool = False,
+        auto_runs: int = 1) -> dict:
     source = build_tiny(work / arch, arch, num_layers=2)
     prompts = prompts_for(arch, work)
     checkpoint = work / f"{arch}-ckpt"
@@ -59,6 +63,9 @@ def one(arch: str, work: Path, flags: list[str], hook: bool = False, snapshot: b
         causes = [i for i, line in enumerate(lines) if "Error" in line and "Engine core initialization" not in line]
         return {"arch": arch, "save": "failed", "error": lines[max(0, causes[0] - 12):causes[0] + 6] if causes else lines[-1:]}
     result = {"arch": arch, "auto": greedy_tokens([(source, "auto")], flags, prompts)[0]["token_ids"]}
+    if auto_runs > 1:  # does `auto` itself give other tokens from one engine to the next?
+        again = [greedy_tokens([(source, "auto")], flags, prompts)[0]["token_ids"] for _ in range(auto_runs - 1)]
+        result["auto_again"] = ["identical" if t == result["auto"] else {"differs": t} for t in again]
     for load_format in ("sharded_state", "fast_sharded_state"):
         try:
             check_for_load(checkpoint, load_format=load_format)
@@ -113,12 +120,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/presharded-matrix"))
     parser.add_argument("--hook", action="store_true", help="also save through vLLM's own save hook")
     parser.add_argument("--snapshot", action="store_true", help="also make and restore an engine snapshot")
+    parser.add_argument("--auto-runs", type=int, default=1, help="start `auto` this many times, each compared")
     args, flags = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for arch in args.archs.split(","):
         start = time.perf_counter()
         try:
-            result = one(arch, args.work, flags, args.hook, args.snapshot)
+            result = one(arch, args.work, flags, args.hook, args.snapshot, args.auto_runs)
         except Exception as e:  # one architecture's failure must not hide the others
             result = {"arch": arch, "error": f"{type(e).__name__}: {e}"[:2000]}
         result["seconds"] = round(time.perf_counter() - start, 1)
