@@ -7,7 +7,8 @@ leave the image: each process's page map (`pagemap-ID.img`, protobuf entries
 of address and page count) loses its runs of zeros inside anonymous private
 mappings (`mm-ID.img`), and its page file (`pages-N.img`) their bytes. A
 file-backed or shared mapping keeps every page: there an absent page is not
-zero. The smaller image is copied, hashed and restored faster, warm too."""
+zero. The smaller image is copied, hashed and restored faster, warm too
+(dev/results/new-node-2026-12-06-h100-d)."""
 
 import mmap
 import os
