@@ -1,5 +1,5 @@
 """Where vLLM's own load (`auto` on the source) and ours (`fast_sharded_state`
-on the checkpoint) part ways, on a tiny Qwen3-MoE with `--quantization fp8`
+on the checkpoint) part ways, on a tiny Qwen3-MoE (or another) with `--quantization fp8`
 (dev/results/moe-fp8-2026-11-30-h200x2/): `save` makes the source and the
 checkpoint; then for each run the model's whole state after loading, each
 state tensor's layout, and every module's output at each step of two
@@ -10,6 +10,9 @@ module output that differs.
 
     export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_ALLOW_INSECURE_SERIALIZATION=1 PYTHONPATH=.
     for step in save auto fast compare; do python3 dev/moe_state.py $OUT $step; done
+
+Another tiny architecture, and engine flags for the save and both loads, after the step:
+`python3 dev/moe_state.py $OUT $step granite-hybrid --gpu-memory-utilization 0.08`.
 """
 
 import sys
@@ -17,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-WORK = Path("/tmp/presharded-moe")
+ARCH = sys.argv[3] if len(sys.argv) > 3 else "qwen3-moe"
+FLAGS = ["--quantization", "fp8", "--enforce-eager", *sys.argv[4:]]
+WORK = Path("/tmp/presharded-moe") / ARCH
 RUNS = {"auto": (WORK / "source", "auto"), "fast": (WORK / "checkpoint", "fast_sharded_state")}
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]  # gpu_matrix's, in one batch
 STEPS = 16  # gpu_matrix's tokens per prompt
@@ -29,9 +34,9 @@ def save() -> None:
 
     from presharded.tiny_models import build_tiny
 
-    build_tiny(RUNS["auto"][0], "qwen3-moe", num_layers=2)
+    build_tiny(RUNS["auto"][0], ARCH, num_layers=2)
     sys.argv = ["save_sharded_state.py", "--model", str(RUNS["auto"][0]), "--output", str(RUNS["fast"][0]),
-                "--replace", "--no-start-caches", "--quantization", "fp8", "--enforce-eager"]
+                "--replace", "--no-start-caches", *FLAGS]
     runpy.run_path(str(Path(__file__).resolve().parent.parent / "save_sharded_state.py"), run_name="__main__")
 
 
@@ -59,7 +64,7 @@ def capture(out: Path, name: str) -> None:
 
     model, load_format = RUNS[name]
     args, parser = parse_engine_flags(["--model", str(model), "--load-format", load_format, "--prompts", "[]",
-                               "--quantization", "fp8", "--enforce-eager"], add_flags, "")
+                                       *FLAGS], add_flags, "")
     apply_engine_defaults(args, parser, saving=False)
     llm = LLM.from_engine_args(EngineArgs.from_cli_args(args))
     recorded = llm.apply_model(record)[0]
