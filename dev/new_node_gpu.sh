@@ -5,7 +5,9 @@
 # `load_sharded_state.py --snapshot` process timed from outside; then the same node warm. Two versions of
 # the package side by side, runs interleaved: BEFORE (a `git archive` of the older tree, carried in
 # .whl/before) and this tree, each from a snapshot it made itself (BEFORE's in a copy of the checkpoint,
-# its weights hard links: the same files). After ../shared/gpu/README.md's install, with .whl/criu and .whl/before carried:
+# its weights hard links: the same files); with prepare run before .whl/before is carried, both versions restore
+# the one set this tree made (what differs is how each restores it). After ../shared/gpu/README.md's install,
+# with .whl/criu and .whl/before carried:
 #   bash dev/new_node_gpu.sh prepare $OUT      # the 8B shape made, saved with start-up caches, snapshotted
 #   bash dev/new_node_gpu.sh compare $OUT 3    # RUNS rounds: before and after, each new node then warm
 #   bash dev/new_node_gpu.sh bench $OUT 3      # presharded-bench --fresh --fresh-variants snapshot --repeats 3
