@@ -12,6 +12,8 @@
 #   bash dev/new_node_gpu.sh compare $OUT 3    # RUNS rounds: before and after, each new node then warm
 #   bash dev/new_node_gpu.sh bench $OUT 3      # presharded-bench --fresh --fresh-variants snapshot --repeats 3
 #   bash dev/new_node_gpu.sh image-copy $OUT   # the image alone, cold: cat, copy_hashed, O_DIRECT by 4, 8, 16 threads
+# ENGINE_FLAGS (unquoted words) go to the save, the snapshots and every start, e.g. a share of the GPU so that
+# prepare can run beside other work there: "--gpu-memory-utilization 0.45 --kv-cache-memory-bytes 8589934592".
 # Each cat and each new-node start also records what the disks read and how long they were busy
 # (/proc/vmstat pgpgin, /sys/block/*/stat io_ticks): `disk-*.json`.
 # The before tree: git archive COMMIT presharded load_sharded_state.py pyproject.toml README.md \
@@ -33,19 +35,20 @@ model=/root/bench/source-llama-3-8b ckpt=/root/bench/tp1  # where presharded-ben
   python3 -c "import importlib.metadata as m; print('vllm', m.version('vllm'), 'torch', m.version('torch'))"; } \
   > "$out/system-$phase.txt"
 cd /root  # as a user would: the package installed, the checkpoint anywhere
-prompt=(--prompt "The capital of France is" --max-tokens 16 --json)
+flags=(${ENGINE_FLAGS:-})
+prompt=(--prompt "The capital of France is" --max-tokens 16 --json "${flags[@]}")
 case $phase in
   prepare)
     [ -d "$model" ] || python3 -c "from pathlib import Path; from presharded.bench import synthesize; synthesize('llama-3-8b', Path('$model'))"
     [ -f "$ckpt/presharded.json" ] || python3 "$repo/save_sharded_state.py" --model "$model" --output "$ckpt" -tp 1 \
-      --start-caches --json > "$out/save.json"
+      --start-caches --json "${flags[@]}" > "$out/save.json"
     if [ -d "$repo/.whl/before" ] && [ ! -d "$ckpt-before" ]; then  # before any snapshot: the saved checkpoint
       cp -al "$ckpt" "$ckpt-before" && cp --remove-destination "$ckpt/presharded.json" "$ckpt-before/"
     fi
-    python3 -m presharded.snapshot_cli "$ckpt" --trust-start-caches --json > "$out/snapshot.json"
+    python3 -m presharded.snapshot_cli "$ckpt" --trust-start-caches --json "${flags[@]}" > "$out/snapshot.json"
     if [ -d "$ckpt-before" ]; then
       PYTHONPATH=/root/site-before:/root/site python3 -m presharded.snapshot_cli "$ckpt-before" \
-        --trust-start-caches --json > "$out/snapshot-before.json"
+        --trust-start-caches --json "${flags[@]}" > "$out/snapshot-before.json"
     fi
     for c in "$ckpt" "$ckpt-before"; do  # what each set's page files hold: zeros left
       if [ -d "$c" ]; then python3 "$repo/dev/image_zeros.py" "$c"/snapshots/vllm-*/ > "$out/zeros-${c##*/}.txt"; fi
