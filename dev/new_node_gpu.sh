@@ -12,7 +12,7 @@
 #   bash dev/new_node_gpu.sh compare $OUT 3    # RUNS rounds: before and after, each new node then warm
 #   bash dev/new_node_gpu.sh bench $OUT 3      # presharded-bench --fresh --fresh-variants snapshot --repeats 3
 #   bash dev/new_node_gpu.sh image-copy $OUT   # the image alone, cold: cat, copy_hashed, O_DIRECT by 4, 8, 16 threads
-# ENGINE_FLAGS (unquoted words) go to the save, the snapshots and every start, e.g. a share of the GPU so that
+# SHAPE picks the model (the 8B by default). ENGINE_FLAGS (unquoted words) go to the save, the snapshots and every start, e.g. a share of the GPU so that
 # prepare can run beside other work there: "--gpu-memory-utilization 0.45 --kv-cache-memory-bytes 8589934592".
 # Each cat and each new-node start also records what the disks read and how long they were busy
 # (/proc/vmstat pgpgin, /sys/block/*/stat io_ticks): `disk-*.json`.
@@ -29,7 +29,9 @@ if [ -d .whl/before ]; then
     ./.whl/before 2>&1 | tail -2
 fi
 export PYTHONPATH=/root/site
-model=/root/bench/source-llama-3-8b ckpt=/root/bench/tp1  # where presharded-bench looks
+shape=${SHAPE:-llama-3-8b}  # or another of presharded/bench.py's shapes (llama-3.2-1b, tiny)
+model=/root/bench/source-$shape ckpt=/root/bench/tp1  # where presharded-bench looks
+[ "$shape" = llama-3-8b ] || ckpt=/root/bench/$shape-tp1
 { criu --version; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; uname -r; nproc; free -g | head -2
   cat /sys/kernel/mm/transparent_hugepage/enabled; df -h /root | tail -1
   python3 -c "import importlib.metadata as m; print('vllm', m.version('vllm'), 'torch', m.version('torch'))"; } \
@@ -39,7 +41,7 @@ flags=(${ENGINE_FLAGS:-})
 prompt=(--prompt "The capital of France is" --max-tokens 16 --json "${flags[@]}")
 case $phase in
   prepare)
-    [ -d "$model" ] || python3 -c "from pathlib import Path; from presharded.bench import synthesize; synthesize('llama-3-8b', Path('$model'))"
+    [ -d "$model" ] || python3 -c "from pathlib import Path; from presharded.bench import synthesize; synthesize('$shape', Path('$model'))"
     [ -f "$ckpt/presharded.json" ] || python3 "$repo/save_sharded_state.py" --model "$model" --output "$ckpt" -tp 1 \
       --start-caches --json "${flags[@]}" > "$out/save.json"
     if [ -d "$repo/.whl/before" ] && [ ! -d "$ckpt-before" ]; then  # before any snapshot: the saved checkpoint
