@@ -179,8 +179,8 @@ def trim_process(folder: Path, pagemap: Path, mm: Path) -> int:
                 kept_entries.append(with_pages(fields, entry[1] + first * PAGE, n))
                 kept_bytes.append((offset + first * PAGE, n * PAGE))
             offset += count * PAGE
-        if offset != os.fstat(src.fileno()).st_size:
-            raise ValueError(f"{pages.name} holds {os.fstat(src.fileno()).st_size} bytes, its page map {offset}")
+        if offset != len(view) * PAGE:
+            raise ValueError(f"{pages.name} holds {len(view) * PAGE} bytes, its page map {offset}")
         dropped = offset - sum(n for _, n in kept_bytes)
         if not dropped:
             return 0
