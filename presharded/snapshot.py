@@ -43,20 +43,17 @@ from presharded.errors import UserError
 from presharded.load_checks import checked_manifest
 from presharded.manifest import SNAPSHOTS_DIR, CopiedFile, Manifest, hash_file, write_manifest
 from presharded.snapshot_inbox import KEEP, READY, inbox, put, rpc_folder, wait_for
-from presharded.snapshot_sets import COMPILED, KEPT, META, compared_flags, is_kept, set_name, tool, unsupported
+from presharded.snapshot_sets import (COMPILED, CRIU_FLAGS, KEPT, META, NAMESPACE_FLAGS, compared_flags, is_kept,
+                                      set_name, tool, unsupported)
 from presharded.workspace import WORKSPACE, link_model, private_folder, swap_in
 from presharded.start_caches import KINDS, use_set
 from presharded.processes import holds_gpu, kill_tree, mapped_inodes, ns_pid, tree
 from presharded.trust import record
 
-# Proven on the GPU machine (dev/results/snapshot-probe-2026-12-01-h200): torch.distributed's store is an
-# established TCP socket; there is no iptables to lock the network with.
-CRIU_FLAGS = ["--shell-job", "--tcp-established", "--network-lock", "skip", "--ext-unix-sk", "--file-locks"]
 # The process runs as init of a PID namespace of its own (with its own /proc, which CUDA needs, hence a mount
 # namespace too), so a restore never needs the dumped PIDs free. Its mounts are this machine's: external,
 # bound again from the same paths at a restore (which then needs --root).
 NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
-NAMESPACE_FLAGS = ["--ext-mount-map", "auto", "--enable-external-sharing", "--enable-external-masters"]
 # The unlinked shared files (unlink_shared_files) go into the image: vLLM's queues between ranks are a few
 # hundred MB each, sparse, so only their data is kept.
 SHARED_FILES = ["--ghost-limit", "4G", "--ghost-fiemap"]

@@ -23,10 +23,9 @@ from presharded.errors import UserError
 from presharded.manifest import SNAPSHOTS_DIR, Manifest
 from presharded.workspace import private_folder
 from presharded.processes import alive, become_subreaper, end_children, ns_pid, reap, tree
-from presharded.snapshot_sets import (COMPILED, IMAGES, META, SERVER, compared_flags, is_kept, set_name, tool,
-                                      unsupported)
+from presharded.snapshot_sets import (COMPILED, CRIU_FLAGS, IMAGES, META, NAMESPACE_FLAGS, SERVER, compared_flags,
+                                      is_kept, set_name, tool, unsupported)
 from presharded.snapshot_inbox import DONE, ENGINE_LOG, REQUEST, inbox, put, rpc_folder, wait_for
-from presharded.snapshot import CRIU_FLAGS, NAMESPACE_FLAGS
 from presharded.workspace import SEALS, WORKSPACE, is_file_of_size, link_model, put_in_place
 from presharded.env import TRUST_SNAPSHOT_ENV
 from presharded.trust import TRUST_SNAPSHOT_FLAG, made_here, trusted_by_user

@@ -26,6 +26,12 @@ META = "snapshot.json"  # in a set: what made it (the Python, the engine flags, 
 KEPT = "weights"  # in a set: per rank, what the checkpoint's files cannot give back (presharded/snapshot_weights.py)
 SERVER = "server_"  # how a server snapshot's set name begins
 COMPILED = "workspace"  # in a set: the compile caches the process used, put back in the workspace before a restore
+# Proven on the GPU machine (dev/results/snapshot-probe-2026-12-01-h200): torch.distributed's store is an
+# established TCP socket; there is no iptables to lock the network with.
+CRIU_FLAGS = ["--shell-job", "--tcp-established", "--network-lock", "skip", "--ext-unix-sk", "--file-locks"]
+# The process runs as init of a PID namespace of its own; its mounts are this machine's, external, bound
+# again from the same paths at a restore (which then needs --root).
+NAMESPACE_FLAGS = ["--ext-mount-map", "auto", "--enable-external-sharing", "--enable-external-masters"]
 # Flags of the server alone, given anew at each restore: the engine's flags must match the snapshot's.
 SERVER_ONLY = {"--host", "--port", "--uds", "--api-key", "--served-model-name", "--root-path", "--ssl-keyfile",
                "--ssl-certfile", "--ssl-ca-certs", "--uvicorn-log-level", "--disable-uvicorn-access-log"}
