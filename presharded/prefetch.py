@@ -5,11 +5,14 @@ The kernel reads them into the page cache and hands them to /dev/null
 (`sendfile`, a chunk at a time): nothing is copied into this process and the
 page cache holds the only copy; files already cached cost next to nothing.
 (`posix_fadvise(WILLNEED)` read 8 MiB of a 64 MiB file here: dev/willneed.py.) Skipped
-when the files do not fit in the memory available."""
+when the files do not fit in the memory available. The same for the parts of
+files that a snapshot's process held in memory (`read_ranges`), before it is
+restored."""
 
 import ctypes
 import mmap
 import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -42,13 +45,50 @@ def _read_ahead(paths: list[Path]) -> None:
         for path in paths:
             fd = os.open(path, os.O_RDONLY)
             try:
-                offset, size = 0, os.fstat(fd).st_size
-                while offset < size and (sent := os.sendfile(null, fd, offset, min(CHUNK, size - offset))):
-                    offset += sent
+                send(null, fd, 0, os.fstat(fd).st_size)
             finally:
                 os.close(fd)
     finally:
         os.close(null)
+
+
+def send(null: int, fd: int, offset: int, end: int) -> int:
+    """Bytes [offset, end) of `fd` through the page cache to /dev/null (`null`); how many there were."""
+    start = offset
+    while offset < end and (sent := os.sendfile(null, fd, offset, min(CHUNK, end - offset))):
+        offset += sent
+    return offset - start
+
+
+def read_ranges(ranges: object, limit: int = 8 * 2**30) -> int:
+    """The parts of files that `ranges` names ({path: [[offset, length], ...]}, as
+    presharded.processes.mapped_pages gives them) read into the page cache, file by file, `limit` bytes
+    at most; anything but an absolute path of a regular file with whole numbers is passed over. The
+    bytes read."""
+    done = 0
+    if not isinstance(ranges, dict):
+        return done
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for path, parts in ranges.items():
+            if not (isinstance(path, str) and os.path.isabs(path) and isinstance(parts, list)):
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                for part in parts:
+                    if (isinstance(part, list) and len(part) == 2 and all(type(n) is int and n >= 0 for n in part)
+                            and done < limit):
+                        done += send(null, fd, part[0], part[0] + min(part[1], limit - done))
+            finally:
+                os.close(fd)
+    finally:
+        os.close(null)
+    return done
 
 
 def cached_fraction(path) -> float:

@@ -1,15 +1,17 @@
 """Process trees, through psutil (and /proc for what psutil does not read:
-mappings, namespaces' PIDs, device files): finding a process's descendants,
-killing them, waiting for them, reaping a restored tree."""
+mappings and the pages they hold, namespaces' PIDs, device files): finding a
+process's descendants, killing them, waiting for them, reaping a restored tree."""
 
 import ctypes
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 SHARED = Path("/dev/shm")
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -85,6 +87,39 @@ def mapped_inodes(pids: list[int] | None = None) -> set[int]:
             continue
         inodes |= {int(line.split()[4]) for line in maps if f" {SHARED}/" in line}
     return inodes
+
+
+def mapped_pages(pids: list[int], gap: int = 128 * 2**10) -> dict[str, list[list[int]]]:
+    """The parts of regular files that the processes `pids` hold in memory through their mappings (the
+    pages present, in /proc/PID/pagemap): per file, [offset, length] ranges, those less than `gap`
+    apart joined. What a restore of these processes reads from those files, a page at a time."""
+    pages: dict[str, list[np.ndarray]] = {}
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            pagemap = open(f"/proc/{pid}/pagemap", "rb")
+        except OSError:
+            continue
+        with pagemap:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or fields[4] == "0" or not fields[5].startswith("/") or \
+                        fields[5].startswith("/dev/") or fields[5].endswith(" (deleted)"):
+                    continue  # anonymous, device or shared memory, or gone: not read from a file
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                pagemap.seek(start // PAGE * 8)
+                entries = np.frombuffer(pagemap.read((end - start) // PAGE * 8), dtype=np.uint64)
+                present = np.flatnonzero(entries >> np.uint64(63))  # bit 63: the page is in memory
+                pages.setdefault(fields[5], []).append(int(fields[2], 16) // PAGE + present)
+    ranges = {}
+    for path, parts in sorted(pages.items()):
+        index = np.unique(np.concatenate(parts))
+        if not index.size or not os.path.isfile(path):
+            continue
+        breaks = np.flatnonzero(np.diff(index) * PAGE > gap + PAGE) + 1
+        ranges[path] = [[int(run[0]) * PAGE, (int(run[-1]) + 1 - int(run[0])) * PAGE]
+                        for run in np.split(index, breaks)]
+    return ranges
 
 
 def ns_pid(pid: int) -> int | None:

@@ -47,7 +47,7 @@ from presharded.snapshot_sets import (COMPILED, CRIU_FLAGS, KEPT, META, NAMESPAC
                                       set_name, tool, unsupported)
 from presharded.workspace import WORKSPACE, link_model, private_folder, swap_in
 from presharded.start_caches import KINDS, use_set
-from presharded.processes import holds_gpu, kill_tree, mapped_inodes, ns_pid, tree
+from presharded.processes import holds_gpu, kill_tree, mapped_inodes, mapped_pages, ns_pid, tree
 from presharded.trust import record
 
 # The process runs as init of a PID namespace of its own (with its own /proc, which CUDA needs, hence a mount
@@ -110,9 +110,9 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
         print(f"starting vLLM on {checkpoint} for the snapshot {name}", file=sys.stderr, flush=True)
         proc, quiet = start_to_dump(box, workspace, flags, server)
         try:
-            ready, cuda_pids, seconds = dump(proc, quiet, box, new)
+            ready, cuda_pids, mapped, seconds = dump(proc, quiet, box, new)
             t = time.perf_counter()
-            entries = finish_set(new, name, flags, ready, cuda_pids, workspace)
+            entries = finish_set(new, name, flags, ready, cuda_pids, mapped, workspace)
             seconds["set"] = time.perf_counter() - t  # zero pages out, compiled code copied, every file hashed
             swap_in(new, checkpoint / SNAPSHOTS_DIR / name)
         except BaseException:
@@ -155,10 +155,12 @@ def start_to_dump(box: Path, workspace: Path, flags: list[str], server: bool) ->
     return proc, quiet
 
 
-def dump(proc: subprocess.Popen, quiet: threading.Event, box: Path, new: Path) -> tuple[dict, list[int], dict]:
+def dump(proc: subprocess.Popen, quiet: threading.Event, box: Path,
+         new: Path) -> tuple[dict, list[int], dict, dict]:
     """Once the engine is asleep: its CUDA state moved to host memory, then the whole process tree dumped
     by CRIU into `new`. What the engine said when ready, its CUDA processes' PIDs inside the namespace
-    (a restore gives them again), and the seconds each step took."""
+    (a restore gives them again), the parts of files its mappings hold (a restore on a new node reads
+    them ahead), and the seconds each step took."""
     ready = wait_for(box / READY, lambda: proc.poll() is None, 3600, "vLLM for the snapshot")
     quiet.set()
     root = tree(proc.pid)[1]  # under unshare: init of the new namespace
@@ -170,14 +172,15 @@ def dump(proc: subprocess.Popen, quiet: threading.Event, box: Path, new: Path) -
     for pid in cuda:
         tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(pid))
     seconds["cuda_checkpoint"] = time.perf_counter() - t
+    mapped = mapped_pages(pids)
     unlink_shared_files(pids)
     seconds["dump"] = tool(shutil.which("criu"), "dump", "-t", str(root), "-D", str(new), "-W", str(box),
                            *CRIU_FLAGS, *NAMESPACE_FLAGS, *SHARED_FILES, "-o", "dump.log", log=box / "dump.log")
     proc.wait(timeout=60)
-    return ready, cuda_inside, seconds
+    return ready, cuda_inside, mapped, seconds
 
 
-def finish_set(new: Path, name: str, flags: list[str], ready: dict, cuda_pids: list[int],
+def finish_set(new: Path, name: str, flags: list[str], ready: dict, cuda_pids: list[int], mapped: dict,
                workspace: Path) -> list[CopiedFile]:
     """The set's description and what the engine compiled written beside the image; every file's entry."""
     if not any((new / KEPT).iterdir()):  # the checkpoint's files give back every weight
@@ -185,7 +188,8 @@ def finish_set(new: Path, name: str, flags: list[str], ready: dict, cuda_pids: l
     meta = {"name": name, "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "engine_flags": flags, "python": os.path.realpath(sys.executable),
             "vllm": importlib.util.find_spec("vllm").origin, "tokens": ready["tokens"],
-            "cuda_pids": cuda_pids, "asleep_gib": ready["asleep_gib"], "kept_bytes": ready["kept_bytes"]}
+            "cuda_pids": cuda_pids, "asleep_gib": ready["asleep_gib"], "kept_bytes": ready["kept_bytes"],
+            "mapped_pages": mapped}
     (new / META).write_text(json.dumps(meta, indent=1) + "\n")
     trim(new)  # half a GPU engine's pages are zeros, which a restore need not read
     for kind in KINDS:  # the process maps what it compiled (Inductor's .so files): it must be there

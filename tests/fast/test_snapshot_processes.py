@@ -1,6 +1,7 @@
 """What a snapshot does to the processes it dumps, short of CRIU (which CI
 cannot run): the tree it finds, the named semaphores it unlinks so that
-CRIU keeps them in the image, the tree it kills."""
+CRIU keeps them in the image, the tree it kills, the parts of files it finds
+them holding (which a restore reads ahead, untrusting what it is given)."""
 
 import os
 import subprocess
@@ -9,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from presharded.processes import holds_gpu, kill_tree, tree
+import pytest
+
+from presharded.prefetch import cached_fraction, read_ranges
+from presharded.processes import PAGE, holds_gpu, kill_tree, mapped_pages, tree
 from presharded.snapshot import unlink_shared_files
 
 HOLDER = """
@@ -91,5 +95,63 @@ def test_the_gpu_processes_pids_are_taken_before_the_dump_ends_them(tmp_path, mo
         def wait(self, timeout=None):
             return 0
 
-    ready, cuda_pids, seconds = snapshot.dump(Engine(), threading.Event(), tmp_path, tmp_path / "new")
+    ready, cuda_pids, mapped, seconds = snapshot.dump(Engine(), threading.Event(), tmp_path, tmp_path / "new")
     assert cuda_pids == [7] and calls == ["--toggle", "dump"] and set(seconds) == {"cuda_checkpoint", "dump"}
+
+
+TOUCHER = """
+import mmap, sys
+with open(sys.argv[1], "rb") as f:
+    view = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+pages = [int(n) for n in sys.argv[2:]]
+print(sum(view[n * mmap.PAGESIZE] for n in pages), flush=True)  # each page read once: faulted in
+sys.stdin.readline()
+"""
+
+
+def uncached(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if cached_fraction(path) > 0.01:
+        pytest.skip("this file system keeps the file cached")
+
+
+def test_the_pages_a_process_holds_of_a_file_are_found(tmp_path):
+    """A process that read two pages of a mapped file far apart holds those (and what the kernel maps
+    around a fault: 16 pages here), not the middle of the file; joined when `gap` allows. (A file still
+    in the page cache, as just written, is mapped a large folio at a time, up to the whole of it.)"""
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(os.urandom(512 * PAGE))
+    uncached(lib)
+    proc = subprocess.Popen([sys.executable, "-c", TOUCHER, str(lib), "3", "400"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        ranges = mapped_pages([proc.pid], gap=0)[str(lib)]
+        held = {n for offset, length in ranges for n in range(offset // PAGE, (offset + length) // PAGE)}
+        assert {3, 400} <= held and not held & set(range(100, 300)) and len(held) <= 2 * 32
+        assert all(offset % PAGE == 0 and length % PAGE == 0 for offset, length in ranges)
+        assert mapped_pages([proc.pid], gap=512 * PAGE)[str(lib)] == [[min(held) * PAGE, (max(held) + 1 - min(held)) * PAGE]]
+        assert not any(path.startswith("/dev/") for path in mapped_pages([proc.pid]))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_restore_reads_only_the_parts_of_regular_files_it_is_given(tmp_path):
+    """The ranges come from the set's description: what is not an absolute path of a regular file with
+    whole numbers is passed over (no error: reading ahead is only a hint), and `limit` holds."""
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(64 * 2**20))
+    uncached(data)
+    (tmp_path / "link").symlink_to(data)
+    os.mkfifo(tmp_path / "fifo")
+    hostile = {str(data): [[0, 2**20], [2**20, -5], [True, 4096], ["0", 4096], [4096], [2**40, 4096]],
+               "relative/path": [[0, 4096]], str(tmp_path / "link"): [[0, 4096]], str(tmp_path / "fifo"): [[0, 4096]],
+               str(tmp_path): [[0, 4096]], "/dev/zero": [[0, 4096]], str(tmp_path / "absent"): [[0, 4096]],
+               str(tmp_path / "list"): "not a list"}
+    assert read_ranges(hostile) == 2**20
+    assert 1 / 64 <= cached_fraction(data) < 0.5
+    assert read_ranges({str(data): [[0, 2**20], [2**20, 2**20]]}, limit=2**20 + 4096) == 2**20 + 4096
+    assert read_ranges(None) == read_ranges([["/etc/passwd", [[0, 4096]]]]) == 0
