@@ -60,7 +60,7 @@ def send(null: int, fd: int, offset: int, end: int) -> int:
     return offset - start
 
 
-def read_ranges(ranges: object, limit: int = 8 * 2**30) -> int:
+def read_ranges(ranges: object, limit: int = 4 * 2**30) -> int:
     """The parts of files that `ranges` names ({path: [[offset, length], ...]}, as
     presharded.processes.mapped_pages gives them) read into the page cache, file by file, `limit` bytes
     at most; anything but an absolute path of a regular file with whole numbers is passed over. The

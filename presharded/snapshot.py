@@ -111,6 +111,8 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
         proc, quiet = start_to_dump(box, workspace, flags, server)
         try:
             ready, cuda_pids, mapped, seconds = dump(proc, quiet, box, new)
+            mapped = {path: parts for path, parts in mapped.items()  # the weights: the refill reads them
+                      if not Path(path).is_relative_to(checkpoint.resolve())}
             t = time.perf_counter()
             entries = finish_set(new, name, flags, ready, cuda_pids, mapped, workspace)
             seconds["set"] = time.perf_counter() - t  # zero pages out, compiled code copied, every file hashed
@@ -125,7 +127,8 @@ def make(checkpoint: Path, argv: list[str], trust_caches: bool = False, server: 
     record(name, entries, checkpoint, SNAPSHOTS_DIR)
     kept = sum(e.size for e in entries if is_kept(e.path, name))
     made = {"image_bytes": sum(e.size for e in entries) - kept, "kept_bytes": kept,
-            "start_seconds": ready["start_seconds"], "asleep_gib": ready["asleep_gib"]}
+            "start_seconds": ready["start_seconds"], "asleep_gib": ready["asleep_gib"],
+            "mapped_bytes": sum(length for parts in mapped.values() for _, length in parts)}
     return name, {**made, **{k: round(v, 3) for k, v in seconds.items()}}
 
 
