@@ -23,6 +23,7 @@ done
 [ -n "$kv_archs" ] && cell fp8-kv --archs "$kv_archs" --quantization fp8 --kv-cache-dtype fp8 &
 [ -n "$again_archs" ] && cell fp8-again --archs "$again_archs" --quantization fp8 --auto-runs 3 &
 wait
+for name in "$out"/*/; do cp /tmp/arch-gpu/"$(basename "$name")"/*.err "$name" 2>/dev/null || true; done  # failures' messages
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import importlib.metadata as m; print('vllm', m.version('vllm'), 'torch', m.version('torch'))"; } \
   > "$out/system.txt"

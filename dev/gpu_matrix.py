@@ -85,7 +85,8 @@ def restored(checkpoint: Path, flags: list[str], auto: list[int]) -> dict | str:
     """The checkpoint's engine snapshot made with `flags`, then restored and asked the first prompt."""
     made = subprocess.run([sys.executable, "-m", "presharded.snapshot_cli", str(checkpoint), "--json", *flags],
                           capture_output=True, text=True)
-    if made.returncode != 0:
+    if made.returncode != 0:  # vLLM's own message is above the last line
+        checkpoint.with_name(f"{checkpoint.name}-snapshot.err").write_text(made.stderr)
         return f"not made: {(made.stderr.strip().splitlines() or ['no message'])[-1]}"
     run = greedy_tokens([(checkpoint, "fast_sharded_state")], [*flags, "--snapshot", "--trust-snapshot"],
                         PROMPTS[:1])[0]
