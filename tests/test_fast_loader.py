@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PROMPT, ROOT, free_port, link_weight_out, refused, script_env, serving
+from conftest import ROOT, free_port, link_weight_out, refused, script_env
 from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT
 from presharded.reader import Staging, load_files
@@ -59,14 +59,6 @@ def test_fast_loader_round_trip_tp2(tp2_loads):
     loads = tp2_loads()  # in the process of the TP=2 reference (conftest.py)
     assert (loads[FAST_FORMAT]["load_format"], loads[FAST_FORMAT]["tensor_parallel_size"]) == (FAST_FORMAT, 2)
     assert loads[FAST_FORMAT]["token_ids"] == loads["auto"]["token_ids"]
-
-
-def test_openai_server_serves_a_checkpoint_through_our_format(checkpoints, reference_tokens):
-    """At TP=1, through vLLM's server (through the load script: at TP=2 above, and on Gemma 2 at TP=1)."""
-    checkpoint = checkpoints(1, 1)
-    with serving(checkpoint, "--load-format", "fast_sharded_state", "--enforce-eager") as complete:
-        choice = complete(str(checkpoint), PROMPT)
-    assert choice["token_ids"] == reference_tokens(1, 1)
 
 
 def test_a_refusal_inside_the_engine_is_one_line(checkpoints):

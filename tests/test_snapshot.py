@@ -239,7 +239,8 @@ def test_a_failed_restore_starts_vllm_with_the_same_tokens(snapshotted, referenc
 
 def test_presharded_serve_falls_back_to_vllms_server(snapshotted, checkpoints, reference_tokens, tmp_path):
     """A server snapshot for this machine and these flags, trusted, but CRIU fails: one warning, then
-    vLLM's server starts on the checkpoint with our loader and answers with a load's tokens."""
+    vLLM's server starts on the checkpoint with our loader and answers with a load's tokens (the test of
+    vLLM's server through fast_sharded_state at TP=1; compiled, with the start-up caches: test_start_caches.py)."""
     served = tmp_path / "served"
     with_snapshot(checkpoints(1, 1), served, server=True)
     status = snapshot_restore.restore_server(snapshotted, read_manifest(snapshotted), FLAGS, True)
