@@ -107,7 +107,8 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
                         "the snapshot", copy):
         status.reason = "its image is missing or damaged"  # put_in_place warned
         return None
-    if (made_with := meta_of(image).get("python")) != os.path.realpath(sys.executable):
+    meta = meta_of(image)
+    if (made_with := meta.get("python")) != os.path.realpath(sys.executable):
         return skip(status, f"it was made with {made_with or 'an unknown Python'}; this is "
                     f"{os.path.realpath(sys.executable)} (the Python environment must be at the same paths)")
     if problem := unsupported(manifest, 1, flags):
@@ -124,7 +125,7 @@ def ready_image(checkpoint: Path, manifest: Manifest, flags: list[str], trust: b
     # The libraries' pages the process held, read in order now: the restore would fault them in one at a
     # time (on a new node, behind the weights' read-ahead).
     t = time.perf_counter()
-    prefetch.read_ranges(meta_of(image).get("mapped_pages"))
+    prefetch.read_ranges(meta.get("mapped_pages"))
     status.seconds["mapped"] = time.perf_counter() - t
     return image, workspace
 
