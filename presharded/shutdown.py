@@ -66,24 +66,27 @@ def end_engine(timeout: float = 5.0) -> None:
     if os.environ.get(ENV) != str(os.getpid()):
         return  # no engine was started
     procs = [p for p in [*descendants(os.getpid()), *marked(ENV, str(os.getpid()))] if p.pid not in _state.guard]
+    held = mapped_inodes([os.getpid(), *(p.pid for p in procs)])
     end(procs)
     wait_ended(procs, timeout)
-    remove_left_shared(_state.shared_before)
+    remove_left_shared(_state.shared_before, held)
 
 
 def shared_now() -> set[str]:
     return set(os.listdir(SHARED)) if SHARED.is_dir() else set()
 
 
-def remove_left_shared(before: set[str]) -> None:
+def remove_left_shared(before: set[str], held: set[int]) -> None:
     """What an engine made in /dev/shm since `before` (vLLM's queues and buffers, psm_* and vllm*, and
-    semaphores) and no process maps any more, removed: a killed engine leaves hundreds of MB there."""
+    semaphores), that its processes mapped (`held`: inodes) and no process maps any more, removed: a killed
+    engine leaves hundreds of MB there. Only its own: another engine on this machine may be making a
+    file there that it has not mapped yet."""
     left = [SHARED / name for name in shared_now() - before if name.startswith(("psm_", "vllm", "sem.mp-"))]
     mapped = mapped_inodes() if left else set()
     for path in left:
         try:
             st = path.lstat()
-            if st.st_uid == os.getuid() and st.st_ino not in mapped:
+            if st.st_uid == os.getuid() and st.st_ino in held and st.st_ino not in mapped:
                 path.unlink()
         except OSError:
             continue
@@ -171,20 +174,22 @@ def guard(pid: int, every: float = 0.5) -> None:
     """Wait for process `pid` to end, then end what it started. vLLM forks its
     engine and workers, and a forked process never shows the mark where we can
     read it (/proc/PID/environ is the environment it was exec'd with), and
-    loses its parent when `pid` dies: so its processes are noted while it runs.
-    Then what they left in /dev/shm is removed."""
+    loses its parent when `pid` dies: so its processes, and the files in /dev/shm they map, are noted while
+    it runs. Then what they left there is removed."""
     before = shared_now()  # taken before the engine starts: the script starts its guard first
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         fd = None
-    seen = {}
+    seen, held = {}, set()
     while fd is not None and not select.select([fd], [], [], every)[0]:
         seen.update((p.pid, p) for p in descendants(pid))
+        held |= mapped_inodes([pid, *seen])
     left = [p for p in [*seen.values(), *marked(ENV, str(pid))] if p.pid != os.getpid()]  # the guard carries the mark too
+    held |= mapped_inodes([p.pid for p in left])
     end(left)
     wait_ended(left, 10)
-    remove_left_shared(before)
+    remove_left_shared(before, held)
 
 
 if __name__ == "__main__":
