@@ -21,6 +21,7 @@ from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.generate import greedy_tokens
 from presharded.server import free_port  # noqa: F401 (the tests take it from here)
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
+from presharded.processes import mapped_inodes
 from presharded.snapshot_sets import compared_flags, set_name
 from presharded.staging import staging_folders
 from presharded.tiny_models import build_tiny_llama
@@ -29,6 +30,23 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox"
 # Every refusal the tests saw, for docs/refusals.md: `case -> message`.
 REFUSALS: dict[str, str] = {}
+# The suite runs as two lanes at once (pytest-xdist's `-n 2` in pyproject.toml), each a process that runs
+# whole files one after another: most of a test's time is a script importing vLLM on one core while the
+# other waits. The files that share the tiny model's TP=2 checkpoint and reference tokens (session
+# fixtures, made once per lane) are in lane "a"; the lanes take about as long.
+LANE_A = {"test_round_trip.py", "test_fast_loader.py", "test_verify.py", "test_s3.py", "test_snapshot.py",
+          "test_nodes.py", "test_bench.py"}
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):  # (xdist's own grouping by mark, loadgroup, does nothing on pytest 9.2)
+        def _split_scope(self, nodeid: str) -> str:
+            return "a" if Path(nodeid.split("::")[0]).name in LANE_A else "b"
+
+    return Lanes(config, log)
 
 
 def script_env(world_size: int = 1, engine_process: bool = False) -> dict[str, str]:
@@ -123,11 +141,39 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workeroutput"):  # a lane: its refusals go to the process that started it
+        session.config.workeroutput["refusals"] = json.dumps(REFUSALS)
+        return
     if REFUSALS:
         out = ROOT / "build" / "refusals.md"
         out.parent.mkdir(exist_ok=True)
         rows = [f"| {case} | `{line}` |" for case, line in REFUSALS.items()]
         out.write_text("| bad input | what it prints |\n| --- | --- |\n" + "\n".join(rows) + "\n")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):  # xdist: a lane ended
+    REFUSALS.update(json.loads(node.workeroutput.get("refusals", "{}")))
+
+
+def left_in_dev_shm(before: set[str], wait: float = 10.0) -> list[str]:
+    """What vLLM's engines put in /dev/shm since `before` that no process maps, still there after `wait`
+    seconds: left behind. (The other lane's engines map theirs; one of its engines that a test killed
+    leaves its files until its script's guard removes them.)"""
+    deadline = time.monotonic() + wait
+    while True:
+        new = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith(("psm_", "vllm"))}
+        held = mapped_inodes()
+        left = []
+        for name in new:
+            try:
+                if os.stat(f"/dev/shm/{name}").st_ino not in held:
+                    left.append(name)
+            except OSError:  # removed meanwhile
+                continue
+        if not left or time.monotonic() > deadline:
+            return sorted(left)
+        time.sleep(0.5)
 
 
 @contextmanager
@@ -302,7 +348,7 @@ def on_two_nodes(script: str, *args: str, disks: tuple[Path, Path] | None = None
         stdout, stderr = proc.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     for node, result in enumerate(results):
-        assert result.returncode == 0, f"node {node}:\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, "\n".join(f"node {n}:\n{r.stderr[-3000:]}" for n, r in enumerate(results))
     return results
 
 
@@ -385,3 +431,4 @@ def with_snapshot(checkpoint: Path, dest: Path, flags: tuple[str, ...] = ("--enf
                                                    hash_file(path)))
     write_manifest(dest, manifest)
     return name
+

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT, free_port, link_weight_out, refused, script_env
+from conftest import ROOT, free_port, left_in_dev_shm, link_weight_out, refused, script_env
 from presharded.errors import UserError
 from presharded.formats import FAST_FORMAT
 from presharded.reader import Staging, load_files
@@ -86,8 +86,8 @@ def test_a_worker_refusal_at_tp2_is_one_line(checkpoints, tmp_path):
                    "--enforce-eager", within=None, world_size=2, env={"PYTHONPATH": str(ROOT / "tests" / "chatter")},
                    engine_process=True)
     assert "the model expects" in line and "load with the layout, dtype and quantization it was saved for" in line
-    left = {n for n in set(os.listdir("/dev/shm")) - shared_before if n.startswith(("psm_", "vllm"))}
-    assert not left, f"the failed engine left {sorted(left)} in /dev/shm"
+    left = left_in_dev_shm(shared_before)
+    assert not left, f"the failed engine left {left} in /dev/shm"
 
 
 def test_the_loader_under_vllms_server_refuses_a_path_that_leads_out(checkpoints, tmp_path):

@@ -17,8 +17,8 @@ import psutil
 import pytest
 from safetensors import safe_open
 
-from conftest import (PROMPT, REFUSALS, ROOT, cmdline, free_port, on_two_nodes, own_disks_possible, refused, run_script,
-                      script_env)
+from conftest import (PROMPT, REFUSALS, ROOT, cmdline, free_port, left_in_dev_shm, on_two_nodes, own_disks_possible,
+                      refused, run_script, script_env)
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.generate import greedy_tokens
 from presharded.manifest import read_manifest
@@ -138,7 +138,8 @@ def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple
     started: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + 300
     while not all(any("Worker" in cmdline(p) for p in tree(procs[n])) for n in procs):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), "no workers came"
+        ended = {n: p.communicate()[1][-3000:] for n, p in procs.items() if p.poll() is not None}
+        assert time.monotonic() < deadline and not ended, f"no workers came; ended: {ended}"
         started.update((p.pid, p) for n in procs for p in tree(procs[n]))
         time.sleep(0.2)
     started.update((p.pid, p) for n in procs for p in tree(procs[n]))
@@ -151,12 +152,12 @@ def signal_while_starting(script: str, *args: str, node: int, sig: int) -> tuple
     deadline = time.monotonic() + 10  # a guard ends what a killed script started, and removes what it left in /dev/shm
     while True:
         running = [cmdline(p) for p in started.values() if cmdline(p)]
-        left = {n for n in set(os.listdir("/dev/shm")) - shared_before if n.startswith(("psm_", "vllm"))}
+        left = left_in_dev_shm(shared_before, wait=0)
         if not (running or left) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert not running, running
-    assert not left, f"the nodes' engines left {sorted(left)} in /dev/shm"
+    assert not left, f"the nodes' engines left {left} in /dev/shm"
     outs = {node: mine, 1 - node: other}
     return [subprocess.CompletedProcess(procs[n].args, procs[n].returncode, *outs[n]) for n in (0, 1)], elapsed
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from presharded.prefetch import cached_fraction, read_ranges
-from presharded.processes import PAGE, holds_gpu, kill_tree, mapped_pages, tree
+from presharded.processes import PAGE, holds_gpu, kill_tree, mapped_inodes, mapped_pages, tree
 from presharded.snapshot import unlink_shared_files
 
 HOLDER = """
@@ -29,21 +29,22 @@ time.sleep(60)
 """
 
 
-def semaphores() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("sem.*")}
+def semaphores(pids: list[int]) -> set[str]:
+    """The named semaphores in /dev/shm that the processes `pids` map (the other lane's engines have their own)."""
+    inodes = mapped_inodes(pids)
+    return {p.name for p in Path("/dev/shm").glob("sem.*") if p.stat().st_ino in inodes}
 
 
 def test_a_trees_named_semaphores_are_unlinked_and_still_work():
-    before = semaphores()
     proc = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         child = int(proc.stdout.readline())
         assert tree(proc.pid)[:1] == [proc.pid] and child in tree(proc.pid)
         assert not holds_gpu(proc.pid)
-        named = semaphores() - before
+        named = semaphores(tree(proc.pid))
         assert named, "the spawn context's lock has a name in /dev/shm"
         unlink_shared_files(tree(proc.pid))
-        assert not named & semaphores()
+        assert not named & {p.name for p in Path("/dev/shm").glob("sem.*")}
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "still works"
