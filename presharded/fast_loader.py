@@ -102,7 +102,7 @@ class FastShardedStateLoader(BaseModelLoader):
         paths, _ = self.rank_files(model_config)
         if refill.path:
             paths.append(Path(model_config.model) / refill.path)
-        params = unique_tensors(model.state_dict())
+        params = unique_tensors(model.state_dict(), skip_views=True)
         self.read(paths, read_into(refill, params), next(iter(params.values())).device, refill.skip)
 
     def read(self, paths: list[File], params: dict[str, torch.Tensor], device: torch.device,

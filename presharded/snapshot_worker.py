@@ -47,8 +47,8 @@ class SnapshotWorker:
             loader.staging.release()
         files, _ = loader.rank_files(runner.model_config)
         name = "rank-pp{}-tp{}.safetensors".format(*parallel_ranks())
-        self.presharded_plan = refill_plan(unique_tensors(model.state_dict()), freed_storages(model), files,
-                                    f"{kept_as}/{name}")
+        params = unique_tensors(model.state_dict(), skip_views=True)
+        self.presharded_plan = refill_plan(params, freed_storages(model), files, f"{kept_as}/{name}")
         if self.presharded_plan.path:
             # Not pinned: torch would keep pinned memory cached, and the image with it.
             buffers = [torch.empty(CHUNK_SIZE, dtype=torch.uint8) for _ in range(2)]

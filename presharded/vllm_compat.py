@@ -116,11 +116,14 @@ def parallel_sizes() -> tuple[int, int]:
     return get_pp_group().world_size, get_tp_group().world_size
 
 
-def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unique_tensors(state: dict[str, torch.Tensor], skip_views: bool = False) -> dict[str, torch.Tensor]:
     """The state dict as vLLM's sharded_state loader expects it: tensors that
     share memory with another (tied weights, fused views) appear once. vLLM's
     filter takes contiguous tensors only; one that is not is kept when it
-    shares its memory with no other."""
+    shares its memory with no other. A non-contiguous view of another tensor
+    cannot be saved; with `skip_views` it is left out (a snapshot's refill
+    reads whole tensors and keeps the rest as bytes: MLA's W_UK_T and W_UV,
+    views of one matrix that vLLM makes after loading)."""
     from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
 
     unique = ShardedStateLoader._filter_subtensors({k: t for k, t in state.items() if t.is_contiguous()})
@@ -128,6 +131,8 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, t in state.items():
         if not t.is_contiguous():
             if storages[t.device, t.untyped_storage().data_ptr()] > 1:
+                if skip_views:
+                    continue
                 raise RuntimeError(f"{name} ({tuple(t.shape)}, stride {t.stride()}, {t.dtype}) is a non-contiguous "
                                    "view of another tensor: it cannot be saved")
             unique[name] = t

@@ -5,6 +5,7 @@ another) is kept byte for byte, the rest comes from the checkpoint's files,
 and the two read back give every byte the engine had. The GPU runs
 (dev/results/snapshot-*) prove it inside a restored engine."""
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -62,3 +63,45 @@ def test_the_checkpoint_gives_back_only_what_is_the_same_and_whole(tmp_path):
     assert refill.names == {"weight"} and refill.skip == {"bias"} and set(refill.kept) == {"bias"}
     nothing_freed = refill_plan(dict(model.state_dict()), held(model, lambda address: False), [checkpoint], "w")
     assert nothing_freed.kept == {} and nothing_freed.path is None
+
+
+class LowRank(nn.Module):
+    """As vLLM's MLA attention after loading (DeepSeek-V2): kv_b_proj's weight made into one new matrix and
+    kept as two views of it, W_UK_T and W_UV, neither contiguous, registered beside the loaded weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv_b_proj = nn.Linear(8, 24, bias=False)
+
+    def process(self) -> None:
+        w = self.kv_b_proj.weight.detach().t().reshape(8, 2, 12).clone()
+        uk, uv = w.split([4, 8], dim=2)
+        self.W_UK_T = nn.Parameter(uk.permute(1, 2, 0), requires_grad=False)
+        self.W_UV = nn.Parameter(uv.transpose(0, 1), requires_grad=False)
+
+
+def test_views_of_one_matrix_come_back_from_the_kept_bytes(tmp_path):
+    """MLA's engine snapshot on vLLM 0.26 ended at `W_UV ... is a non-contiguous view of another tensor: it
+    cannot be saved` (dev/results/architectures-2026-12-07-h100-b): true of a save, not of a snapshot."""
+    from presharded.vllm_compat import unique_tensors  # imports vLLM's loader
+
+    model = LowRank()
+    checkpoint = tmp_path / "rank.safetensors"
+    save_file({k: t.contiguous() for k, t in model.state_dict().items()}, checkpoint)
+    model.process()
+    with pytest.raises(RuntimeError, match="W_UK_T .* non-contiguous view of another tensor: it cannot be saved"):
+        unique_tensors(model.state_dict())
+    params = unique_tensors(model.state_dict(), skip_views=True)
+    assert set(params) == {"kv_b_proj.weight"}
+    storages = held(model, lambda address: True)
+    refill = refill_plan(params, storages, [checkpoint], "kept")
+    assert refill.names == {"kv_b_proj.weight"} and set(refill.kept) == {"W_UK_T"}  # the matrix's memory, once
+    before = (model.W_UK_T.clone(), model.W_UV.clone())
+
+    kept = tmp_path / "kept.safetensors"
+    buffers = [torch.empty(1 << 10, dtype=torch.uint8) for _ in range(2)]
+    write_file(kept, {f"kept.{k}": t for k, t in refill.kept.items()}, buffers)
+    for t in storages.values():
+        t.fill_(0xA5)
+    load_files([checkpoint, kept], read_into(refill, params), Staging(2, 1 << 12, torch.device("cpu")), refill.skip)
+    assert torch.equal(model.W_UK_T, before[0]) and torch.equal(model.W_UV, before[1])
