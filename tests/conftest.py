@@ -33,7 +33,8 @@ REFUSALS: dict[str, str] = {}
 # The suite runs as two lanes at once (pytest-xdist's `-n 2` in pyproject.toml), each a process that runs
 # whole files one after another: most of a test's time is a script importing vLLM on one core while the
 # other waits. The files that share the tiny model's TP=2 checkpoint and reference tokens (session
-# fixtures, made once per lane) are in lane "a"; the lanes take about as long.
+# fixtures, made once per lane) are in lane "a", with others chosen by their times one test at a time so
+# that the two lanes take about as long.
 LANE_A = {"test_round_trip.py", "test_fast_loader.py", "test_verify.py", "test_s3.py", "test_snapshot.py",
           "test_nodes.py", "test_bench.py"}
 
@@ -431,4 +432,3 @@ def with_snapshot(checkpoint: Path, dest: Path, flags: tuple[str, ...] = ("--enf
                                                    hash_file(path)))
     write_manifest(dest, manifest)
     return name
-
