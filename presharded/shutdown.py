@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from presharded.env import ENGINE_OF_ENV as ENV, REFUSAL_ENV
 from presharded.processes import SHARED, descendants, end, mapped_inodes, marked, wait_ended
@@ -76,20 +77,34 @@ def shared_now() -> set[str]:
     return set(os.listdir(SHARED)) if SHARED.is_dir() else set()
 
 
-def remove_left_shared(before: set[str], held: set[int]) -> None:
-    """What an engine made in /dev/shm since `before` (vLLM's queues and buffers, psm_* and vllm*, and
-    semaphores), that its processes mapped (`held`: inodes) and no process maps any more, removed: a killed
-    engine leaves hundreds of MB there. Only its own: another engine on this machine may be making a
-    file there that it has not mapped yet."""
-    left = [SHARED / name for name in shared_now() - before if name.startswith(("psm_", "vllm", "sem.mp-"))]
-    mapped = mapped_inodes() if left else set()
-    for path in left:
+ENGINE_FILES = ("psm_", "vllm", "sem.mp-")  # vLLM's queues and buffers, and semaphores
+
+
+def unmapped_since(before: set[str], names: tuple[str, ...] = ENGINE_FILES) -> dict[Path, os.stat_result]:
+    """The files in /dev/shm made since `before` under `names` that no process maps, with their status."""
+    new = [SHARED / name for name in shared_now() - before if name.startswith(names)]
+    mapped = mapped_inodes() if new else set()
+    left = {}
+    for path in new:
         try:
             st = path.lstat()
-            if st.st_uid == os.getuid() and st.st_ino in held and st.st_ino not in mapped:
-                path.unlink()
-        except OSError:
+        except OSError:  # removed meanwhile
             continue
+        if st.st_ino not in mapped:
+            left[path] = st
+    return left
+
+
+def remove_left_shared(before: set[str], held: set[int]) -> None:
+    """What an engine made in /dev/shm since `before`, that its processes mapped (`held`: inodes) and no
+    process maps any more, removed: a killed engine leaves hundreds of MB there. Only its own: another
+    engine on this machine may be making a file there that it has not mapped yet."""
+    for path, st in unmapped_since(before).items():
+        if st.st_uid == os.getuid() and st.st_ino in held:
+            try:
+                path.unlink()
+            except OSError:
+                continue
 
 
 def fail(reason: str) -> None:

@@ -21,7 +21,7 @@ from presharded.formats import FAST_FORMAT, SHARDED_STATE
 from presharded.generate import greedy_tokens
 from presharded.server import free_port  # noqa: F401 (the tests take it from here)
 from presharded.manifest import CopiedFile, hash_file, read_manifest, write_manifest
-from presharded.processes import mapped_inodes
+from presharded.shutdown import unmapped_since
 from presharded.snapshot_sets import compared_flags, set_name
 from presharded.staging import staging_folders
 from presharded.tiny_models import build_tiny_llama
@@ -163,17 +163,9 @@ def left_in_dev_shm(before: set[str], wait: float = 10.0) -> list[str]:
     leaves its files until its script's guard removes them.)"""
     deadline = time.monotonic() + wait
     while True:
-        new = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith(("psm_", "vllm"))}
-        held = mapped_inodes()
-        left = []
-        for name in new:
-            try:
-                if os.stat(f"/dev/shm/{name}").st_ino not in held:
-                    left.append(name)
-            except OSError:  # removed meanwhile
-                continue
+        left = sorted(path.name for path in unmapped_since(before, ("psm_", "vllm")))
         if not left or time.monotonic() > deadline:
-            return sorted(left)
+            return left
         time.sleep(0.5)
 
 
