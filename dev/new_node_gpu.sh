@@ -15,7 +15,8 @@
 # SHAPE picks the model (the 8B by default). ENGINE_FLAGS (unquoted words) go to the save, the snapshots and every start, e.g. a share of the GPU so that
 # prepare can run beside other work there: "--gpu-memory-utilization 0.45 --kv-cache-memory-bytes 8589934592".
 # Each cat and each new-node start also records what the disks read and how long they were busy
-# (/proc/vmstat pgpgin, /sys/block/*/stat io_ticks): `disk-*.json`.
+# (/proc/vmstat pgpgin, /sys/block/*/stat io_ticks): `disk-*.json`; and when, every 20 ms
+# (dev/disk_timeline.py): `timeline-*.json`, summed up at the end of the compare's output.
 # The before tree: git archive COMMIT presharded load_sharded_state.py pyproject.toml README.md \
 #   | (mkdir -p .whl/before && tar x -C .whl/before)
 set -euo pipefail
@@ -91,10 +92,12 @@ print(json.dumps({'pgpgin_kib': int(vm['pgpgin']), 'busy_ms': busy}))"
         load=$ckpt files=$files_after
         [ $version = before ] && [ -d "$ckpt-before" ] && load=$ckpt-before files=$files_before
         new_node
-        { disk; /usr/bin/time -f %e -o "$out/cat-$version-$run.txt" cat $files > /dev/null; disk; } \
+        { disk; python3 "$repo/dev/disk_timeline.py" "$out/timeline-cat-$version-$run.json" -- \
+          /usr/bin/time -f %e -o "$out/cat-$version-$run.txt" cat $files > /dev/null; disk; } \
           > "$out/disk-cat-$version-$run.json"
         new_node
-        { disk; PYTHONPATH=$site /usr/bin/time -f %e -o "$out/process-$version-$run.txt" python3 "$script" \
+        { disk; PYTHONPATH=$site python3 "$repo/dev/disk_timeline.py" "$out/timeline-new-$version-$run.json" -- \
+          /usr/bin/time -f %e -o "$out/process-$version-$run.txt" python3 "$script" \
           --model "$load" --snapshot --trust-snapshot "${prompt[@]}" > "$out/$version-$run-new.json" \
           2> "$out/$version-$run-new.err"; disk; } > "$out/disk-new-$version-$run.json"
         PYTHONPATH=$site /usr/bin/time -f %e -o "$out/process-$version-$run-warm.txt" python3 "$script" --model "$load" \
@@ -126,7 +129,7 @@ for run in range(1, runs + 1):
               f"warm {w['snapshot']['seconds']}; cat: {disk(f'disk-cat-{version}-{run}.json')}; "
               f"new node: {disk(f'disk-new-{version}-{run}.json')}")
 PY
-    ;;
+    python3 "$repo/dev/disk_timeline.py" --summary "$out"/timeline-*.json ;;
   image-copy)  # the image alone, cold: cat against copy_hashed and the O_DIRECT copy (dev/image_copy.py)
     python3 "$repo/dev/image_copy.py" "$ckpt" --threads 4,8,16 --repeats 2 > "$out/image-copy.json" \
       2> "$out/image-copy.err" ;;
