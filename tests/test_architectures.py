@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import save, script_env
 from presharded.formats import FAST_FORMAT, SHARDED_STATE
@@ -25,7 +27,8 @@ from presharded.tiny_models import VISION, build_tiny
 # vLLM's fused layout, saved as logical weights), Idefics3 (SmolVLM's class: a vision tower, its
 # processor's files copied) asked about two images and text. The tiny Llama at TP=1 and TP=2 with both
 # formats: test_round_trip.py; DeepSeek-V2 across two pipeline stages: test_nodes.py. Qwen2, Qwen3, Mistral,
-# Phi-3, Gemma 2, OPT, and these at the other TP: the matrices of docs/architectures.md.
+# Phi-3, Gemma 2, OPT, and these at the other TP: the matrices of docs/architectures.md. 64 experts saved
+# with expert parallelism: each rank's half of them, as the source has them.
 AT_TP2 = {"deepseek-v2": (SHARDED_STATE,), "granite-hybrid": (FAST_FORMAT,)}
 AT_TP1 = {"gemma3": (SHARDED_STATE, FAST_FORMAT), "qwen3-moe": (FAST_FORMAT,), "idefics3": (FAST_FORMAT,)}
 PROMPTS = ["The quick brown fox", "A pre-sharded checkpoint is"]
@@ -88,13 +91,27 @@ def test_round_trip_per_architecture_at_tp1(source, tmp_path):
 
 @pytest.fixture(scope="module")
 def expert_parallel(source, tmp_path_factory) -> Path:
-    return save(source("qwen3-moe"), tmp_path_factory.mktemp("ep") / "ckpt", "--enable-expert-parallel", tp=2)
+    return save(source("qwen3-moe-64"), tmp_path_factory.mktemp("ep") / "ckpt", "--enable-expert-parallel", tp=2)
 
 
-def test_expert_parallel_save(expert_parallel):
+def test_expert_parallel_save(source, expert_parallel):
+    """64 experts over two ranks: rank r holds experts 32r..32r+31 of each layer, fused as vLLM loads them
+    (gate and up in w13, down in w2), each the source's."""
     assert json.loads((expert_parallel / "presharded.json").read_text())["enable_expert_parallel"] is True
-    assert sorted(p.name for p in expert_parallel.glob("*.safetensors")) == [
-        "model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors"]
+    files = sorted(expert_parallel.glob("*.safetensors"))
+    assert [p.name for p in files] == ["model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors"]
+    original = load_file(next(source("qwen3-moe-64").glob("*.safetensors")))
+    for rank, path in enumerate(files):
+        saved = load_file(path)
+        for layer in range(2):
+            fused = next(k for k in saved if k.startswith(f"model.layers.{layer}.") and k.endswith("w13_weight"))
+            w13, w2 = saved[fused], saved[fused.replace("w13_weight", "w2_weight")]
+            assert w13.shape[0] == w2.shape[0] == 32
+            for j in range(32):
+                expert = f"model.layers.{layer}.mlp.experts.{32 * rank + j}."
+                gate_up = torch.cat([original[expert + "gate_proj.weight"], original[expert + "up_proj.weight"]])
+                assert torch.equal(w13[j], gate_up.to(w13.dtype)), (rank, layer, j)
+                assert torch.equal(w2[j], original[expert + "down_proj.weight"].to(w2.dtype)), (rank, layer, j)
 
 # Not loaded back here: on vLLM 0.32's CPU build the source itself (auto) dies in its first step with
 # --enable-expert-parallel at TP=2 (EngineDeadError: cancelled; docs/guarantees.md).
