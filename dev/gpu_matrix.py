@@ -10,7 +10,8 @@ weights quantized while loading) is recorded as refused, not run. With
 --hook, each is also saved through vLLM's own save hook (save_sharded_state.py
 --vllm-save-hook) and loaded both ways: `hook_sharded_state`,
 `hook_fast_sharded_state`, or `hook: refused: ...` with the save's one line.
-With --auto-runs N, `auto` starts N times (`auto_again`: each later run against the
+With --hook-unchecked, the save goes through dev/hook_unchecked.py instead (vLLM's hook on a
+mixture of experts, which the script refuses). With --auto-runs N, `auto` starts N times (`auto_again`: each later run against the
 first), which tells a model whose tokens vary from one engine to the next.
 With --snapshot, an engine snapshot of the checkpoint is made (presharded-snapshot,
 with the same engine flags) and restored (the load with --snapshot): `snapshot` says
@@ -49,7 +50,7 @@ def prompts_for(arch: str, work: Path) -> list:
     return [{"prompt": f"<image>{PROMPTS[0]}", "image": str(work / "noise.png")}, *PROMPTS]
 
 
-def one(arch: str, work: Path, flags: list[str], hook: bool = False, snapshot: bool = False,
+def one(arch: str, work: Path, flags: list[str], hook: str | None = None, snapshot: bool = False,
         auto_runs: int = 1) -> dict:
     source = build_tiny(work / arch, arch, num_layers=2)
     prompts = prompts_for(arch, work)
@@ -75,7 +76,7 @@ def one(arch: str, work: Path, flags: list[str], hook: bool = False, snapshot: b
         tokens = greedy_tokens([(checkpoint, load_format)], flags, prompts)[0]["token_ids"]
         result[load_format] = "identical" if tokens == result["auto"] else {"differs": tokens}
     if hook:
-        result.update(through_the_hook(arch, source, work, flags, result["auto"], prompts))
+        result.update(through_the_hook(arch, source, work, flags, result["auto"], prompts, hook))
     if snapshot:
         result["snapshot"] = restored(checkpoint, flags, result["auto"][prompts.index(PROMPTS[0])])
     return result
@@ -95,10 +96,11 @@ def restored(checkpoint: Path, flags: list[str], auto: list[int]) -> dict | str:
             "made": json.loads(made.stdout), "seconds": run["snapshot"].get("seconds")}
 
 
-def through_the_hook(arch: str, source: Path, work: Path, flags: list[str], auto: list, prompts: list) -> dict:
+def through_the_hook(arch: str, source: Path, work: Path, flags: list[str], auto: list, prompts: list,
+                     script: str = "save_sharded_state.py") -> dict:
     """The same source saved through vLLM's own save hook, loaded back both ways."""
     checkpoint = work / f"{arch}-hook"
-    save = subprocess.run([sys.executable, str(ROOT / "save_sharded_state.py"), "--model", str(source),
+    save = subprocess.run([sys.executable, str(ROOT / script), "--model", str(source),
                            "--output", str(checkpoint), "--replace", "--no-start-caches", "--vllm-save-hook", *flags],
                           capture_output=True, text=True)
     if save.returncode != 0:
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/presharded-matrix"))
     parser.add_argument("--hook", action="store_true", help="also save through vLLM's own save hook")
+    parser.add_argument("--hook-unchecked", action="store_true", help="--hook, a mixture of experts not refused")
     parser.add_argument("--snapshot", action="store_true", help="also make and restore an engine snapshot")
     parser.add_argument("--auto-runs", type=int, default=1, help="start `auto` this many times, each compared")
     args, flags = parser.parse_known_args()
@@ -127,7 +130,8 @@ def main() -> None:
     for arch in args.archs.split(","):
         start = time.perf_counter()
         try:
-            result = one(arch, args.work, flags, args.hook, args.snapshot, args.auto_runs)
+            hook = "dev/hook_unchecked.py" if args.hook_unchecked else "save_sharded_state.py" if args.hook else None
+            result = one(arch, args.work, flags, hook, args.snapshot, args.auto_runs)
         except Exception as e:  # one architecture's failure must not hide the others
             result = {"arch": arch, "error": f"{type(e).__name__}: {e}"[:2000]}
         result["seconds"] = round(time.perf_counter() - start, 1)
