@@ -138,10 +138,17 @@ class Save:
 
     @contextmanager
     def hook_save(self) -> Iterator[None]:
-        """Around vLLM's hook: its seconds, a failure to write in one line."""
+        """Around vLLM's hook: its seconds; a failure to write, or vLLM's own error, in one line (on vLLM
+        0.26 its hook cannot save MLA's matrices made after loading: `view size is not compatible ...`)."""
         start = time.perf_counter()
-        with engine_refusals():
-            yield
+        try:
+            with engine_refusals():
+                yield
+        except UserError:
+            raise
+        except Exception as e:
+            words = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise UserError(f"vLLM's save hook failed: {words}" + HOOK_DROP) from None
         self.seconds["write"] = time.perf_counter() - start
 
     def records_on_disk(self, llm) -> list[dict]:

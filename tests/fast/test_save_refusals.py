@@ -151,3 +151,18 @@ def test_vllm_save_hook_on_a_mixture_of_experts(tmp_path):
                    str(tmp_path / "out"), "--vllm-save-hook")
     assert "mixture-of-experts" in line and "PR 51496" in line
     nothing_left(tmp_path / "out")
+
+
+def test_a_failure_inside_vllms_hook_is_one_line():
+    """vLLM 0.26's hook fails on MLA's views (DeepSeek-V2, dev/results/architectures-2026-12-07-h100-d) with an
+    exception of its own: one line that names it."""
+    from types import SimpleNamespace
+
+    from presharded.errors import UserError
+    from presharded.save import Save
+
+    failure = "Call to save_sharded_state method failed: view size is not compatible with input tensor's size"
+    with pytest.raises(UserError) as refusal:
+        with Save.hook_save(SimpleNamespace(seconds={})):
+            raise Exception(failure)
+    assert str(refusal.value) == f"vLLM's save hook failed: {failure}; drop --vllm-save-hook to save each rank as it loads"
