@@ -67,7 +67,7 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "phi3": ("Phi3Config", dict(DECODER, pad_token_id=0, tie_word_embeddings=False)),  # fused qkv, gate_up
     "qwen3-moe": ("Qwen3MoeConfig", dict(DECODER, head_dim=32, num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=64, decoder_sparse_step=1)),
-    # many experts, as served MoEs have (Qwen3-30B-A3B 128, DeepSeek-V2-Lite 64): 64 of 8 each chosen
+    # many experts, as served MoEs have (Qwen3-30B-A3B 128, DeepSeek-V2-Lite 64): 64, 8 chosen per token
     "qwen3-moe-64": ("Qwen3MoeConfig", dict(DECODER, head_dim=32, num_experts=64, num_experts_per_tok=8,
                                             moe_intermediate_size=32, decoder_sparse_step=1)),
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_attention_heads=4,
