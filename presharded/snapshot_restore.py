@@ -203,7 +203,9 @@ def restore(checkpoint: Path, manifest: Manifest, argv: list[str], request: dict
             raise
         finally:
             (box / REQUEST).unlink(missing_ok=True)  # it may hold credentials
-        reap(pid)
+        t = time.perf_counter()
+        reap(pid)  # after its answer: a GPU process's exit takes time of its own
+        seconds["exit"] = time.perf_counter() - t
         relay(box / ENGINE_LOG)
     if "error" in done:
         if done.get("request"):
