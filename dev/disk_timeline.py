@@ -1,5 +1,6 @@
 """What the disks read while a command runs, sampled every 20 ms: when the reading began, the gaps in it,
-and how long the command ran after the last read (issue 38: where a new node's time outside the disk goes).
+how long the disk was busy, and how long the command ran after the last read (issue 38: where a new
+node's time outside the disk goes).
 
     python3 dev/disk_timeline.py OUT.json -- cat FILES          # the command's stdio and exit code pass through
     python3 dev/disk_timeline.py --summary OUT.json [...]       # one line each
@@ -34,6 +35,7 @@ def record(out: Path, command: list[str]) -> int:
         time.sleep(PERIOD)
         samples.append((time.perf_counter() - start, disks()))
     end = time.perf_counter() - start
+    samples.append((end, disks()))
     out.write_text(json.dumps({"command": command, "seconds": end, "samples": samples}))
     return child.returncode
 
@@ -49,9 +51,10 @@ def summary(path: Path) -> str:
     first, last = moving[0][0], moving[-1][1]
     gaps = [(a[1], b[0]) for a, b in zip(moving, moving[1:]) if b[0] - a[1] >= GAP]
     gb = (reads[-1][1] - reads[0][1]) * 512 / 1e9
+    busy = (samples[-1][1][disk][1] - samples[0][1][disk][1]) / 1000
     inside = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in gaps) or "none"
     return (f"{path.name}: {end:.2f} s; {disk} read {gb:.2f} GB from {first:.2f} to {last:.2f} s "
-            f"({gb / (last - first):.2f} GB/s); before it {first:.2f} s, after it {end - last:.2f} s; "
+            f"({gb / (last - first):.2f} GB/s), busy {busy:.2f} s; before it {first:.2f} s, after it {end - last:.2f} s; "
             f"gaps of {GAP} s or more: {inside} ({sum(b - a for a, b in gaps):.2f} s)")
 
 

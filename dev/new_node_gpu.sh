@@ -14,9 +14,9 @@
 #   bash dev/new_node_gpu.sh image-copy $OUT   # the image alone, cold: cat, copy_hashed, O_DIRECT by 4, 8, 16 threads
 # SHAPE picks the model (the 8B by default). ENGINE_FLAGS (unquoted words) go to the save, the snapshots and every start, e.g. a share of the GPU so that
 # prepare can run beside other work there: "--gpu-memory-utilization 0.45 --kv-cache-memory-bytes 8589934592".
-# Each cat and each new-node start also records what the disks read and how long they were busy
-# (/proc/vmstat pgpgin, /sys/block/*/stat io_ticks): `disk-*.json`; and when, every 20 ms
-# (dev/disk_timeline.py): `timeline-*.json`, summed up at the end of the compare's output.
+# Each cat and each new-node start also records what the disks read and how long they were busy, every
+# 20 ms (dev/disk_timeline.py, /sys/block/*/stat): `timeline-*.json`, summed up at the end of the compare's
+# output (before 4fcba30, `disk-*.json` held the totals alone).
 # The before tree: git archive COMMIT presharded load_sharded_state.py pyproject.toml README.md \
 #   | (mkdir -p .whl/before && tar x -C .whl/before)
 set -euo pipefail
@@ -77,14 +77,6 @@ resident, total = resident_pages([Path(p) for p in sys.argv[1:]])
 assert resident == 0, f'{resident} of {total} pages still cached'" $files_after $files_before
     }
     versions="after"; [ -d "$repo/.whl/before" ] && versions="before after"
-    disk() {  # KiB read since boot, and each disk's busy milliseconds
-      python3 -c "
-import json, pathlib
-vm = dict(line.split() for line in open('/proc/vmstat'))
-busy = {d.name: int((d / 'stat').read_text().split()[9]) for d in pathlib.Path('/sys/block').iterdir()
-        if not d.name.startswith(('loop', 'ram', 'zram'))}
-print(json.dumps({'pgpgin_kib': int(vm['pgpgin']), 'busy_ms': busy}))"
-    }
     for run in $(seq 1 "$runs"); do
       for version in $versions; do
         site=/root/site; [ $version = before ] && site=/root/site-before:/root/site
@@ -92,14 +84,13 @@ print(json.dumps({'pgpgin_kib': int(vm['pgpgin']), 'busy_ms': busy}))"
         load=$ckpt files=$files_after
         [ $version = before ] && [ -d "$ckpt-before" ] && load=$ckpt-before files=$files_before
         new_node
-        { disk; python3 "$repo/dev/disk_timeline.py" "$out/timeline-cat-$version-$run.json" -- \
-          /usr/bin/time -f %e -o "$out/cat-$version-$run.txt" cat $files > /dev/null; disk; } \
-          > "$out/disk-cat-$version-$run.json"
+        python3 "$repo/dev/disk_timeline.py" "$out/timeline-cat-$version-$run.json" -- \
+          /usr/bin/time -f %e -o "$out/cat-$version-$run.txt" cat $files > /dev/null
         new_node
-        { disk; PYTHONPATH=$site python3 "$repo/dev/disk_timeline.py" "$out/timeline-new-$version-$run.json" -- \
+        PYTHONPATH=$site python3 "$repo/dev/disk_timeline.py" "$out/timeline-new-$version-$run.json" -- \
           /usr/bin/time -f %e -o "$out/process-$version-$run.txt" python3 "$script" \
           --model "$load" --snapshot --trust-snapshot "${prompt[@]}" > "$out/$version-$run-new.json" \
-          2> "$out/$version-$run-new.err"; disk; } > "$out/disk-new-$version-$run.json"
+          2> "$out/$version-$run-new.err"
         PYTHONPATH=$site /usr/bin/time -f %e -o "$out/process-$version-$run-warm.txt" python3 "$script" --model "$load" \
           --snapshot --trust-snapshot "${prompt[@]}" > "$out/$version-$run-warm.json" 2> "$out/$version-$run-warm.err"
       done
@@ -108,12 +99,6 @@ print(json.dumps({'pgpgin_kib': int(vm['pgpgin']), 'busy_ms': busy}))"
 import json, pathlib, sys
 out, runs, versions = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 normal = json.loads((out / "normal.json").read_text())["token_ids"]
-
-
-def disk(name: str) -> str:
-    before, after = (json.loads(line) for line in (out / name).read_text().splitlines())
-    busy = max(after["busy_ms"][d] - before["busy_ms"][d] for d in after["busy_ms"]) / 1000
-    return f"read {(after['pgpgin_kib'] - before['pgpgin_kib']) * 1024 / 1e9:.2f} GB, disk busy {busy:.2f} s"
 
 
 for run in range(1, runs + 1):
@@ -126,8 +111,7 @@ for run in range(1, runs + 1):
         print(f"run {run} {version}: cat {cat:.2f} s, new node {new:.2f} s ({new / cat:.2f}x), warm {warm:.2f} s; "
               f"restored {r['snapshot']['used']} {w['snapshot']['used']}, tokens as a normal start "
               f"{r['token_ids'] == normal} {w['token_ids'] == normal}; new {r['snapshot']['seconds']}; "
-              f"warm {w['snapshot']['seconds']}; cat: {disk(f'disk-cat-{version}-{run}.json')}; "
-              f"new node: {disk(f'disk-new-{version}-{run}.json')}")
+              f"warm {w['snapshot']['seconds']}")
 PY
     python3 "$repo/dev/disk_timeline.py" --summary "$out"/timeline-*.json ;;
   image-copy)  # the image alone, cold: cat against copy_hashed and the O_DIRECT copy (dev/image_copy.py)
