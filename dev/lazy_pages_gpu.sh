@@ -15,7 +15,7 @@ python3 "$repo/load_sharded_state.py" "${args[@]}" > "$out/first.json" 2> "$out/
 for run in $(seq 1 "$runs"); do
   for way in eager lazy; do
     script=$repo/load_sharded_state.py; [ $way = lazy ] && script=$repo/dev/lazy_pages.py
-    timeout 120 /usr/bin/time -f %e -o "$out/process-$way-$run.txt" python3 "$script" "${args[@]}" \
+    timeout 40 /usr/bin/time -f %e -o "$out/process-$way-$run.txt" python3 "$script" "${args[@]}" \
       > "$out/$way-$run.json" 2> "$out/$way-$run.err"
     if [ $way = lazy ]; then  # its logs kept; anything a failed try left behind ended
       for log in /tmp/presharded-0/*/snapshot/*.log; do cp "$log" "$out/$way-$run-${log##*/}"; done
