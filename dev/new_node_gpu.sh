@@ -53,8 +53,11 @@ case $phase in
       PYTHONPATH=/root/site-before:/root/site python3 -m presharded.snapshot_cli "$ckpt-before" \
         --trust-start-caches --json "${flags[@]}" > "$out/snapshot-before.json"
     fi
-    for c in "$ckpt" "$ckpt-before"; do  # what each set's page files hold: zeros left
-      if [ -d "$c" ]; then python3 "$repo/dev/image_zeros.py" "$c"/snapshots/vllm-*/ > "$out/zeros-${c##*/}.txt"; fi
+    for c in "$ckpt" "$ckpt-before"; do  # what each set's page files hold: zeros left, pages by mapping
+      if [ -d "$c" ]; then
+        python3 "$repo/dev/image_zeros.py" "$c"/snapshots/vllm-*/ > "$out/zeros-${c##*/}.txt"
+        PYTHONPATH=$repo python3 "$repo/dev/image_sizes.py" "$c"/snapshots/vllm-*/ --top 25 > "$out/sizes-${c##*/}.txt" || true
+      fi
     done
     sync
     python3 "$repo/load_sharded_state.py" --model "$ckpt" --load-format fast_sharded_state --trust-start-caches "${prompt[@]}" \
