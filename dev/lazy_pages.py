@@ -4,8 +4,10 @@ goes on (the CUDA restore, the wake, the weights). Does a warm start lose CRIU's
 
     PYTHONPATH=/root/site python3 dev/lazy_pages.py --model CKPT --snapshot --trust-snapshot --json ...
 
-Everything else as load_sharded_state.py; `seconds.lazy_done` in --json: when the daemon had put the
-last page in place, from the restore's start.
+Everything else as load_sharded_state.py: its restore (presharded/snapshot_restore.py's bring_back) runs
+as it is, with the daemon started first and `--lazy-pages` on CRIU's command. In --json,
+`seconds.lazy_listens`: when the daemon listened; `seconds.lazy_done`: when it had put the last page in
+place (if before the report), both from the daemon's start; the second also on stderr.
 """
 
 import runpy
@@ -17,42 +19,37 @@ import time
 from pathlib import Path
 
 from presharded import snapshot_restore
-from presharded.processes import ns_pid, tree
-from presharded.snapshot_inbox import rpc_folder
-from presharded.snapshot_sets import CRIU_FLAGS, NAMESPACE_FLAGS, tool
+
+usual_bring_back, usual_tool = snapshot_restore.bring_back, snapshot_restore.tool
 
 
 def lazy_bring_back(image: Path, box: Path, seconds: dict) -> int:
-    rpc_folder()
-    criu = shutil.which("criu")
-    t = time.perf_counter()
-    daemon = subprocess.Popen([criu, "lazy-pages", "-D", str(image), "-W", str(box), "-o", "lazy-pages.log"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """The usual restore, a lazy-pages daemon beside it in the same image and work folders."""
+    start = time.perf_counter()
+    daemon = subprocess.Popen([shutil.which("criu"), "lazy-pages", "-D", str(image), "-W", str(box),
+                               "-o", "lazy-pages.log"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (box / "lazy-pages.socket").exists():
-        if daemon.poll() is not None or time.perf_counter() - t > 5:
+        if daemon.poll() is not None or time.perf_counter() - start > 5:
             daemon.kill()
             sys.exit(f"criu lazy-pages did not listen ({daemon.poll()}); its log: {box / 'lazy-pages.log'}")
         time.sleep(0.001)
-    seconds["lazy_listens"] = time.perf_counter() - t
+    seconds["lazy_listens"] = time.perf_counter() - start
 
     def finished() -> None:
         code = daemon.wait()
-        seconds["lazy_done"] = time.perf_counter() - t
+        seconds["lazy_done"] = time.perf_counter() - start
         print(f"lazy-pages: exit code {code}, {seconds['lazy_done']:.3f} s after the restore began",
               file=sys.stderr, flush=True)
 
     threading.Thread(target=finished, daemon=True).start()
-    tool(criu, "restore", "--lazy-pages", "-D", str(image), "-W", str(box), *CRIU_FLAGS, *NAMESPACE_FLAGS,
-         "--root", "/", "-d", "--pidfile", str(box / "restored.pid"), "-o", "restore.log", log=box / "restore.log")
-    pid = int((box / "restored.pid").read_text())
-    seconds["restore"] = time.perf_counter() - t
-    if cuda_pids := snapshot_restore.meta_of(image).get("cuda_pids", []):
-        t2 = time.perf_counter()
-        inside = {ns_pid(each): each for each in tree(pid)}
-        for cuda in cuda_pids:
-            tool(shutil.which("cuda-checkpoint"), "--toggle", "--pid", str(inside[cuda]))
-        seconds["cuda_restore"] = time.perf_counter() - t2
-    return pid
+    return usual_bring_back(image, box, seconds)
+
+
+def lazy_tool(*args: str, log: Path | None = None) -> float:
+    """CRIU's restore with --lazy-pages; any other command as it is."""
+    if args[1:2] == ("restore",):
+        args = (args[0], "restore", "--lazy-pages", *args[2:])
+    return usual_tool(*args, log=log)
 
 
 def not_restored(*args, **kwargs) -> None:
@@ -60,7 +57,7 @@ def not_restored(*args, **kwargs) -> None:
 
 
 if __name__ == "__main__":
-    snapshot_restore.bring_back = lazy_bring_back
+    snapshot_restore.bring_back, snapshot_restore.tool = lazy_bring_back, lazy_tool
     snapshot_restore.not_restored = not_restored
     script = Path(__file__).resolve().parent.parent / "load_sharded_state.py"
     sys.argv = [str(script), *sys.argv[1:]]
