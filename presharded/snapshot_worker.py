@@ -3,8 +3,6 @@ workers, asleep before the dump, keep what the checkpoint cannot give back,
 and refill their weights after the restore. Called by name through
 collective_rpc: a function cannot cross the server's socket to its engine core."""
 
-import ctypes
-import gc
 import os
 from pathlib import Path
 
@@ -23,14 +21,10 @@ class SnapshotWorker:
     def presharded_asleep(self) -> dict[str, float]:
         """Asleep: every GPU block not in use given back (what is left goes into the image), the output
         to /dev/null (a server's engine core writes to its starter's pipe otherwise). The GiB the image
-        will hold of this process: its resident memory, of it the anonymous (CRIU dumps those pages; `trimmed`:
-        what the heap gave back first), the GPU's still in use and torch's part of that (its own pool, CUDA
-        graphs' pools)."""
+        will hold of this process: its resident memory and of it the anonymous (CRIU dumps those pages), the
+        GPU's still in use and torch's part of that (its own pool, CUDA graphs' pools)."""
         redirect(None)
-        before = anonymous_bytes()
-        trim_heap()
-        gib = {"rss": psutil.Process().memory_info().rss / 2**30, "anon": anonymous_bytes() / 2**30,
-               "trimmed": (before - anonymous_bytes()) / 2**30}
+        gib = {"rss": psutil.Process().memory_info().rss / 2**30, "anon": anonymous_bytes() / 2**30}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
@@ -86,15 +80,6 @@ def anonymous_bytes() -> int:
     """This process's resident anonymous memory (RssAnon)."""
     status = Path("/proc/self/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))) * 1024
-
-
-def trim_heap() -> None:
-    """Garbage collected, and the free memory of glibc's heaps given back: CRIU would dump it, free or not."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except AttributeError:  # not glibc
-        pass
 
 
 def freed_storages(model: nn.Module) -> dict[str, torch.Tensor]:
