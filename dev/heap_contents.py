@@ -1,10 +1,12 @@
 """What the engine process's memory in a CRIU image holds (issue 38: the warm restore is mostly CRIU putting
 the engine's 1.4 GB of host memory back; dev/image_sizes.py says by mapping, 0.8 GB of it the heap).
 
-- glibc's main heap walked chunk by chunk: the bytes in use and free, by chunk size;
-- every dumped page scanned for what is recognisable: ELF images (CUDA's cubins are e_machine 190),
-  CUDA fat binaries (magic 0xBA55ED50), PTX text; by mapping;
-- the largest chunks in use, with their first bytes.
+- glibc's main heap walked chunk by chunk: the bytes in use and free, by chunk size; the chunks in use
+  by the Python type whose object they hold (the type pointer at +8, or at +24 behind a GC header; the
+  type's name read from its object, and from its file where the image has not that page), and by their
+  first bytes (ELF, fat binary, text, zeros) for the large ones;
+- every dumped page scanned for ELF images (CUDA's cubins are e_machine 190), CUDA fat binaries (magic
+  0xBA55ED50) and PTX text, by mapping.
 
     python3 dev/heap_contents.py CKPT/snapshots/SET [--pid N] [--top 20]
 
@@ -22,45 +24,82 @@ from pathlib import Path
 from presharded.criu_pages import MM_MAGIC, PAGEMAP_MAGIC, parse, present, read_image
 
 PAGE = 4096
-HEAP = 1 << 5  # vma_entry.status
+HEAP, FILE_PRIVATE, FILE_SHARED = 1 << 5, 1 << 6, 1 << 7  # vma_entry.status
+FILES_MAGIC, REG = 0x56303138, 1
 ELF = re.compile(rb"\x7fELF\x02\x01\x01")
 FATBIN = re.compile(rb"\x50\xed\x55\xba\x01\x00")  # fatbin wrapper magic, version 1
 PTX = re.compile(rb"\.version \d+\.\d+\s+\.target sm_")
 
 
+def fields(raw: bytes) -> dict:
+    return dict((n, v) for n, _, v in parse(raw))
+
+
 class Memory:
-    """A process's dumped pages, read by address (a page not in the image reads as zeros)."""
+    """A process's memory as its image has it: the dumped pages, and for a file mapping's page not dumped
+    the file's bytes; anything else reads as zeros."""
 
     def __init__(self, image: Path, pid: int):
         head, *entries = read_image(image / f"pagemap-{pid}.img", PAGEMAP_MAGIC)
-        pages_id = dict((n, v) for n, _, v in parse(head))[1]
-        self.file = open(image / f"pages-{pages_id}.img", "rb")
+        self.file = open(image / f"pages-{fields(head)[1]}.img", "rb")
         self.data = mmap.mmap(self.file.fileno(), 0, prot=mmap.PROT_READ)
         self.runs, at = [], 0  # (address, pages, offset in the page file)
         for raw in entries:
-            entry = dict((n, v) for n, _, v in parse(raw))
+            entry = fields(raw)
             count = entry.get(5, entry.get(2, 0))
             if present(entry):
                 self.runs.append((entry[1], count, at))
                 at += count * PAGE
         self.starts = [r[0] for r in self.runs]
+        self.vmas = sorted((fields(raw) for n, _, raw in parse(read_image(image / f"mm-{pid}.img", MM_MAGIC)[0])
+                            if n == 14), key=lambda v: v[1])
+        self.vma_starts = [v[1] for v in self.vmas]
+        try:
+            self.paths = {e[2]: fields(e[3])[6].decode(errors="replace")
+                          for e in map(fields, read_image(image / "files.img", FILES_MAGIC)) if e.get(1) == REG and 3 in e}
+        except (OSError, ValueError, KeyError):
+            self.paths = {}
+
+    def vma(self, address: int) -> dict | None:
+        i = bisect_right(self.vma_starts, address) - 1
+        return self.vmas[i] if i >= 0 and address < self.vmas[i][2] else None
+
+    def where(self, address: int) -> str:
+        v = self.vma(address)
+        if v is None:
+            return "outside"
+        if v.get(7, 0) & HEAP:
+            return "[heap]"
+        if v.get(7, 0) & (FILE_PRIVATE | FILE_SHARED):
+            return Path(self.paths.get(v.get(4), f"file {v.get(4)}")).name
+        return f"anon {v[1]:#x}+{(v[2] - v[1]) >> 20}MiB"
 
     def read(self, address: int, size: int) -> bytes:
         out = bytearray(size)
-        end = address + size
+        end, covered = address + size, 0
         i = max(bisect_right(self.starts, address) - 1, 0)
         while i < len(self.runs) and self.runs[i][0] < end:
             start, count, offset = self.runs[i]
             lo, hi = max(start, address), min(start + count * PAGE, end)
             if lo < hi:
                 out[lo - address:hi - address] = self.data[offset + lo - start:offset + hi - start]
+                covered += hi - lo
             i += 1
+        v = self.vma(address)
+        if covered < size and v and v.get(7, 0) & (FILE_PRIVATE | FILE_SHARED) and v.get(4) in self.paths:
+            try:  # not dumped: the file's own bytes (an approximation where the page was dumped in part)
+                with open(self.paths[v[4]], "rb") as f:
+                    f.seek(v.get(3, 0) + address - v[1])
+                    data = f.read(min(size, v[2] - address))
+                if covered == 0:
+                    out[:len(data)] = data
+            except OSError:
+                pass
         return bytes(out)
 
-
-def vmas(image: Path, pid: int) -> list[dict]:
-    return sorted((dict((n, v) for n, _, v in parse(raw)) for n, _, raw in parse(read_image(image / f"mm-{pid}.img",
-                   MM_MAGIC)[0]) if n == 14), key=lambda v: v[1])
+    def c_string(self, address: int, limit: int = 200) -> str:
+        raw = self.read(address, limit)
+        return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def kind(head: bytes) -> str:
@@ -74,26 +113,59 @@ def kind(head: bytes) -> str:
     return "text" if printable > 0.9 * len(head) else "binary"
 
 
-def walk_heap(memory: Memory, start: int, end: int) -> list[tuple[int, int, bool]]:
+def walk_heap(heap: bytes, base: int) -> list[tuple[int, int, bool]]:
     """glibc's main-arena chunks from the heap's start: (address of the user data, size, in use)."""
-    chunks, at = [], start
+    chunks, at, end = [], 0, len(heap)
     while at + 16 <= end:
-        size = struct.unpack("<Q", memory.read(at + 8, 8))[0] & ~7
+        size = struct.unpack_from("<Q", heap, at + 8)[0] & ~7
         if size < 32 or at + size > end:
             break
         nxt = at + size
-        in_use = nxt + 16 <= end and bool(struct.unpack("<Q", memory.read(nxt + 8, 8))[0] & 1)  # the last: top
-        chunks.append((at + 16, size, in_use))
+        in_use = nxt + 16 <= end and bool(struct.unpack_from("<Q", heap, nxt + 8)[0] & 1)  # the last: top
+        chunks.append((base + at + 16, size, in_use))
         at = nxt
     return chunks
 
 
-def scan(memory: Memory, by_address) -> tuple[Counter, Counter]:
+def type_name(memory: Memory, address: int, names: dict) -> str | None:
+    """The name of the Python type object at `address`, if it looks like one (tp_name at +24, a C string)."""
+    if address not in names:
+        name = None
+        if memory.vma(address) is not None:
+            pointer = struct.unpack("<Q", memory.read(address + 24, 8))[0]
+            if memory.vma(pointer) is not None:
+                text = memory.c_string(pointer)
+                if text and re.fullmatch(r"[A-Za-z_][\w.]*", text):
+                    name = text
+        names[address] = name
+    return names[address]
+
+
+def python_types(memory: Memory, heap: bytes, base: int, chunks, top: int) -> list[tuple[str, int, int]]:
+    """Bytes and chunks in use by the Python type of the object each holds (type pointer at +8, or at +24
+    behind a GC header), the rest as 'no Python object'."""
+    by_pointer, counts, names = Counter(), Counter(), {}
+    for address, size, in_use in chunks:
+        if not in_use or size < 48:
+            continue
+        offset = address - base
+        label = "no Python object"
+        for at in (8, 24):
+            pointer = struct.unpack_from("<Q", heap, offset + at)[0]
+            if pointer > 0x10000 and (name := type_name(memory, pointer, names)):
+                label = name
+                break
+        by_pointer[label] += size
+        counts[label] += 1
+    return [(name, size, counts[name]) for name, size in by_pointer.most_common(top)]
+
+
+def scan(memory: Memory) -> tuple[Counter, Counter]:
     """Bytes of ELF images (by machine) and fat binaries found in the dumped pages, by mapping."""
     found, count = Counter(), Counter()
     for start, pages, offset in memory.runs:
         data = memory.data[offset:offset + pages * PAGE]
-        where = by_address(start)
+        where = memory.where(start)
         for m in ELF.finditer(data):
             h = memory.read(start + m.start(), 64)
             machine, shoff, shentsize, shnum = (struct.unpack_from("<H", h, 18)[0], struct.unpack_from("<Q", h, 40)[0],
@@ -120,20 +192,19 @@ def main() -> None:
     args = parser.parse_args()
     pid = args.pid or max((int(p.name[8:-4]) for p in args.image.glob("pagemap-*.img")),
                           key=lambda p: sum(r[1] for r in Memory(args.image, p).runs))
-    memory, maps = Memory(args.image, pid), vmas(args.image, pid)
-    starts = [v[1] for v in maps]
-
-    def by_address(address: int) -> str:
-        v = maps[bisect_right(starts, address) - 1]
-        return "[heap]" if v.get(7, 0) & HEAP else f"{v[1]:#x}+{(v[2] - v[1]) >> 20}MiB"
-
+    memory = Memory(args.image, pid)
     print(f"pid {pid}: {sum(r[1] for r in memory.runs) * PAGE / 2**20:.1f} MiB of pages")
-    heap = next((v for v in maps if v.get(7, 0) & HEAP), None)
-    if heap:
-        chunks = walk_heap(memory, heap[1], heap[2])
-        walked = sum(c[1] for c in chunks)
-        print(f"\n[heap] {(heap[2] - heap[1]) / 2**20:.1f} MiB, walked {walked / 2**20:.1f} MiB in {len(chunks)} chunks: "
-              f"in use {sum(c[1] for c in chunks if c[2]) / 2**20:.1f} MiB, "
+    by_mapping = Counter()
+    for start, pages, _ in memory.runs:
+        by_mapping[memory.where(start)] += pages * PAGE
+    print("dumped, by mapping:", ", ".join(f"{w} {b / 2**20:.1f}" for w, b in by_mapping.most_common(args.top)))
+    heap_vma = next((v for v in memory.vmas if v.get(7, 0) & HEAP), None)
+    if heap_vma:
+        base = heap_vma[1]
+        heap = memory.read(base, heap_vma[2] - base)
+        chunks = walk_heap(heap, base)
+        print(f"\n[heap] {len(heap) / 2**20:.1f} MiB, walked {sum(c[1] for c in chunks) / 2**20:.1f} MiB in "
+              f"{len(chunks)} chunks: in use {sum(c[1] for c in chunks if c[2]) / 2**20:.1f} MiB, "
               f"free {sum(c[1] for c in chunks if not c[2]) / 2**20:.1f} MiB")
         buckets, numbers = Counter(), Counter()
         for _, size, in_use in chunks:
@@ -146,15 +217,20 @@ def main() -> None:
         kinds = Counter()
         for address, size, in_use in chunks:
             if in_use and size >= 2**16:
-                kinds[kind(memory.read(address, 256))] += size
+                kinds[kind(heap[address - base:address - base + 256])] += size
         print("  in use, chunks of 64 KiB or more, by their first bytes:",
               ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in kinds.most_common()))
+        try:
+            print("  in use, by the Python type of the object a chunk holds:")
+            for name, size, n in python_types(memory, heap, base, chunks, args.top):
+                print(f"    {size / 2**20:8.1f} MiB {n:8} chunks  {name}")
+        except Exception as e:  # a guess at Python's layout that failed: the rest still says something
+            print(f"    (failed: {type(e).__name__}: {e})")
         print(f"  the {args.top} largest in use:")
         for address, size, _ in sorted((c for c in chunks if c[2]), key=lambda c: -c[1])[:args.top]:
-            head = memory.read(address, 48)
-            print(f"    {size / 2**20:8.2f} MiB at {address:#x}: {kind(memory.read(address, 256)):16} {head[:32].hex()} "
-                  f"{head.decode('ascii', 'replace')[:32]!r}")
-    found, count = scan(memory, by_address)
+            head = heap[address - base:address - base + 256]
+            print(f"    {size / 2**20:8.2f} MiB at {address:#x}: {kind(head):16} {head[:32].hex()}")
+    found, count = scan(memory)
     print("\nrecognised in the dumped pages (bytes, count, mapping):")
     for (what, where), size in sorted(found.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"  {size / 2**20:8.1f} MiB {count[(what, where)]:6}  {what:16} {where}")
