@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# What the engine snapshot's process memory holds (issue 38), on the GPU machine after
+# ../shared/gpu/README.md's install with .whl/criu carried: the 8B shape saved with its start-up caches,
+# snapshotted as is and with --enforce-eager (no compiled graphs, no CUDA graphs), each image by mapping
+# (dev/image_sizes.py) and its heap by chunk and Python type (dev/heap_contents.py); beside them, what
+# the imports and CUDA's context alone hold (dev/anon_baseline.py).
+#   bash dev/image_contents_gpu.sh OUT
+set -euo pipefail
+out=$1 repo=$PWD
+mkdir -p "$out"
+source dev/stage_criu.sh
+export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 PYTHONPATH=/root/site
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /root/site . 2>&1 | tail -2
+cd /root
+flags=(${ENGINE_FLAGS:---gpu-memory-utilization 0.6 --kv-cache-memory-bytes 17179869184})
+python3 "$repo/dev/anon_baseline.py" > "$out/baseline.txt" 2>&1 &
+[ -d /root/bench/source-llama-3-8b ] || python3 -c "
+from pathlib import Path; from presharded.bench import synthesize; synthesize('llama-3-8b', Path('/root/bench/source-llama-3-8b'))"
+ckpt=/root/bench/tp1
+[ -f $ckpt/presharded.json ] || python3 "$repo/save_sharded_state.py" --model /root/bench/source-llama-3-8b \
+  --output $ckpt -tp 1 --start-caches --json "${flags[@]}" > "$out/save.json" 2> "$out/save.err"
+python3 -m presharded.snapshot_cli $ckpt --trust-start-caches --json "${flags[@]}" > "$out/snapshot.json" 2> "$out/snapshot.err"
+python3 -m presharded.snapshot_cli $ckpt --trust-start-caches --json "${flags[@]}" --enforce-eager \
+  > "$out/snapshot-eager.json" 2> "$out/snapshot-eager.err"
+wait
+for set in $ckpt/snapshots/vllm-*/; do
+  name=$(basename "$set")
+  python3 "$repo/dev/image_sizes.py" "$set" --top 25 > "$out/sizes-$name.txt" || true
+  timeout 150 python3 "$repo/dev/heap_contents.py" "$set" --top 30 > "$out/heap-$name.txt" 2>&1 || true
+done
