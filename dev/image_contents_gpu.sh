@@ -3,16 +3,32 @@
 # ../shared/gpu/README.md's install with .whl/criu carried: the 8B shape saved with its start-up caches,
 # snapshotted as is and with --enforce-eager (no compiled graphs, no CUDA graphs), each image by mapping
 # (dev/image_sizes.py) and its heap by chunk and Python type (dev/heap_contents.py); beside them, what
-# the imports and CUDA's context alone hold (dev/anon_baseline.py).
-#   bash dev/image_contents_gpu.sh OUT
+# the imports and CUDA's context alone hold (dev/anon_baseline.py). `sweep` needs neither CRIU nor a
+# checkpoint: the engine with random weights, asleep, its memory written as CRIU would dump it
+# (dev/engine_memory.py), as is, compiled without CUDA graphs, eager, and with CUDA graphs for batches
+# up to 64 only; each heap by chunk and Python type.
+#   bash dev/image_contents_gpu.sh snapshot OUT     # about 330 s on a fresh machine
+#   bash dev/image_contents_gpu.sh sweep OUT        # about 300 s
 set -euo pipefail
-out=$1 repo=$PWD
+phase=$1 out=$2 repo=$PWD
 mkdir -p "$out"
 source dev/stage_criu.sh
 export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 PYTHONPATH=/root/site
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /root/site . 2>&1 | tail -2
 cd /root
 flags=(${ENGINE_FLAGS:---gpu-memory-utilization 0.6 --kv-cache-memory-bytes 17179869184})
+if [ "$phase" = sweep ]; then
+  variants=("default" "graphs-none --compilation-config {\"cudagraph_mode\":\"NONE\"}" "eager --enforce-eager"
+            "graphs-to-64 --compilation-config {\"max_cudagraph_capture_size\":64}")
+  for variant in "${variants[@]}"; do
+    name=${variant%% *} extra=(); [ "$name" = "$variant" ] || extra=(${variant#* })
+    python3 "$repo/dev/engine_memory.py" "/root/memory-$name" "${flags[@]}" "${extra[@]}" \
+      > "$out/memory-$name.json" 2> "$out/memory-$name.err" || true
+    timeout 100 python3 "$repo/dev/heap_contents.py" "/root/memory-$name" --top 30 > "$out/heap-$name.txt" 2>&1 || true
+    rm -rf "/root/memory-$name"
+  done
+  exit 0
+fi
 python3 "$repo/dev/anon_baseline.py" > "$out/baseline.txt" 2>&1 &
 [ -d /root/bench/source-llama-3-8b ] || python3 -c "
 from pathlib import Path; from presharded.bench import synthesize; synthesize('llama-3-8b', Path('/root/bench/source-llama-3-8b'))"
