@@ -1,10 +1,12 @@
 """What the engine process's memory in a CRIU image holds (issue 38: the warm restore is mostly CRIU putting
 the engine's 1.4 GB of host memory back; dev/image_sizes.py says by mapping, 0.8 GB of it the heap).
 
-- glibc's main heap walked chunk by chunk: the bytes in use and free, by chunk size; the chunks in use
-  by the Python type whose object they hold (the type pointer at +8, or at +24 behind a GC header; the
-  type's name read from its object, and from its file where the image has not that page), and by their
-  first bytes (ELF, fat binary, text, zeros) for the large ones;
+- glibc's main heap walked chunk by chunk: the bytes in use and free, by chunk size and by the sizes
+  that hold most; the chunks in use by the Python type whose object they hold (the type pointer at +8,
+  or at +24 behind a GC header; the type's name read from its object, and from its file where the image
+  has not that page), else as a dict's keys table, an array of pointers to Python objects, or by the
+  first library their first 64 bytes point into; the large ones by their first bytes (ELF, fat binary,
+  text, zeros);
 - every dumped page scanned for ELF images (CUDA's cubins are e_machine 190), CUDA fat binaries (magic
   0xBA55ED50) and PTX text, by mapping.
 
@@ -141,23 +143,54 @@ def type_name(memory: Memory, address: int, names: dict) -> str | None:
     return names[address]
 
 
+def is_object(memory: Memory, address: int, names: dict) -> bool:
+    """Whether `address` looks like a Python object's: its type pointer at +8 names a type."""
+    if address <= 0x10000 or address % 8 or memory.vma(address) is None:
+        return False
+    return type_name(memory, struct.unpack("<Q", memory.read(address + 8, 8))[0], names) is not None
+
+
+def is_dict_keys(first: int, second: int) -> bool:
+    """Whether a chunk starts as CPython's PyDictKeysObject: a small dk_refcnt, then dk_log2_size,
+    dk_log2_index_bytes (log2_size + 0 to 3) and dk_kind (0 to 2) as bytes."""
+    log2_size, log2_index, kind = second & 0xFF, second >> 8 & 0xFF, second >> 16 & 0xFF
+    return 0 < first < 2**20 and 3 <= log2_size <= 30 and 0 <= log2_index - log2_size <= 3 and kind <= 2
+
+
 def python_types(memory: Memory, heap: bytes, base: int, chunks, top: int) -> list[tuple[str, int, int]]:
     """Bytes and chunks in use by the Python type of the object each holds (type pointer at +8, or at +24
-    behind a GC header), the rest as 'no Python object'."""
-    by_pointer, counts, names = Counter(), Counter(), {}
+    behind a GC header); the others by the first library their first 64 bytes point into (a C++ object's
+    vtable, a C structure's function or static data), or as 'no pointer into a file'."""
+    by_label, counts, names = Counter(), Counter(), {}
     for address, size, in_use in chunks:
-        if not in_use or size < 48:
+        if not in_use:
             continue
-        offset = address - base
-        label = "no Python object"
-        for at in (8, 24):
-            pointer = struct.unpack_from("<Q", heap, offset + at)[0]
-            if pointer > 0x10000 and (name := type_name(memory, pointer, names)):
+        offset, label = address - base, None
+        words = struct.unpack_from(f"<{min(8, (size - 16) // 8)}Q", heap, offset) if size >= 24 else ()
+        for at in (1, 3):
+            if at < len(words) and words[at] > 0x10000 and (name := type_name(memory, words[at], names)):
                 label = name
                 break
-        by_pointer[label] += size
+        if label is None and len(words) > 1 and is_dict_keys(words[0], words[1]):
+            label = "no Python object, a dict's keys table"
+        if label is None and sum(is_object(memory, word, names) for word in words[:4]) >= 2:
+            label = "no Python object, points to Python objects (a list's items, a tuple's, a set's)"
+        if label is None:
+            label = "no Python object, no pointer into a file"
+            for word in words:
+                v = memory.vma(word) if word > 0x10000 else None
+                if v is not None and v.get(7, 0) & (FILE_PRIVATE | FILE_SHARED):
+                    label = f"no Python object, points into {memory.where(word)}"
+                    break
+        by_label[label] += size
         counts[label] += 1
-    return [(name, size, counts[name]) for name, size in by_pointer.most_common(top)]
+    return [(name, size, counts[name]) for name, size in by_label.most_common(top)]
+
+
+def common_sizes(chunks, top: int) -> list[tuple[int, int]]:
+    """The chunk sizes in use that hold the most bytes: (size, how many)."""
+    sizes = Counter(size for _, size, in_use in chunks if in_use)
+    return sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:top]
 
 
 def scan(memory: Memory) -> tuple[Counter, Counter]:
@@ -226,6 +259,8 @@ def main() -> None:
                 print(f"    {size / 2**20:8.1f} MiB {n:8} chunks  {name}")
         except Exception as e:  # a guess at Python's layout that failed: the rest still says something
             print(f"    (failed: {type(e).__name__}: {e})")
+        print("  in use, the chunk sizes that hold the most:",
+              ", ".join(f"{n} x {size} B = {n * size / 2**20:.1f} MiB" for size, n in common_sizes(chunks, 12)))
         print(f"  the {args.top} largest in use:")
         for address, size, _ in sorted((c for c in chunks if c[2]), key=lambda c: -c[1])[:args.top]:
             head = heap[address - base:address - base + 256]
