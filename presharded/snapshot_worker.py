@@ -24,7 +24,8 @@ class SnapshotWorker:
         will hold of this process: its resident memory and of it the anonymous (CRIU dumps those pages), the
         GPU's still in use and torch's part of that (its own pool, CUDA graphs' pools)."""
         redirect(None)
-        gib = {"rss": psutil.Process().memory_info().rss / 2**30, "anon": anonymous_bytes() / 2**30}
+        memory = psutil.Process().memory_info()  # statm: `shared` is what files and shared memory back
+        gib = {"rss": memory.rss / 2**30, "anon": (memory.rss - memory.shared) / 2**30}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
@@ -74,12 +75,6 @@ class SnapshotWorker:
         self.presharded_loader.refill(runner.get_model(), runner.model_config, self.presharded_plan)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-
-
-def anonymous_bytes() -> int:
-    """This process's resident anonymous memory (RssAnon)."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))) * 1024
 
 
 def freed_storages(model: nn.Module) -> dict[str, torch.Tensor]:
