@@ -17,6 +17,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import psutil  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from live_image import write_image  # noqa: E402
 
@@ -36,8 +38,9 @@ def shape_folder(shape: str) -> Path:
 
 
 def anonymous() -> dict[str, float]:
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return {k: int(status[k].split()[0]) / 2**20 for k in ("RssAnon", "RssFile")}  # GiB
+    """Resident GiB, as presharded/snapshot_worker.py says them: anonymous, and what files back."""
+    memory = psutil.Process().memory_info()
+    return {"anon": (memory.rss - memory.shared) / 2**30, "shared": memory.shared / 2**30}
 
 
 def main() -> None:

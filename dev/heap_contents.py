@@ -26,8 +26,8 @@ from pathlib import Path
 from presharded.criu_pages import MM_MAGIC, PAGEMAP_MAGIC, parse, present, read_image
 
 PAGE = 4096
-HEAP, FILE_PRIVATE, FILE_SHARED = 1 << 5, 1 << 6, 1 << 7  # vma_entry.status
-FILES_MAGIC, REG = 0x56303138, 1
+STACK, HEAP, FILE_PRIVATE, FILE_SHARED, ANON_SHARED = 1 << 1, 1 << 5, 1 << 6, 1 << 7, 1 << 8  # vma_entry.status
+FILES_MAGIC, PSTREE_MAGIC, REG = 0x56303138, 0x50273030, 1  # criu/include/magic.h; file_entry.type
 ELF = re.compile(rb"\x7fELF\x02\x01\x01")
 FATBIN = re.compile(rb"\x50\xed\x55\xba\x01\x00")  # fatbin wrapper magic, version 1
 PTX = re.compile(rb"\.version \d+\.\d+\s+\.target sm_")
@@ -44,7 +44,8 @@ class Memory:
     def __init__(self, image: Path, pid: int):
         head, *entries = read_image(image / f"pagemap-{pid}.img", PAGEMAP_MAGIC)
         self.file = open(image / f"pages-{fields(head)[1]}.img", "rb")
-        self.data = mmap.mmap(self.file.fileno(), 0, prot=mmap.PROT_READ)
+        size = Path(self.file.name).stat().st_size
+        self.data = mmap.mmap(self.file.fileno(), 0, prot=mmap.PROT_READ) if size else b""
         self.runs, at = [], 0  # (address, pages, offset in the page file)
         for raw in entries:
             entry = fields(raw)
@@ -70,11 +71,13 @@ class Memory:
         v = self.vma(address)
         if v is None:
             return "outside"
-        if v.get(7, 0) & HEAP:
-            return "[heap]"
-        if v.get(7, 0) & (FILE_PRIVATE | FILE_SHARED):
+        status = v.get(7, 0)
+        if status & (FILE_PRIVATE | FILE_SHARED):
             return Path(self.paths.get(v.get(4), f"file {v.get(4)}")).name
-        return f"anon {v[1]:#x}+{(v[2] - v[1]) >> 20}MiB"
+        if status & (HEAP | STACK):
+            return "[heap]" if status & HEAP else "[stack]"
+        kind = "anon shared" if status & ANON_SHARED else "anon"
+        return f"{kind} {v[1]:#x}+{(v[2] - v[1]) >> 20}MiB"
 
     def read(self, address: int, size: int) -> bytes:
         out = bytearray(size)

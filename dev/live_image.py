@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from presharded.criu_pages import (BYTES, MM_MAGIC, PAGE, PAGEMAP_MAGIC, PE_PRESENT, VARINT,  # noqa: E402
-                                   encode, image_bytes)
+from heap_contents import FILE_PRIVATE, FILES_MAGIC, HEAP, PSTREE_MAGIC, REG  # noqa: E402
+from presharded.criu_pages import (ANON_PRIVATE, BYTES, MM_MAGIC, PAGE, PAGEMAP_MAGIC, PE_PRESENT,  # noqa: E402
+                                   VARINT, encode, image_bytes)
 
-FILES_MAGIC, REG = 0x56303138, 1
-VMA_AREA_REGULAR, HEAP, FILE_PRIVATE, ANON_PRIVATE = 1, 1 << 5, 1 << 6, 1 << 9  # criu/include/image.h
+VMA_AREA_REGULAR = 1  # criu/include/image.h
 
 
 def present_runs(pagemap, start: int, end: int) -> list[tuple[int, int]]:
@@ -71,7 +71,7 @@ def write_image(pid: int, out: Path) -> int:
     (out / "files.img").write_bytes(image_bytes(FILES_MAGIC, [
         encode([(1, VARINT, REG), (2, VARINT, i), (3, BYTES, encode([(1, VARINT, i), (6, BYTES, p.encode())]))])
         for p, i in files.items()]))
-    (out / "pstree.img").write_bytes(image_bytes(0x50273030, [encode([(1, VARINT, pid)])]))
+    (out / "pstree.img").write_bytes(image_bytes(PSTREE_MAGIC, [encode([(1, VARINT, pid)])]))
     return written
 
 
