@@ -1,6 +1,6 @@
 """How much anonymous memory (what CRIU dumps) a process holds before any engine starts: after Python,
-torch, CUDA's context, a cuBLAS matmul, `import vllm` and a model's module (issue 38: the engine process's
-1.4 GB at its dump, against what the imports alone cost). One line per step, in MiB: RssAnon and the
+torch, CUDA's context and a cuBLAS matmul (where there is a GPU), `import vllm` and a model's module
+(issue 38: the engine process's 1.4 GB at its dump, against what the imports alone cost). One line per step, in MiB: RssAnon and the
 [heap]'s resident part.
 
     python3 dev/anon_baseline.py
@@ -24,10 +24,11 @@ print(f"python           {memory()}", flush=True)
 import torch  # noqa: E402
 
 print(f"import torch     {memory()}", flush=True)
-x = torch.ones(1024, 1024, device="cuda")
-print(f"CUDA context     {memory()}", flush=True)
-(x @ x).sum().item()
-print(f"cuBLAS matmul    {memory()}", flush=True)
+if torch.cuda.is_available():
+    x = torch.ones(1024, 1024, device="cuda")
+    print(f"CUDA context     {memory()}", flush=True)
+    (x @ x).sum().item()
+    print(f"cuBLAS matmul    {memory()}", flush=True)
 import vllm  # noqa: E402, F401
 
 print(f"import vllm      {memory()}", flush=True)

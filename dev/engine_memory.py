@@ -5,7 +5,7 @@ at level 2, torch's free blocks given back, as presharded/snapshot_engine.py lea
 then its own writable memory written as CRIU would dump it (dev/live_image.py), for dev/heap_contents.py.
 What it does not hold that a snapshot's does: cuda-checkpoint's host copy of what the GPU keeps asleep.
 
-    python3 dev/engine_memory.py OUT [--shape llama-3-8b] [engine flags]
+    python3 dev/engine_memory.py OUT [--shape llama-3-8b|llama-3.2-1b|tiny] [engine flags]
 """
 
 import os
@@ -24,14 +24,16 @@ from live_image import write_image  # noqa: E402
 
 
 def shape_folder(shape: str) -> Path:
-    """The shape's config and a tokenizer, no weights."""
+    """The shape's config and a tokenizer, no weights (the tiny Llama: the tests' own model, whole)."""
     from transformers import LlamaConfig
 
     from presharded.bench import ARCHITECTURES
-    from presharded.tiny_models import build_tokenizer
+    from presharded.tiny_models import build_tiny_llama, build_tokenizer
 
     folder = Path(f"/tmp/presharded-shape-{shape}")
-    if not (folder / "config.json").exists():
+    if shape == "tiny" and not (folder / "config.json").exists():
+        build_tiny_llama(folder)
+    elif not (folder / "config.json").exists():
         LlamaConfig(**ARCHITECTURES[shape], torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2).save_pretrained(folder)
         build_tokenizer().save_pretrained(folder)
     return folder
