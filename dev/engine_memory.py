@@ -5,7 +5,10 @@ at level 2, torch's free blocks given back, as presharded/snapshot_engine.py lea
 then its own writable memory written as CRIU would dump it (dev/live_image.py), for dev/heap_contents.py.
 What it does not hold that a snapshot's does: cuda-checkpoint's host copy of what the GPU keeps asleep.
 
-    python3 dev/engine_memory.py OUT [--shape llama-3-8b|llama-3.2-1b|tiny] [engine flags]
+With --decode-batches 1,64,256 it first times one decode step at each batch size (64 tokens' time
+less one token's, over 63), so a flag that makes the image smaller shows what it costs in serving.
+
+    python3 dev/engine_memory.py OUT [--shape llama-3-8b|llama-3.2-1b|tiny] [--decode-batches B,...] [engine flags]
 """
 
 import os
@@ -45,6 +48,20 @@ def anonymous() -> dict[str, float]:
     return {"anon": (memory.rss - memory.shared) / 2**30, "shared": memory.shared / 2**30}
 
 
+def decode_step_ms(llm, batch: int) -> float:
+    """One decode step at this batch size: 64 tokens less 1 token (the prefill), over 63 steps."""
+    from vllm import SamplingParams
+
+    prompts = [f"Request {i}: the capital of France is" for i in range(batch)]
+    seconds = {}
+    for tokens in (1, 64):
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        seconds[tokens] = time.perf_counter() - t
+    return (seconds[64] - seconds[1]) / 63 * 1000
+
+
 def main() -> None:
     import torch
     from vllm import LLM, EngineArgs, SamplingParams
@@ -54,6 +71,7 @@ def main() -> None:
     parser = FlexibleArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--shape", default="llama-3-8b")
+    parser.add_argument("--decode-batches", default="", help="e.g. 1,64,256: time a decode step at each")
     parser = EngineArgs.add_cli_args(parser)
     args = parser.parse_args([sys.argv[1], "--model", "unset", *sys.argv[2:]])
     args.model = args.tokenizer = str(shape_folder(args.shape))
@@ -63,12 +81,15 @@ def main() -> None:
     tokens = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16, temperature=0),
                           use_tqdm=False)[0].outputs[0].token_ids
     started = time.perf_counter() - t
+    batches = [int(b) for b in args.decode_batches.split(",") if b]
+    step_ms = {b: round(decode_step_ms(llm, b), 2) for b in batches}
     if torch.cuda.is_available():
         llm.sleep(level=2)
         torch.cuda.empty_cache()
     gib = anonymous()
     written = write_image(os.getpid(), args.out)
     print(json.dumps({"flags": sys.argv[2:], "start_seconds": round(started, 1), "tokens": len(tokens),
+                      "decode_step_ms": step_ms,
                       "asleep_gib": {k: round(v, 3) for k, v in gib.items()}, "image_gib": round(written / 2**30, 3)}))
     sys.stdout.flush()
     os._exit(0)

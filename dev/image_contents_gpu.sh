@@ -6,7 +6,8 @@
 # the imports and CUDA's context alone hold (dev/anon_baseline.py). `sweep` needs neither CRIU nor a
 # checkpoint: the engine with random weights, asleep, its memory written as CRIU would dump it
 # (dev/engine_memory.py), as is, compiled without CUDA graphs, eager, and with CUDA graphs for batches
-# up to 64 only; each heap by chunk and Python type.
+# up to 64 only; each heap by chunk and Python type, and each engine's decode step timed at batches 1 to
+# 256 first (what a smaller image would cost in serving).
 #   bash dev/image_contents_gpu.sh snapshot OUT     # about 330 s on a fresh machine
 #   bash dev/image_contents_gpu.sh sweep OUT        # about 300 s
 set -euo pipefail
@@ -22,7 +23,7 @@ if [ "$phase" = sweep ]; then
             "graphs-to-64 --compilation-config {\"max_cudagraph_capture_size\":64}")
   for variant in "${variants[@]}"; do
     name=${variant%% *} extra=(); [ "$name" = "$variant" ] || extra=(${variant#* })
-    python3 "$repo/dev/engine_memory.py" "/root/memory-$name" "${flags[@]}" "${extra[@]}" \
+    python3 "$repo/dev/engine_memory.py" "/root/memory-$name" --decode-batches 1,32,64,128,256 "${flags[@]}" "${extra[@]}" \
       > "$out/memory-$name.json" 2> "$out/memory-$name.err" || true
     timeout 100 python3 "$repo/dev/heap_contents.py" "/root/memory-$name" --top 30 > "$out/heap-$name.txt" 2>&1 || true
     rm -rf "/root/memory-$name"
