@@ -8,8 +8,12 @@
 # (dev/engine_memory.py), as is, compiled without CUDA graphs, eager, and with CUDA graphs for batches
 # up to 64 only; each heap by chunk and Python type, and each engine's decode step timed at batches 1 to
 # 256 first (what a smaller image would cost in serving).
+# `graphs` measures the trade the sweep points to, with real snapshots: the 8B as is and with CUDA
+# graphs up to batch 64 only, each snapshotted, restored warm three times in turns (the whole process
+# timed from outside), tokens against a normal start; then each engine's decode step at batches 1-256.
 #   bash dev/image_contents_gpu.sh snapshot OUT     # about 330 s on a fresh machine
-#   bash dev/image_contents_gpu.sh sweep OUT        # about 300 s
+#   bash dev/image_contents_gpu.sh sweep OUT        # about 500 s
+#   bash dev/image_contents_gpu.sh graphs OUT       # about 450 s on a fresh machine
 set -euo pipefail
 phase=$1 out=$2 repo=$PWD
 mkdir -p "$out"
@@ -30,12 +34,53 @@ if [ "$phase" = sweep ]; then
   done
   exit 0
 fi
-python3 "$repo/dev/anon_baseline.py" > "$out/baseline.txt" 2>&1 &
+[ "$phase" = snapshot ] && { python3 "$repo/dev/anon_baseline.py" > "$out/baseline.txt" 2>&1 & }
 [ -d /root/bench/source-llama-3-8b ] || python3 -c "
 from pathlib import Path; from presharded.bench import synthesize; synthesize('llama-3-8b', Path('/root/bench/source-llama-3-8b'))"
 ckpt=/root/bench/tp1
 [ -f $ckpt/presharded.json ] || python3 "$repo/save_sharded_state.py" --model /root/bench/source-llama-3-8b \
   --output $ckpt -tp 1 --start-caches --json "${flags[@]}" > "$out/save.json" 2> "$out/save.err"
+if [ "$phase" = graphs ]; then
+  graphs64=(--compilation-config '{"max_cudagraph_capture_size":64}')
+  prompt=(--prompt "The capital of France is" --max-tokens 16 --json "${flags[@]}")
+  python3 "$repo/load_sharded_state.py" --model $ckpt --load-format fast_sharded_state --trust-start-caches \
+    "${prompt[@]}" > "$out/normal.json" 2> "$out/normal.err"
+  for name in default graphs-to-64; do
+    extra=(); [ $name = default ] || extra=("${graphs64[@]}")
+    python3 -m presharded.snapshot_cli $ckpt --trust-start-caches --json "${flags[@]}" "${extra[@]}" \
+      > "$out/snapshot-$name.json" 2> "$out/snapshot-$name.err"
+    python3 "$repo/load_sharded_state.py" --model $ckpt --snapshot --trust-snapshot "${prompt[@]}" "${extra[@]}" \
+      > /dev/null 2>&1  # once untimed: the image's copy made, its pages and the weights' cached
+  done
+  for run in 1 2 3; do
+    for name in default graphs-to-64; do
+      extra=(); [ $name = default ] || extra=("${graphs64[@]}")
+      /usr/bin/time -f %e -o "$out/process-$name-$run.txt" python3 "$repo/load_sharded_state.py" --model $ckpt \
+        --snapshot --trust-snapshot "${prompt[@]}" "${extra[@]}" > "$out/warm-$name-$run.json" 2> "$out/warm-$name-$run.err"
+    done
+  done
+  for set in $ckpt/snapshots/vllm-*/; do du -sb "$set"; done > "$out/sets.txt"
+  python3 - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+normal = json.loads((out / "normal.json").read_text().splitlines()[-1])["token_ids"]
+for name in ("default", "graphs-to-64"):
+    made = json.loads((out / f"snapshot-{name}.json").read_text().splitlines()[-1])
+    print(name, "made:", {k: v for k, v in made.items() if k not in ("checkpoint", "snapshot")})
+    for run in (1, 2, 3):
+        w = json.loads((out / f"warm-{name}-{run}.json").read_text().splitlines()[-1])
+        total = float((out / f"process-{name}-{run}.txt").read_text().split()[-1])
+        print(f"  warm {run}: {total:.2f} s whole process, restored {w['snapshot']['used']}, "
+              f"tokens as a normal start {w['token_ids'] == normal}; {w['snapshot']['seconds']}")
+PY
+  for name in default graphs-to-64; do
+    extra=(); [ $name = default ] || extra=("${graphs64[@]}")
+    timeout 120 python3 "$repo/dev/engine_memory.py" "/root/memory-$name" --decode-batches 1,32,64,128,256 \
+      "${flags[@]}" "${extra[@]}" > "$out/memory-$name.json" 2> "$out/memory-$name.err" || true
+    rm -rf "/root/memory-$name"; tail -1 "$out/memory-$name.json"
+  done
+  exit 0
+fi
 python3 -m presharded.snapshot_cli $ckpt --trust-start-caches --json "${flags[@]}" > "$out/snapshot.json" 2> "$out/snapshot.err"
 python3 -m presharded.snapshot_cli $ckpt --trust-start-caches --json "${flags[@]}" --enforce-eager \
   > "$out/snapshot-eager.json" 2> "$out/snapshot-eager.err"
