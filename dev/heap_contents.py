@@ -207,7 +207,8 @@ def scan(memory: Memory) -> tuple[Counter, Counter]:
             machine, shoff, shentsize, shnum = (struct.unpack_from("<H", h, 18)[0], struct.unpack_from("<Q", h, 40)[0],
                                                 *struct.unpack_from("<HH", h, 58))
             size = shoff + shentsize * shnum
-            if 0 < size < 2**31:
+            vma = memory.vma(start + m.start())  # a header that claims more than its mapping holds is not one
+            if vma and 0 < size <= vma[2] - (start + m.start()):
                 found[(f"ELF machine {machine}", where)] += size
                 count[(f"ELF machine {machine}", where)] += 1
         for m in FATBIN.finditer(data):
