@@ -10,10 +10,12 @@
 # 256 first (what a smaller image would cost in serving).
 # `graphs` measures the trade the sweep points to, with real snapshots: the 8B as is and with CUDA
 # graphs up to batch 64 only, each snapshotted, restored warm three times in turns (the whole process
-# timed from outside), tokens against a normal start; then each engine's decode step at batches 1-256.
+# timed from outside), tokens against a normal start. `decode` runs the sweep's as is and graphs-to-64
+# again, for their decode steps.
 #   bash dev/image_contents_gpu.sh snapshot OUT     # about 330 s on a fresh machine
 #   bash dev/image_contents_gpu.sh sweep OUT        # about 500 s
-#   bash dev/image_contents_gpu.sh graphs OUT       # about 450 s on a fresh machine
+#   bash dev/image_contents_gpu.sh graphs OUT       # about 400 s on a fresh machine
+#   bash dev/image_contents_gpu.sh decode OUT       # about 200 s
 set -euo pipefail
 phase=$1 out=$2 repo=$PWD
 mkdir -p "$out"
@@ -22,14 +24,15 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 PYTHONPATH=/root/site
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /root/site . 2>&1 | tail -2
 cd /root
 flags=(${ENGINE_FLAGS:---gpu-memory-utilization 0.6 --kv-cache-memory-bytes 17179869184})
-if [ "$phase" = sweep ]; then
+if [ "$phase" = sweep ] || [ "$phase" = decode ]; then
   variants=("default" "graphs-none --compilation-config {\"cudagraph_mode\":\"NONE\"}" "eager --enforce-eager"
             "graphs-to-64 --compilation-config {\"max_cudagraph_capture_size\":64}")
+  [ "$phase" = decode ] && variants=("${variants[0]}" "${variants[3]}")
   for variant in "${variants[@]}"; do
     name=${variant%% *} extra=(); [ "$name" = "$variant" ] || extra=(${variant#* })
     python3 "$repo/dev/engine_memory.py" "/root/memory-$name" --decode-batches 1,32,64,128,256 "${flags[@]}" "${extra[@]}" \
       > "$out/memory-$name.json" 2> "$out/memory-$name.err" || true
-    timeout 100 python3 "$repo/dev/heap_contents.py" "/root/memory-$name" --top 30 > "$out/heap-$name.txt" 2>&1 || true
+    [ "$phase" = decode ] || timeout 100 python3 "$repo/dev/heap_contents.py" "/root/memory-$name" --top 30 > "$out/heap-$name.txt" 2>&1 || true
     rm -rf "/root/memory-$name"
   done
   exit 0
@@ -73,12 +76,6 @@ for name in ("default", "graphs-to-64"):
         print(f"  warm {run}: {total:.2f} s whole process, restored {w['snapshot']['used']}, "
               f"tokens as a normal start {w['token_ids'] == normal}; {w['snapshot']['seconds']}")
 PY
-  for name in default graphs-to-64; do
-    extra=(); [ $name = default ] || extra=("${graphs64[@]}")
-    timeout 120 python3 "$repo/dev/engine_memory.py" "/root/memory-$name" --decode-batches 1,32,64,128,256 \
-      "${flags[@]}" "${extra[@]}" > "$out/memory-$name.json" 2> "$out/memory-$name.err" || true
-    rm -rf "/root/memory-$name"; tail -1 "$out/memory-$name.json"
-  done
   exit 0
 fi
 python3 -m presharded.snapshot_cli $ckpt --trust-start-caches --json "${flags[@]}" > "$out/snapshot.json" 2> "$out/snapshot.err"
