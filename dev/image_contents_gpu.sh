@@ -16,6 +16,7 @@
 #   bash dev/image_contents_gpu.sh sweep OUT        # about 500 s
 #   bash dev/image_contents_gpu.sh graphs OUT       # about 400 s on a fresh machine
 #   bash dev/image_contents_gpu.sh decode OUT       # about 200 s
+# SHAPE picks the saved model of `snapshot` and `graphs` (the 8B by default; llama-3.2-1b is quicker).
 set -euo pipefail
 phase=$1 out=$2 repo=$PWD
 mkdir -p "$out"
@@ -38,10 +39,12 @@ if [ "$phase" = sweep ] || [ "$phase" = decode ]; then
   exit 0
 fi
 [ "$phase" = snapshot ] && { python3 "$repo/dev/anon_baseline.py" > "$out/baseline.txt" 2>&1 & }
-[ -d /root/bench/source-llama-3-8b ] || python3 -c "
-from pathlib import Path; from presharded.bench import synthesize; synthesize('llama-3-8b', Path('/root/bench/source-llama-3-8b'))"
-ckpt=/root/bench/tp1
-[ -f $ckpt/presharded.json ] || python3 "$repo/save_sharded_state.py" --model /root/bench/source-llama-3-8b \
+shape=${SHAPE:-llama-3-8b}  # or another of presharded/bench.py's shapes (llama-3.2-1b, tiny)
+model=/root/bench/source-$shape ckpt=/root/bench/tp1
+[ "$shape" = llama-3-8b ] || ckpt=/root/bench/$shape-tp1
+[ -d $model ] || python3 -c "
+from pathlib import Path; from presharded.bench import synthesize; synthesize('$shape', Path('$model'))"
+[ -f $ckpt/presharded.json ] || python3 "$repo/save_sharded_state.py" --model $model \
   --output $ckpt -tp 1 --start-caches --json "${flags[@]}" > "$out/save.json" 2> "$out/save.err"
 if [ "$phase" = graphs ]; then
   graphs64=(--compilation-config '{"max_cudagraph_capture_size":64}')
