@@ -20,8 +20,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import psutil  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from live_image import write_image  # noqa: E402
 
@@ -40,12 +38,6 @@ def shape_folder(shape: str) -> Path:
         LlamaConfig(**ARCHITECTURES[shape], torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2).save_pretrained(folder)
         build_tokenizer().save_pretrained(folder)
     return folder
-
-
-def anonymous() -> dict[str, float]:
-    """Resident GiB, as presharded/snapshot_worker.py says them: anonymous, and what files back."""
-    memory = psutil.Process().memory_info()
-    return {"anon": (memory.rss - memory.shared) / 2**30, "shared": memory.shared / 2**30}
 
 
 def decode_step_ms(llm, batch: int) -> float:
@@ -70,6 +62,7 @@ def main() -> None:
     import torch
     from vllm import LLM, EngineArgs, SamplingParams
 
+    from presharded.snapshot_worker import resident_gib
     from presharded.vllm_compat import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(description=__doc__)
@@ -90,7 +83,7 @@ def main() -> None:
     if torch.cuda.is_available():
         llm.sleep(level=2)
         torch.cuda.empty_cache()
-    gib = anonymous()
+    gib = resident_gib()
     written = write_image(os.getpid(), args.out)
     print(json.dumps({"flags": sys.argv[2:], "start_seconds": round(started, 1), "tokens": len(tokens),
                       "decode_step_ms": step_ms,

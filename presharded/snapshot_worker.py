@@ -24,8 +24,7 @@ class SnapshotWorker:
         will hold of this process: its resident memory and of it the anonymous (CRIU dumps those pages), the
         GPU's still in use and torch's part of that (its own pool, CUDA graphs' pools)."""
         redirect(None)
-        memory = psutil.Process().memory_info()  # statm: `shared` is what files and shared memory back
-        gib = {"rss": memory.rss / 2**30, "anon": (memory.rss - memory.shared) / 2**30}
+        gib = resident_gib()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
@@ -75,6 +74,13 @@ class SnapshotWorker:
         self.presharded_loader.refill(runner.get_model(), runner.model_config, self.presharded_plan)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+def resident_gib() -> dict[str, float]:
+    """This process's resident memory and of it the anonymous, in GiB (statm: `shared` is what files and
+    shared memory back)."""
+    memory = psutil.Process().memory_info()
+    return {"rss": memory.rss / 2**30, "anon": (memory.rss - memory.shared) / 2**30}
 
 
 def freed_storages(model: nn.Module) -> dict[str, torch.Tensor]:
