@@ -23,9 +23,8 @@ from bisect import bisect_right
 from collections import Counter
 from pathlib import Path
 
-from presharded.criu_pages import MM_MAGIC, PAGEMAP_MAGIC, parse, present, read_image
+from presharded.criu_pages import MM_MAGIC, PAGE, PAGEMAP_MAGIC, parse, present, read_image
 
-PAGE = 4096
 STACK, HEAP, FILE_PRIVATE, FILE_SHARED, ANON_SHARED = 1 << 1, 1 << 5, 1 << 6, 1 << 7, 1 << 8  # vma_entry.status
 FILES_MAGIC, PSTREE_MAGIC, REG = 0x56303138, 0x50273030, 1  # criu/include/magic.h; file_entry.type
 ELF = re.compile(rb"\x7fELF\x02\x01\x01")
