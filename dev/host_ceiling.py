@@ -7,6 +7,9 @@ its own GPU, started together behind a barrier):
   h2d       pinned host memory -> this rank's GPU, 16 MiB copies, 4 GiB in all
   pread     this rank's files, in the page cache -> pinned buffers, 16 MiB chunks,
             THREADS threads per rank, nothing sent to the GPU
+  both      the two at once, each on its own (h2d from buffers of its own, as many bytes as the
+            files): what memory carries when the loader's two streams share it; `gbps` is the
+            files' bytes over the time both took, the most a loader that overlaps them could reach
   dd        this rank's files read cold by `dd` (the page cache dropped first), all ranks at once
 
     PYTHONPATH=. python3 dev/host_ceiling.py /root/bench/tp2 --threads 16
@@ -52,22 +55,36 @@ def pread_all(paths: list[Path], threads: int, buffers: list[torch.Tensor]) -> i
     return sum(n for _, _, n in work)
 
 
+def h2d(dest: torch.Tensor, sources: list[torch.Tensor], nbytes: int) -> int:
+    """`nbytes` copied from pinned `sources` to the GPU, 16 MiB at a time, over and over `dest`."""
+    torch.cuda.set_device(dest.device)  # a pool's thread starts on GPU 0
+    for i, lo in enumerate(range(0, nbytes, CHUNK)):
+        at = lo % dest.numel()
+        n = min(CHUNK, nbytes - lo, dest.numel() - at)
+        dest[at : at + n].copy_(sources[i % len(sources)][:n], non_blocking=True)
+    torch.cuda.synchronize()
+    return nbytes
+
+
 def measure(rank: int, ranks: int, checkpoint: str, threads: int, barrier, results) -> None:
     torch.cuda.set_device(rank)
     paths = rank_files(Path(checkpoint), rank)
     buffers = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(threads)]
     dest = torch.empty(4 * 2**30, dtype=torch.uint8, device="cuda")
-    for what in ("h2d", "pread"):
+    sources = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    for what in ("h2d", "pread", "both"):
         barrier.wait()
         torch.cuda.synchronize()
         start = time.perf_counter()
         if what == "h2d":
-            for i, lo in enumerate(range(0, dest.numel(), CHUNK)):
-                dest[lo : lo + CHUNK].copy_(buffers[i % threads], non_blocking=True)
-            torch.cuda.synchronize()
-            nbytes = dest.numel()
-        else:
+            nbytes = h2d(dest, sources, dest.numel())
+        elif what == "pread":
             nbytes = pread_all(paths, threads, buffers)
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                copied = pool.submit(h2d, dest, sources, sum(p.stat().st_size for p in paths))
+                nbytes = pread_all(paths, threads, buffers)
+                copied.result()
         seconds = time.perf_counter() - start
         results.put({"what": what, "ranks": ranks, "rank": rank, "threads": threads, "bytes": nbytes,
                      "seconds": round(seconds, 3), "gbps": round(nbytes / seconds / 1e9, 2)})
@@ -102,7 +119,7 @@ def main() -> None:
                  for r in range(ranks)]
         for p in procs:
             p.start()
-        for _ in range(2 * ranks):
+        for _ in range(3 * ranks):
             print(json.dumps(results.get()), flush=True)
         for p in procs:
             p.join()

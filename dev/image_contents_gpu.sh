@@ -10,7 +10,8 @@
 # 256 first (what a smaller image would cost in serving).
 # `graphs` measures the trade the sweep points to, with real snapshots: the 8B as is and with CUDA
 # graphs up to batch 64 only, each snapshotted, restored warm three times in turns (the whole process
-# timed from outside), tokens against a normal start. `decode` runs the sweep's as is and graphs-to-64
+# timed from outside), tokens against a normal start; then the host's ceilings for the weights' read
+# (dev/host_ceiling.py: pread, the copy to the GPU, and both at once). `decode` runs the sweep's as is and graphs-to-64
 # again, for their decode steps.
 #   bash dev/image_contents_gpu.sh snapshot OUT     # about 330 s on a fresh machine
 #   bash dev/image_contents_gpu.sh sweep OUT        # about 500 s
@@ -66,6 +67,8 @@ if [ "$phase" = graphs ]; then
     done
   done
   for set in $ckpt/snapshots/vllm-*/; do du -sb "$set"; done > "$out/sets.txt"
+  python3 "$repo/dev/host_ceiling.py" $ckpt --threads 16 > "$out/ceiling.jsonl" 2> "$out/ceiling.err" || true
+  grep "fast_sharded_state: rank" "$out"/warm-*.err > "$out/weights.txt" || true
   python3 - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
