@@ -248,7 +248,10 @@ class Manifest:
                 return f"the path {entry.path!r} {problem}"
         if len(set(paths)) != len(paths):
             return "a path is listed twice"
-        folders = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+        folders = set()
+        for path in paths:
+            while (cut := path.rfind("/")) > 0 and (path := path[:cut]) not in folders:
+                folders.add(path)
         if both := sorted(folders & set(paths)):
             return f"{both[0]!r} is listed as a file and is the folder of another file it lists"
         for path, etag in self.etags.items():
@@ -363,16 +366,36 @@ def read_manifest(folder: Path) -> Manifest | None:
     except UnicodeDecodeError as e:
         raise UserError(f"cannot read {path}: it is not UTF-8 text ({e.reason}); save the checkpoint again")
     manifest = Manifest.from_json(text, path)
-    root = folder.resolve()
-    for entry in manifest.entries():
-        try:
-            inside = (folder / entry.path).resolve().is_relative_to(root)
-        except (OSError, RuntimeError):  # a symlink loop
-            inside = False
-        if not inside:
-            raise UserError(f"{folder / entry.path}, listed in {path}, leads out of the checkpoint (a symlink); "
-                            "a checkpoint holds its own files: copy them in, or save it again")
+    if (out := leads_out(folder, [e.path for e in manifest.entries()])) is not None:
+        raise UserError(f"{folder / out}, listed in {path}, leads out of the checkpoint (a symlink); "
+                        "a checkpoint holds its own files: copy them in, or save it again")
     return manifest
+
+
+def leads_out(folder: Path, paths: list[str]) -> str | None:
+    """The first of `paths` (plain relative paths: path_problem) that resolves, symlinks too, to a place
+    outside `folder`, if one does. Each name on the way is looked at once, and resolved only if it is a
+    link: a snapshot lists over a thousand files, and resolving each path whole took 0.12 s of every start."""
+    root = os.path.realpath(folder)
+    real = {"": root}
+
+    def resolve(relative: str) -> str | None:  # None: a symlink loop, or a link that cannot be read
+        if relative not in real:
+            head, _, name = relative.rpartition("/")
+            parent = resolve(head)
+            path = None if parent is None else os.path.join(parent, name)
+            if path is not None and os.path.islink(path):
+                try:
+                    path = str(Path(path).resolve())
+                except (OSError, RuntimeError):
+                    path = None
+            real[relative] = path
+        return real[relative]
+
+    for relative in paths:
+        if (path := resolve(relative)) is None or not (path == root or path.startswith(root.rstrip("/") + "/")):
+            return relative
+    return None
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import link_weight_out, outside, refused, run_script
-from presharded.manifest import MANIFEST_NAME
+from presharded.manifest import MANIFEST_NAME, leads_out
 
 READERS = {
     "load": ("load_sharded_state.py", "--model"),
@@ -137,3 +137,19 @@ def test_verify_checks_the_start_up_caches(files_only, tmp_path):
     cached.write_text(cached.read_text().replace("compiled", "replaced"))  # same size, other bytes
     line = refused("a start-up cache file changed (verify)", "presharded.verify_cli", str(ckpt))
     assert f"{cached} does not match its hash" in line
+
+
+def test_a_path_leads_out_through_any_link_on_its_way(tmp_path):
+    """Each name on a listed path is looked at once (presharded/manifest.py's leads_out): a link anywhere
+    on the way counts, as when the whole path was resolved."""
+    folder, away = tmp_path / "ckpt", tmp_path / "away"
+    (folder / "d" / "e").mkdir(parents=True)
+    away.mkdir()
+    (folder / "d" / "f").write_text("x")
+    (folder / "in").symlink_to("d", target_is_directory=True)
+    (folder / "out").symlink_to(away, target_is_directory=True)
+    (folder / "d" / "to-out").symlink_to("../out")  # a link inside, to a link out
+    (folder / "loop").symlink_to("loop")
+    assert leads_out(folder, ["d/f", "in/f", "in/e/missing", "d/e"]) is None
+    for path in ("out/f", "d/to-out", "d/to-out/f", "in/to-out/f", "loop", "loop/f"):
+        assert leads_out(folder, ["d/f", path]) == path, path
