@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The manifest's checks on a start's critical path (issue 38, warm start), on the GPU machine after
 # ../shared/gpu/README.md's install with .whl/criu carried: the 8B shape saved with its start-up caches
-# and snapshotted (a manifest of some 700 files), then, side by side in turns, this tree's package
+# and snapshotted (a manifest of some 700 files; SHAPE below), then, side by side in turns, this tree's package
 # against an older one in OLD (made here by `git archive COMMIT presharded load_sharded_state.py | tar x -C OLD`):
 # dev/manifest_time.py on the checkpoint, and warm restores whose launching script is each version
 # (the restored worker's code is the image's, this tree's), the whole process timed from outside.
 #   OLD=old_pkg bash dev/manifest_gpu.sh OUT      # about 330 s on a fresh machine
+# SHAPE picks the model (the 8B by default; llama-3.2-1b is quicker, its manifest as long).
 set -euo pipefail
 out=$1 repo=$PWD old=$PWD/${OLD:?the older package\'s folder}
 mkdir -p "$out"
@@ -14,9 +15,11 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 PYTHONPATH=/root/site
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /root/site . 2>&1 | tail -2
 cd /root
 flags=(--gpu-memory-utilization 0.6 --kv-cache-memory-bytes 17179869184)
-model=/root/bench/source-llama-3-8b ckpt=/root/bench/tp1
+shape=${SHAPE:-llama-3-8b} ckpt=/root/bench/tp1
+model=/root/bench/source-$shape
+[ "$shape" = llama-3-8b ] || ckpt=/root/bench/$shape-tp1
 [ -d $model ] || python3 -c "
-from pathlib import Path; from presharded.bench import synthesize; synthesize('llama-3-8b', Path('$model'))"
+from pathlib import Path; from presharded.bench import synthesize; synthesize('$shape', Path('$model'))"
 [ -f $ckpt/presharded.json ] || python3 "$repo/save_sharded_state.py" --model $model \
   --output $ckpt -tp 1 --start-caches --json "${flags[@]}" > "$out/save.json" 2> "$out/save.err"
 python3 -m presharded.snapshot_cli $ckpt --trust-start-caches --json "${flags[@]}" > "$out/snapshot.json" 2> "$out/snapshot.err"
