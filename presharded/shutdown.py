@@ -190,21 +190,34 @@ def guard(pid: int, every: float = 0.5) -> None:
     engine and workers, and a forked process never shows the mark where we can
     read it (/proc/PID/environ is the environment it was exec'd with), and
     loses its parent when `pid` dies: so its processes, and the files in /dev/shm they map, are noted while
-    it runs. Then what they left there is removed."""
+    it runs (and what they made after the last look, by made_unseen). Then what they left there is removed."""
     before = shared_now()  # taken before the engine starts: the script starts its guard first
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         fd = None
-    seen, held = {}, set()
+    seen, held, looked = {}, set(), time.time_ns()
     while fd is not None and not select.select([fd], [], [], every)[0]:
+        looked = time.time_ns()
         seen.update((p.pid, p) for p in descendants(pid))
         held |= mapped_inodes([pid, *seen])
     left = [p for p in [*seen.values(), *marked(ENV, str(pid))] if p.pid != os.getpid()]  # the guard carries the mark too
     held |= mapped_inodes([p.pid for p in left])
     end(left)
     wait_ended(left, 10)
-    remove_left_shared(before, held)
+    remove_left_shared(before, held | made_unseen(before, looked - 20_000_000))
+
+
+def made_unseen(before: set[str], since_ns: int, grace: float = 1.0) -> set[int]:
+    """The inodes of the files made in /dev/shm since the guard last looked (`since_ns`, a tick early for the
+    file system's coarse clock) that no process maps, nor does `grace` seconds later: its engine's, made as it
+    died (a worker dies with its script, maps and all). Another engine maps what it makes at once."""
+    first = {path: st.st_ino for path, st in unmapped_since(before).items() if st.st_ctime_ns >= since_ns}
+    if not first:
+        return set()
+    time.sleep(grace)
+    later = unmapped_since(before)
+    return {ino for path, ino in first.items() if path in later and later[path].st_ino == ino}
 
 
 if __name__ == "__main__":
