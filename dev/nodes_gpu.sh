@@ -23,7 +23,7 @@ model=/root/nodes/source-$shape disks=(/root/nodes/disk0 /root/nodes/disk1) mnt=
 mkdir -p "${disks[@]}" $mnt
 [ -d $model ] || python3 -c "
 from pathlib import Path; from presharded.bench import synthesize; synthesize('$shape', Path('$model'))"
-flags=(--max-model-len 1024 --gpu-memory-utilization 0.5)
+flags=(--gpu-memory-utilization 0.5)
 prompt=(--prompt "The capital of France is" --max-tokens 24 --json)
 
 nodes() {  # NAME SCRIPT ARGS...: both nodes of one command, node 1 first (it waits for the driver)
@@ -57,7 +57,7 @@ python3 "$repo/load_sharded_state.py" --model $model -tp $tp --load-format auto 
 port=$(( 20000 + RANDOM % 20000 ))
 for n in 1 0; do
   CUDA_VISIBLE_DEVICES=$(visible $n) unshare -m sh -c 'mount --bind "$0" "$1" && shift && exec "$@"' \
-    "${disks[$n]}" $mnt python3 "$repo/load_sharded_state.py" --model $mnt/ckpt -tp $tp --max-tokens 900 \
+    "${disks[$n]}" $mnt python3 "$repo/load_sharded_state.py" --model $mnt/ckpt -tp $tp --max-tokens 200 \
     --load-format fast_sharded_state "${flags[@]}" --nnodes 2 --node-rank $n --master-addr 127.0.0.1 \
     --master-port $port > "$out/die-node$n.out" 2> "$out/die-node$n.err" &
   pid[$n]=$!

@@ -92,6 +92,10 @@ def engine_refusals() -> Iterator[None]:
         if note.exists() and (reasons := note.read_text().splitlines()):
             raise UserError(reasons[0]) from None
         output.release(everything=True)
+        from presharded.vllm_compat import config_refusal  # vLLM is imported by now
+
+        if reason := config_refusal(sys.exc_info()[1]):
+            raise UserError(reason) from None
         raise
     else:  # the note stays while the engine runs: a node lost later diverts its output too
         atexit.register(shutil.rmtree, note.parent, ignore_errors=True)

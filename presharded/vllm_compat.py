@@ -20,6 +20,7 @@ __all__ = [
     "DefaultModelLoader",
     "FlexibleArgumentParser",
     "REQUEST_ERRORS",
+    "config_refusal",
     "is_request_error",
     "is_image_error",
     "VLLM_VERSION",
@@ -59,6 +60,19 @@ def raised_in(e: BaseException) -> str:
     while tb is not None:
         where, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
     return where.replace(os.sep, "/")
+
+
+def config_refusal(e: BaseException) -> str | None:
+    """vLLM's refusal of the engine flags, raised as it builds the engine's config (its configs are
+    pydantic dataclasses, checked against the model there): the first sentence of its reason, as our
+    one line; None for any other error."""
+    import pydantic
+
+    if not isinstance(e, pydantic.ValidationError):
+        return None
+    errors = e.errors()
+    reason = errors[0]["msg"].removeprefix("Value error, ") if errors else str(e).splitlines()[0]
+    return f"vLLM refused the engine flags ({e.title}): {reason.split('. ')[0]}; change the flag it names"
 
 
 def is_request_error(e: BaseException) -> bool:

@@ -21,6 +21,14 @@ def test_unknown_engine_flag(tiny_model, tmp_path):
     nothing_left(tmp_path / "out")
 
 
+def test_engine_flag_vllm_refuses(tiny_model, tmp_path):
+    # vLLM checks some flags against the model only as it builds the engine's config.
+    line = refused("save: --max-model-len beyond the model's", SAVE, "--model", str(tiny_model), "--output",
+                   str(tmp_path / "out"), "--max-model-len", "100000", within=None)
+    assert "vLLM refused the engine flags" in line and "max_model_len (100000)" in line, line
+    nothing_left(tmp_path / "out")
+
+
 def test_disk_full_during_save(tiny_model, tmp_path):
     """The tiny checkpoint is 1.4 MB: a 1 MiB filesystem fills up while a worker writes."""
     with small_filesystem(tmp_path / "small", "1m") as small:
