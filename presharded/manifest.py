@@ -377,7 +377,7 @@ def leads_out(folder: Path, paths: list[str]) -> str | None:
     outside `folder`, if one does. Each name on the way is looked at once, and resolved only if it is a
     link: a snapshot lists over a thousand files, and resolving each path whole took 0.12 s of every start."""
     root = os.path.realpath(folder)
-    real = {"": root}
+    real, under = {"": root}, root.rstrip("/") + "/"
 
     def resolve(relative: str) -> str | None:  # None: a symlink loop, or a link that cannot be read
         if relative not in real:
@@ -393,7 +393,7 @@ def leads_out(folder: Path, paths: list[str]) -> str | None:
         return real[relative]
 
     for relative in paths:
-        if (path := resolve(relative)) is None or not (path == root or path.startswith(root.rstrip("/") + "/")):
+        if (path := resolve(relative)) is None or not (path == root or path.startswith(under)):
             return relative
     return None
 
